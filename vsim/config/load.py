@@ -1,0 +1,144 @@
+"""Loading a scenario: TOML file, ``--set`` overrides, validation, and one-line errors.
+
+Errors name the dotted key, the file and line where the key is written, and what is allowed, so the
+CLI can print exactly one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import ValidationError
+
+from vsim.config.schema import ScenarioConfig
+
+
+class ConfigError(Exception):
+    """A bad config file, key or value; ``str()`` is the one line to print."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ScenarioConfig:
+    """Read ``path`` (or the built-in default), apply ``key=value`` overrides and validate."""
+    raw: dict[str, Any] = {}
+    text = ""
+    source = "<default>"
+    if path is not None:
+        p = Path(path)
+        source = str(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such config file") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read config file ({e.__class__.__name__})") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    set_keys: set[str] = set()
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value, item)
+        set_keys.add(key)
+    try:
+        return ScenarioConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, source, text, set_keys)) from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected dotted.key=value")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"--set {item}: '{key}' is not a dotted key such as vm.vcpus")
+    value = value.strip()
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value  # a bare word: a string such as tdp_mmu or 64MiB
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, item: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item}: '{part}' is a value, not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(err: ValidationError, source: str, text: str, set_keys: set[str]) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    # Model-level checks put the key at the start of the message.
+    m = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)*): (.*)", msg)
+    if m and not loc:
+        loc, msg = m.group(1).split("."), m.group(2)
+    elif m and loc and not loc[-1].startswith(m.group(1).split(".")[0]):
+        loc, msg = loc + m.group(1).split("."), m.group(2)
+    elif m:
+        msg = m.group(2)
+    key = ".".join(loc) if loc else "(top level)"
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown key; allowed here: {', '.join(_allowed_keys(loc[:-1]))}"
+    elif first["type"] == "literal_error":
+        msg = f"must be one of {first['ctx']['expected']} (got {first['input']!r})"
+    elif "input" in first and first["type"] not in ("value_error", "missing") and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    where = _where(source, text, loc, set_keys)
+    return f"{where}: {key}: {msg}"
+
+
+def _allowed_keys(table: list[str]) -> list[str]:
+    model: Any = ScenarioConfig
+    for part in table:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _where(source: str, text: str, loc: list[str], set_keys: set[str]) -> str:
+    dotted = ".".join(loc)
+    if any(dotted == k or dotted.startswith(k + ".") for k in set_keys):
+        return "--set"
+    line = _find_line(text, loc) if text else None
+    return f"{source}:{line}" if line else source
+
+
+def _find_line(text: str, loc: list[str]) -> int | None:
+    """The line that writes ``loc``: a ``key =`` under its ``[table]``, or the table header itself."""
+    table: list[str] = []
+    header_line = None
+    for n, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        hm = re.match(r"^\[([^\[\]]+)\]", s)
+        if hm:
+            table = [p.strip() for p in hm.group(1).split(".")]
+            if table == loc[: len(table)] and header_line is None:
+                header_line = n
+            continue
+        km = re.match(r"^([A-Za-z0-9_.\"-]+)\s*=", s)
+        if km:
+            full = table + [p.strip().strip('"') for p in km.group(1).split(".")]
+            if full == loc or full == loc[: len(full)]:
+                return n
+    return header_line
+
+
+def dump_config(cfg: ScenarioConfig) -> str:
+    """The resolved config as TOML with every default filled in; loading it gives ``cfg`` back."""
+    data = cfg.model_dump(mode="json")
+    return tomli_w.dumps(data)

@@ -1,0 +1,123 @@
+"""Typed scenario configuration: what a TOML file under ``configs/`` may say.
+
+Every table forbids unknown keys, every number has a range and every enumerated setting lists what is
+allowed, so a typo fails before the simulation starts. Mechanisms that later work will add (other MMU
+modes, memslot churn, dirty logging) are rejected here with a message naming the allowed values.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+
+from vsim.costs import CostModel
+from vsim.units import format_size, parse_size
+
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
+
+PageSize = Literal["4K", "2M", "1G"]
+PAGE_LEVEL: dict[str, int] = {"4K": 1, "2M": 2, "1G": 3}
+"""``PG_LEVEL_4K/2M/1G`` for each page-size name."""
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VmConfig(_Table):
+    """The VM: vCPUs, the test memory's memslots and how the host backs it."""
+
+    vcpus: int = Field(16, ge=1, le=4096, description="number of vCPUs (each one SimPy process)")
+    memslots: int = Field(
+        1, ge=1, le=32764, description="memslots the test region is split into evenly (dirty_log_perf_test -x)"
+    )
+    backing_page_size: PageSize = Field(
+        "4K", description="host backing page size; caps the mapping level (host_pfn_mapping_level)"
+    )
+    base_gpa: Size = Field(4 << 30, description="guest physical address where the test region starts")
+
+
+class GuestConfig(_Table):
+    """The guest's view of the test region: its own page-table leaf size and paging depth."""
+
+    page_size: PageSize = Field("4K", description="guest page-table leaf size for the test region")
+    paging_levels: Literal[4] = Field(
+        4, description="guest paging depth; 4-level long mode (other paging modes come with shadow paging)"
+    )
+
+
+class WorkloadConfig(_Table):
+    """What each vCPU runs: the KVM selftests' memstress loop, or a uniform or Zipf random stream."""
+
+    kind: Literal["memstress", "uniform", "zipf"] = "memstress"
+    per_vcpu_memory: Size = Field(64 << 20, description="bytes of test memory per vCPU (memstress -b)")
+    overlap: bool = Field(False, description="every vCPU uses the whole region (memstress -o)")
+    access: Literal["sequential", "random"] = Field("sequential", description="memstress page order (-a)")
+    write_percent: int = Field(100, ge=0, le=100, description="percent of accesses that write (memstress -w)")
+    passes: int = Field(1, ge=1, le=1_000_000, description="memstress passes over the region")
+    accesses: int = Field(100_000, ge=1, description="accesses per vCPU for the uniform and zipf streams")
+    zipf_exponent: float = Field(1.1, gt=0.0, le=10.0, description="Zipf exponent s (page rank r has weight r^-s)")
+
+    @model_validator(mode="after")
+    def _whole_pages(self) -> WorkloadConfig:
+        if self.per_vcpu_memory < 4096 or self.per_vcpu_memory % 4096:
+            raise ValueError("per_vcpu_memory: must be a positive multiple of 4KiB")
+        return self
+
+
+class TlbConfig(_Table):
+    """Per-vCPU TLB: separate LRU arrays for 4K, 2M and 1G translations."""
+
+    entries_4k: int = Field(1536, ge=1, le=1 << 20, description="Skylake-class STLB 4K entries")
+    entries_2m: int = Field(1024, ge=1, le=1 << 20, description="2M entries")
+    entries_1g: int = Field(16, ge=1, le=1 << 20, description="1G entries")
+
+
+class MmuConfig(_Table):
+    """Which KVM MMU handles the faults."""
+
+    mode: Literal["tdp_mmu"] = Field(
+        "tdp_mmu", description="tdp_mmu (legacy_tdp and shadow arrive with the legacy-MMU work)"
+    )
+
+
+class EventsConfig(_Table):
+    """How much of the event log to write to events.jsonl."""
+
+    level: Literal["off", "faults", "all"] = "faults"
+
+
+class SimConfig(_Table):
+    """How the simulation executes (not what it models)."""
+
+    mode: Literal["batched", "reference"] = Field(
+        "batched", description="batched numpy/numba access stretches, or one SimPy event per access"
+    )
+    batch_accesses: int = Field(4096, ge=1, le=1 << 24, description="accesses generated and batched per chunk")
+    invariants: bool = Field(False, description="run the invariant checker (spec §13); slower")
+
+
+class ScenarioConfig(_Table):
+    """A whole scenario; ``vsim run`` with no file uses these defaults (= configs/quickstart.toml)."""
+
+    seed: int = Field(1, ge=0, le=2**63 - 1)
+    vm: VmConfig = VmConfig()
+    guest: GuestConfig = GuestConfig()
+    workload: WorkloadConfig = WorkloadConfig()
+    tlb: TlbConfig = TlbConfig()
+    mmu: MmuConfig = MmuConfig()
+    costs: CostModel = CostModel()
+    events: EventsConfig = EventsConfig()
+    sim: SimConfig = SimConfig()
+
+    @model_validator(mode="after")
+    def _region_fits(self) -> ScenarioConfig:
+        total_pages = self.vm.vcpus * self.workload.per_vcpu_memory // 4096
+        if total_pages % self.vm.memslots:
+            raise ValueError(f"vm.memslots: {self.vm.memslots} does not divide the {total_pages} test pages evenly")
+        if self.vm.base_gpa % (1 << 30):
+            raise ValueError("vm.base_gpa: must be 1GiB-aligned so every backing size can map huge")
+        if self.vm.base_gpa + total_pages * 4096 > 1 << 52:
+            raise ValueError("vm.base_gpa: the test region must end below 4PiB (52-bit guest physical)")
+        return self

@@ -1,0 +1,68 @@
+"""The cost model: every timed step of the simulated KVM path, in integer nanoseconds.
+
+One object holds every cost. Each default names its anchor in ``../shared/docs/cost-anchors.md``
+(section or row number) in the field description; ``vsim run --set costs.<name>=<duration>``
+overrides any of them with the same checks as the config file.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+from vsim.units import format_duration, parse_duration
+
+Duration = Annotated[int, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
+
+
+def _cost(default: int, anchor: str) -> int:
+    return Field(default=default, ge=0, description=anchor)  # type: ignore[no-any-return]
+
+
+class CostModel(BaseModel):
+    """Timed steps of a vCPU's life in KVM; each field's description is its anchor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vmexit: Duration = _cost(
+        600, "§8 null exit round trip 1.0–1.5 µs (rows 1.1 vmcall 3898 cycles, 1.5, 1.6): the exit half"
+    )
+    vmentry: Duration = _cost(600, "§8 null exit round trip 1.0–1.5 µs (rows 1.1, 1.5, 1.6): the entry half")
+    userspace_exit: Duration = _cost(
+        4500, "§8 exit to userspace adds ~13,000 cycles ≈ 4–5 µs (row 1.1 inl_from_qemu vs inl_from_kernel)"
+    )
+    fast_page_fault: Duration = _cost(
+        200, "§8 lockless fast page fault ≈1.2 µs including the exit (row 2.8) minus the 1.0–1.2 µs round trip"
+    )
+    faultin_present: Duration = _cost(
+        800,
+        "§8 EPT-violation fault with the page already in the host ≈2–3 µs (rows 2.9, 2.11): "
+        "2.5 µs minus the 1.2 µs round trip and the map step",
+    )
+    host_fault: Duration = _cost(
+        500,
+        "row 2.9: first-touch fault incl. host fault and zeroing ≈2.3–2.7 µs at 1 vCPU; "
+        "host page-allocation part (zeroing is zero_4k per 4 KiB)",
+    )
+    zero_4k: Duration = _cost(
+        250,
+        "row 2.9 residual after host_fault; ASSUMPTION ≈16 GB/s clear_page, so 2 MiB ≈128 µs and 1 GiB ≈65 ms",
+    )
+    tdp_mmu_map: Duration = _cost(
+        400, "§8 ≈2–3 µs for an uncontended EPT-violation fault (rows 2.9, 2.11): kvm_tdp_mmu_map's share"
+    )
+    sp_alloc: Duration = _cost(
+        100,
+        "row 2.6 ('a few hundred cycles is dwarfed by the base cost'): ASSUMPTION, per page table taken "
+        "from the vCPU cache and linked",
+    )
+    guest_access: Duration = _cost(
+        5, "§7.1 memstress guest loop (one 8-byte access per page plus loop work); ASSUMPTION, no published cost"
+    )
+    tlb_hit: Duration = _cost(1, "ASSUMPTION: an L1/STLB hit is a few cycles; no published figure (§9 gaps)")
+    walk_ref: Duration = _cost(
+        10,
+        "rows 2.1 (up to 24 references per 2D walk) and 2.3 (≈4.4 with walk caches): ASSUMPTION per reference, "
+        "mostly cache hits; vsim counts architectural references without walk caches",
+    )

@@ -1,0 +1,44 @@
+"""The event schema: every event vsim can log, its level and its fields, in log order.
+
+Names are KVM tracepoint names where KVM has one (``kvm_exit``, ``kvm_entry``, ``kvm_page_fault``,
+``kvm_mmu_spte_requested``, ``kvm_tdp_mmu_spte_changed``, ``fast_page_fault``,
+``kvm_userspace_exit``); events KVM has no tracepoint for carry a ``vsim_`` prefix. Every record also
+has ``t_ns`` (simulated time) and ``vcpu`` (-1 for the VM itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+LEVELS = ("off", "faults", "all")
+
+
+@dataclass(frozen=True)
+class EventKind:
+    """One kind of event: its name, the lowest level that logs it, and its extra fields."""
+
+    name: str
+    level: str
+    fields: tuple[str, ...]
+    # Fields rendered as JSON strings (enumerations); the rest are integers.
+    str_fields: tuple[str, ...] = ()
+
+
+KINDS: tuple[EventKind, ...] = (
+    EventKind("kvm_exit", "all", ("reason", "gpa"), ("reason",)),
+    EventKind("kvm_entry", "all", ()),
+    EventKind("kvm_page_fault", "faults", ("id", "gpa", "error_code")),
+    EventKind("vsim_page_fault_ret", "faults", ("id", "ret", "level"), ("ret",)),
+    EventKind("fast_page_fault", "all", ("gfn", "old_spte", "new_spte", "ret"), ("ret",)),
+    EventKind("kvm_mmu_spte_requested", "all", ("gfn", "pfn", "level")),
+    EventKind("kvm_tdp_mmu_spte_changed", "all", ("as_id", "gfn", "level", "old_spte", "new_spte")),
+    EventKind("vsim_mmu_lock_wait", "all", ("mode",), ("mode",)),
+    EventKind("vsim_mmu_lock_acquire", "all", ("mode", "wait_ns"), ("mode",)),
+    EventKind("vsim_mmu_lock_release", "all", ("mode", "held_ns"), ("mode",)),
+    EventKind("kvm_userspace_exit", "all", ("reason",), ("reason",)),
+    EventKind("vsim_invariant_violation", "faults", ("rule", "detail"), ("rule", "detail")),
+)
+
+KIND_BY_NAME: dict[str, EventKind] = {k.name: k for k in KINDS}

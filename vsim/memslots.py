@@ -1,0 +1,114 @@
+"""Guest memory in memslots (``struct kvm_memory_slot`` / ``struct kvm_memslots``).
+
+Each slot covers ``[base_gfn, base_gfn + npages)`` and is backed by a host mapping whose page size
+caps the mapping level. A slot owns its per-slot MMU metadata (``slot->arch``): ``lpage_info``
+(``disallow_lpage`` counters for 2M and 1G, raised at misaligned slot edges by
+``kvm_alloc_memslot_metadata``), and it is the home of the rmap heads, write-track counters and dirty
+bitmap that the legacy MMU, write tracking and dirty logging fill in. Memslots are static in this
+version: created before the vCPUs start; updates under SRCU come with the memslot-update work.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vsim.host_mm import HostMapping
+from vsim.mmu.spte import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, pages_per_level
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+KVM_MEMSLOT_INVALID = 1 << 16
+
+
+@dataclass(eq=False)
+class Memslot:
+    """``struct kvm_memory_slot`` plus its ``slot->arch`` metadata."""
+
+    id: int
+    base_gfn: int
+    npages: int
+    host: HostMapping
+    flags: int = 0
+    # lpage_info[level - 2][index].disallow_lpage, for PG_LEVEL_2M and PG_LEVEL_1G.
+    disallow_lpage: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.disallow_lpage:
+            self.disallow_lpage = [self._alloc_lpage_info(lvl) for lvl in (PG_LEVEL_2M, PG_LEVEL_1G)]
+
+    def _alloc_lpage_info(self, level: int) -> np.ndarray:
+        """``kvm_alloc_memslot_metadata``: one counter per huge page; misaligned edges disallowed."""
+        shift = 9 * (level - 1)
+        first = self.base_gfn >> shift
+        last = (self.base_gfn + self.npages - 1) >> shift
+        info = np.zeros(last - first + 1, dtype=np.int32)
+        span = pages_per_level(level)
+        if self.base_gfn & (span - 1):
+            info[0] += 1
+        if (self.base_gfn + self.npages) & (span - 1):
+            info[-1] += 1
+        # Host virtual and guest physical addresses must agree modulo the huge-page size.
+        if (self.base_gfn ^ self.host.pfn_base) & (span - 1):
+            info[:] += 1
+        return info
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    def contains(self, gfn: int) -> bool:
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def gfn_to_pfn(self, gfn: int) -> int:
+        """The host pfn backing ``gfn`` (``__gfn_to_hva_memslot`` plus the host page tables)."""
+        return self.host.pfn_base + (gfn - self.base_gfn)
+
+    def lpage_allowed_level(self, gfn: int, max_level: int) -> int:
+        """The highest level ≤ ``max_level`` whose ``disallow_lpage`` counter is zero at ``gfn``."""
+        level = max_level
+        while level > PG_LEVEL_4K:
+            shift = 9 * (level - 1)
+            if not self.disallow_lpage[level - 2][(gfn >> shift) - (self.base_gfn >> shift)]:
+                return level
+            level -= 1
+        return PG_LEVEL_4K
+
+
+class Memslots:
+    """``struct kvm_memslots`` for one address space: slots sorted by gfn, and the generation."""
+
+    def __init__(self, slots: list[Memslot]) -> None:
+        self.slots = sorted(slots, key=lambda s: s.base_gfn)
+        self._bases = [s.base_gfn for s in self.slots]
+        self.generation = 0
+        for a, b in zip(self.slots, self.slots[1:], strict=False):
+            if a.end_gfn > b.base_gfn:
+                raise ValueError(f"memslots {a.id} and {b.id} overlap")
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """``__gfn_to_memslot``: the slot holding ``gfn``, or ``None`` (an MMIO gfn)."""
+        i = bisect_right(self._bases, gfn) - 1
+        if i >= 0:
+            slot = self.slots[i]
+            if gfn < slot.end_gfn:
+                return slot
+        return None
+
+    @property
+    def total_pages(self) -> int:
+        return sum(s.npages for s in self.slots)
+
+
+def build_test_memslots(base_gfn: int, total_pages: int, nslots: int, backing_level: int) -> Memslots:
+    """Split the test region evenly into ``nslots`` slots (dirty_log_perf_test ``-x``)."""
+    per = total_pages // nslots
+    slots = []
+    pfn_base = 1 << 18  # host pfns start 1 GiB in; each slot's backing is 1 GiB-aligned
+    for i in range(nslots):
+        host = HostMapping(pfn_base=pfn_base, npages=per, page_level=backing_level)
+        slots.append(Memslot(id=i, base_gfn=base_gfn + i * per, npages=per, host=host))
+        pfn_base += -(-per // (1 << 18)) * (1 << 18)
+    return Memslots(slots)

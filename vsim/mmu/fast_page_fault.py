@@ -1,0 +1,84 @@
+"""``fast_page_fault`` (spec §1.5): the lockless fix-up of a present SPTE.
+
+It only ever adds permission (W on an MMU-writable SPTE that dirty logging or access tracking
+write-protected), so it needs neither ``mmu_lock`` nor a TLB flush. Only direct MMUs qualify.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES
+from vsim.mmu.page_fault import (
+    RET_PF_FIXED,
+    RET_PF_INVALID,
+    RET_PF_NAMES,
+    RET_PF_SPURIOUS,
+    KvmPageFault,
+)
+from vsim.mmu.spte import (
+    PG_LEVEL_4K,
+    PT_PRESENT_R,
+    PT_WRITABLE,
+    is_last_spte,
+    is_mmu_writable_spte,
+    is_shadow_present_pte,
+)
+
+if TYPE_CHECKING:
+    from vsim.mmu.tdp_mmu import TdpMmu
+
+FAST_PF_MAX_RETRIES = 4  # gives up after ++retry_count > 4
+
+
+def page_fault_can_be_fast(fault: KvmPageFault, ad_enabled: bool = True) -> bool:
+    """``page_fault_can_be_fast``: never MMIO; not-present only with A/D off; present only writes."""
+    if fault.rsvd:
+        return False
+    if not fault.present:
+        return not ad_enabled
+    return fault.write
+
+
+def is_access_allowed(fault: KvmPageFault, spte: int) -> bool:
+    """``is_access_allowed``: the SPTE already permits the faulting access."""
+    if fault.write:
+        return bool(spte & PT_WRITABLE)
+    return bool(spte & PT_PRESENT_R)
+
+
+def fast_page_fault(mmu: TdpMmu, vcpu: object, fault: KvmPageFault) -> int:
+    """Try to fix ``fault`` with a cmpxchg on the last SPTE; ``RET_PF_INVALID`` means go slow."""
+    vid: int = vcpu.id  # type: ignore[attr-defined]
+    t: int = vcpu.now  # type: ignore[attr-defined]
+    root = vcpu.root  # type: ignore[attr-defined]
+    ret = RET_PF_INVALID
+    old = new = 0
+    retries = 0
+    while True:
+        table, idx, level, old = mmu.fast_pf_get_last_sptep(root, fault.gfn)
+        new = old
+        if not is_shadow_present_pte(old) or not is_last_spte(old, level):
+            break
+        if is_access_allowed(fault, old):
+            ret = RET_PF_SPURIOUS
+            break
+        if fault.write and is_mmu_writable_spte(old):
+            new = old | PT_WRITABLE
+            slot = mmu.vm.memslots.gfn_to_memslot(fault.gfn)
+            # A huge leaf in a dirty-logged slot must be remapped at 4K by the slow path.
+            if level > PG_LEVEL_4K and slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                break
+        if not is_access_allowed(fault, new):
+            break
+        base = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
+        if mmu.try_cmpxchg(table, idx, level, base, old, new, vid, t):
+            ret = RET_PF_FIXED
+            vcpu.stat.pf_fast += 1  # type: ignore[attr-defined]
+            break
+        retries += 1
+        if retries > FAST_PF_MAX_RETRIES:
+            break
+    if mmu.vm.sink.all:
+        mmu.vm.sink.emit("fast_page_fault", t, vid, fault.gfn, old, new, RET_PF_NAMES[ret])
+    return ret

@@ -1,0 +1,119 @@
+"""``kvm->mmu_lock``: a queued reader-writer lock (``qrwlock``) with per-actor wait accounting.
+
+Readers share the lock; a writer holds it alone. Waiters queue in FIFO order: while a writer waits,
+new readers queue behind it instead of joining the current readers, as with the kernel's qrwlock
+(fair to writers). When the lock frees up, the head of the queue is served: one writer, or every
+consecutive reader at the head.
+
+The lock lives on simulated time. An uncontended acquire returns ``None`` and costs no SimPy event;
+a contended one returns an event the caller yields, which fires at the instant the lock is handed
+over (at ``GRANT_PRIO``, so hand-overs are ordered before anything else at that instant).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import deque
+
+import simpy
+from simpy.events import Event
+
+from vsim.events.sink import EventSink
+from vsim.sched import GRANT_PRIO
+
+READ, WRITE = "read", "write"
+
+
+class MmuLock:
+    """A qrwlock; ``actor`` ids are vCPU indices (VM-wide actors use negative ids)."""
+
+    def __init__(self, env: simpy.Environment, sink: EventSink) -> None:
+        self.env = env
+        self.sink = sink
+        self.readers = 0
+        self.writer: int | None = None
+        self._queue: deque[tuple[str, int, Event, int]] = deque()
+        self._held_since: dict[tuple[int, str], int] = {}
+        self.wait_ns: dict[str, array] = {READ: array("q"), WRITE: array("q")}
+        self.wait_by_actor: dict[int, int] = {}
+        self.contended = 0
+
+    # -- acquire ---------------------------------------------------------------------------------
+    def read_lock(self, actor: int, t: int) -> Event | None:
+        """``read_lock(&kvm->mmu_lock)`` at time ``t``; ``None`` if taken at once."""
+        if self.writer is None and not self._queue:
+            self.readers += 1
+            self._acquired(READ, actor, t, 0)
+            return None
+        return self._enqueue(READ, actor, t)
+
+    def write_lock(self, actor: int, t: int) -> Event | None:
+        """``write_lock(&kvm->mmu_lock)`` at time ``t``; ``None`` if taken at once."""
+        if self.writer is None and self.readers == 0 and not self._queue:
+            self.writer = actor
+            self._acquired(WRITE, actor, t, 0)
+            return None
+        return self._enqueue(WRITE, actor, t)
+
+    def _enqueue(self, mode: str, actor: int, t: int) -> Event:
+        ev = Event(self.env)
+        self._queue.append((mode, actor, ev, t))
+        self.contended += 1
+        if self.sink.all:
+            self.sink.emit("vsim_mmu_lock_wait", t, actor, mode)
+        return ev
+
+    def _acquired(self, mode: str, actor: int, t: int, waited: int) -> None:
+        self.wait_ns[mode].append(waited)
+        if waited:
+            self.wait_by_actor[actor] = self.wait_by_actor.get(actor, 0) + waited
+        self._held_since[(actor, mode)] = t
+        if self.sink.all:
+            self.sink.emit("vsim_mmu_lock_acquire", t, actor, mode, waited)
+
+    # -- release ---------------------------------------------------------------------------------
+    def read_unlock(self, actor: int, t: int) -> None:
+        """``read_unlock``; the last reader out hands the lock to the queue head."""
+        assert self.readers > 0, "read_unlock without a reader"
+        self.readers -= 1
+        self._released(READ, actor, t)
+        if self.readers == 0 and self._queue:
+            self._grant(t)
+
+    def write_unlock(self, actor: int, t: int) -> None:
+        """``write_unlock``; hands the lock to the queue head."""
+        assert self.writer == actor, "write_unlock by a non-owner"
+        self.writer = None
+        self._released(WRITE, actor, t)
+        if self._queue:
+            self._grant(t)
+
+    def _released(self, mode: str, actor: int, t: int) -> None:
+        since = self._held_since.pop((actor, mode))
+        if self.sink.all:
+            self.sink.emit("vsim_mmu_lock_release", t, actor, mode, t - since)
+
+    def _grant(self, t: int) -> None:
+        q = self._queue
+        env = self.env
+        while q:
+            mode, actor, ev, t_req = q[0]
+            if mode == WRITE:
+                if self.readers or self.writer is not None:
+                    return
+                self.writer = actor
+            else:
+                if self.writer is not None:
+                    return
+                self.readers += 1
+            q.popleft()
+            self._acquired(mode, actor, t, t - t_req)
+            ev._ok = True  # noqa: SLF001 - trigger at (t, GRANT_PRIO) rather than (now, NORMAL)
+            ev._value = t  # noqa: SLF001
+            env.schedule(ev, GRANT_PRIO, t - env.now)
+            if mode == WRITE:
+                return
+
+    @property
+    def waiters(self) -> int:
+        return len(self._queue)

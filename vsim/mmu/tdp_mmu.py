@@ -1,0 +1,258 @@
+"""The TDP MMU (``arch/x86/kvm/mmu/tdp_mmu.c``): 512-entry EPT page tables shared by all vCPUs.
+
+Page tables live in one pool, a ``(tables, 512)`` int64 array of SPTEs, so the vCPUs' batched walks
+read them directly. A non-leaf SPTE holds its child's pool index where KVM holds a physical address.
+
+Faults run ``kvm_tdp_mmu_page_fault`` under ``read_lock(mmu_lock)``. ``kvm_tdp_mmu_map`` reads the
+path (``iter->old_spte`` at each level) when it starts and installs with cmpxchg when its work is
+done, ``tdp_mmu_map`` time later. If another vCPU changed an entry in between, the cmpxchg fails and
+the fault returns ``RET_PF_RETRY``; if the entry already held the SPTE this fault would make, the
+fault is ``RET_PF_SPURIOUS``. That is how two vCPUs faulting the same gfn end in KVM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vsim.mmu.fast_page_fault import fast_page_fault, page_fault_can_be_fast
+from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
+from vsim.mmu.page_fault import (
+    RET_PF_FIXED,
+    RET_PF_INVALID,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    KvmPageFault,
+)
+from vsim.mmu.spte import (
+    PFN_MASK,
+    PFN_SHIFT,
+    PG_LEVEL_4K,
+    REMOVED_SPTE,
+    SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT,
+    TDP_ROOT_LEVEL,
+    is_last_spte,
+    make_huge_page_split_spte,
+    make_nonleaf_spte,
+    make_spte,
+    pages_per_level,
+    spte_index,
+)
+
+if TYPE_CHECKING:
+    from vsim.vm import Vm
+
+FaultGen = Generator[object, object, int]
+
+
+@dataclass(eq=False)
+class TdpRoot:
+    """A TDP MMU root: ``kvm_mmu_page`` with ``tdp_mmu_page`` set and a refcount."""
+
+    table: int
+    as_id: int = 0
+    refcount: int = 2  # one for the vCPU that allocated it, one for the TDP MMU itself
+    invalid: bool = False
+
+
+class TdpMmu:
+    """The VM's TDP MMU: ``kvm->arch.tdp_mmu_roots`` and their page tables."""
+
+    mode = "tdp_mmu"
+
+    def __init__(self, vm: Vm, initial_tables: int = 64) -> None:
+        self.vm = vm
+        self.spt = np.zeros((initial_tables, SPTE_ENT_PER_PAGE), dtype=np.int64)
+        self.sp_level = np.zeros(initial_tables, dtype=np.int8)
+        self.sp_gfn = np.zeros(initial_tables, dtype=np.int64)
+        self.n_tables = 0
+        self.roots: list[TdpRoot] = []
+        c = vm.costs
+        self._c_fast = c.fast_page_fault
+        self._c_faultin = c.faultin_present
+        self._c_host = c.host_fault
+        self._c_zero = c.zero_4k
+        self._c_map = c.tdp_mmu_map
+        self._c_sp = c.sp_alloc
+
+    # -- page-table pool -------------------------------------------------------------------------
+    def alloc_sp(self, level: int, gfn: int) -> int:
+        """``tdp_mmu_alloc_sp`` + ``tdp_mmu_init_sp``: a zeroed page table from the pool."""
+        n = self.n_tables
+        if n == len(self.spt):
+            grow = max(64, n)
+            self.spt = np.concatenate([self.spt, np.zeros((grow, SPTE_ENT_PER_PAGE), dtype=np.int64)])
+            self.sp_level = np.concatenate([self.sp_level, np.zeros(grow, dtype=np.int8)])
+            self.sp_gfn = np.concatenate([self.sp_gfn, np.zeros(grow, dtype=np.int64)])
+        self.sp_level[n] = level
+        self.sp_gfn[n] = gfn
+        self.n_tables = n + 1
+        self.vm.stat.tdp_mmu_pages += 1
+        return n
+
+    # -- roots -----------------------------------------------------------------------------------
+    def kvm_tdp_mmu_alloc_root(self, as_id: int = 0) -> TdpRoot:
+        """Reuse a valid root of the same role, else allocate one (refcount 2)."""
+        for root in self.roots:
+            if not root.invalid and root.as_id == as_id:
+                root.refcount += 1
+                return root
+        root = TdpRoot(table=self.alloc_sp(TDP_ROOT_LEVEL, 0), as_id=as_id)
+        self.roots.append(root)
+        return root
+
+    # -- lockless walks --------------------------------------------------------------------------
+    def walk(self, root: TdpRoot, gfn: int) -> list[tuple[int, int, int, int]]:
+        """``tdp_mmu_for_each_pte`` down to the leaf for ``gfn``: ``(table, index, level, old_spte)``
+        for each level visited; stops at a leaf, a non-present or a frozen entry."""
+        path = []
+        item = self.spt.item
+        table = root.table
+        level = TDP_ROOT_LEVEL
+        while True:
+            idx = (gfn >> (9 * (level - 1))) & 511
+            old = item(table, idx)
+            path.append((table, idx, level, old))
+            if not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or is_last_spte(old, level):
+                return path
+            table = (old & PFN_MASK) >> PFN_SHIFT
+            level -= 1
+
+    def fast_pf_get_last_sptep(self, root: TdpRoot, gfn: int) -> tuple[int, int, int, int]:
+        """``kvm_tdp_mmu_fast_pf_get_last_sptep``: the last SPTE on the walk (under RCU only)."""
+        return self.walk(root, gfn)[-1]
+
+    def try_cmpxchg(self, table: int, idx: int, level: int, gfn: int, old: int, new: int, vcpu_id: int, t: int) -> bool:
+        """``try_cmpxchg64`` on an SPTE; on success, ``handle_changed_spte``."""
+        if self.spt.item(table, idx) != old:
+            return False
+        self.spt[table, idx] = new
+        self.handle_changed_spte(gfn, old, new, level, vcpu_id, t)
+        return True
+
+    # -- SPTE changes ----------------------------------------------------------------------------
+    def handle_changed_spte(self, gfn: int, old: int, new: int, level: int, vcpu_id: int, t: int) -> None:
+        """``handle_changed_spte``: page stats, the tracepoint and the invariant checks."""
+        vm = self.vm
+        was_leaf = bool(old & SPTE_MMU_PRESENT) and old != REMOVED_SPTE and is_last_spte(old, level)
+        is_leaf = bool(new & SPTE_MMU_PRESENT) and new != REMOVED_SPTE and is_last_spte(new, level)
+        if was_leaf != is_leaf:
+            vm.stat.add_pages(level, 1 if is_leaf else -1)
+        if vm.sink.all:
+            vm.sink.emit("kvm_tdp_mmu_spte_changed", t, vcpu_id, 0, gfn, level, old, new)
+        if vm.checker is not None:
+            vm.checker.on_spte_changed(gfn, old, new, level)
+
+    # -- the fault -------------------------------------------------------------------------------
+    def page_fault(self, vcpu: object, fault: KvmPageFault) -> FaultGen:
+        """``kvm_tdp_mmu_page_fault`` (spec §1.4), as a SimPy generator returning ``RET_PF_*``."""
+        vm = self.vm
+        v = vcpu  # a vsim.vcpu.vcpu.Vcpu
+        # 1. page_fault_handle_page_track: nothing is write-tracked without shadow pages.
+        # 2. fast_page_fault, lockless under RCU.
+        if page_fault_can_be_fast(fault):
+            r = fast_page_fault(self, v, fault)  # type: ignore[arg-type]
+            v.now += self._c_fast  # type: ignore[attr-defined]
+            if r != RET_PF_INVALID:
+                return r
+        # 3-4. mmu_topup_memory_caches, then kvm_faultin_pfn: snapshot mmu_seq, GUP.
+        fault.mmu_seq = vm.mmu_invalidate_seq
+        slot = v.gfn_to_memslot(fault.gfn)  # type: ignore[attr-defined]
+        fault.slot = slot
+        if slot is None:
+            raise AssertionError(f"gfn {fault.gfn:#x} has no memslot: MMIO is not modelled in this version")
+        zeroed = slot.host.faultin(fault.gfn - slot.base_gfn)
+        cost = self._c_faultin
+        if zeroed:
+            cost += self._c_host + self._c_zero * zeroed
+            v.stat.host_page_allocs += 1  # type: ignore[attr-defined]
+        fault.pfn = slot.gfn_to_pfn(fault.gfn)
+        fault.map_writable = True
+        v.now += cost  # type: ignore[attr-defined]
+        # 5. read_lock(mmu_lock).
+        ev = v.sync()  # type: ignore[attr-defined]
+        if ev is not None:
+            yield ev
+        ev = vm.mmu_lock.read_lock(v.id, v.now)  # type: ignore[attr-defined]
+        if ev is not None:
+            v.now = yield ev  # type: ignore[attr-defined]
+        # 6. is_page_fault_stale.
+        root: TdpRoot = v.root  # type: ignore[attr-defined]
+        if root.invalid or vm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
+            vm.mmu_lock.read_unlock(v.id, v.now)  # type: ignore[attr-defined]
+            return RET_PF_RETRY
+        # 8. kvm_tdp_mmu_map: read the path now, install after the map work.
+        kvm_mmu_hugepage_adjust(fault)
+        path = self.walk(root, fault.gfn)
+        table, idx, level, old = path[-1]
+        new_tables = max(0, level - fault.goal_level) if old != REMOVED_SPTE else 0
+        v.now += self._c_map + self._c_sp * new_tables  # type: ignore[attr-defined]
+        ev = v.sync()  # type: ignore[attr-defined]
+        if ev is not None:
+            yield ev
+        ret = self._map_install(v, fault, path)
+        vm.mmu_lock.read_unlock(v.id, v.now)  # type: ignore[attr-defined]
+        return ret
+
+    def _map_install(self, v: object, fault: KvmPageFault, path: list[tuple[int, int, int, int]]) -> int:
+        """The cmpxchg half of ``kvm_tdp_mmu_map`` against the path read earlier."""
+        table, idx, level, old = path[-1]
+        vid: int = v.id  # type: ignore[attr-defined]
+        t: int = v.now  # type: ignore[attr-defined]
+        gfn = fault.gfn
+        goal = fault.goal_level
+        if old == REMOVED_SPTE:
+            return RET_PF_RETRY
+        if self.vm.sink.all:
+            self.vm.sink.emit("kvm_mmu_spte_requested", t, vid, gfn, fault.pfn, goal)
+        spt = self.spt
+        while level > goal:
+            if spt.item(table, idx) != old:
+                return RET_PF_RETRY  # tdp_mmu_link_sp's cmpxchg would fail; the SP goes back
+            base = gfn & ~(pages_per_level(level) - 1)
+            child = self.alloc_sp(level - 1, base)
+            spt = self.spt
+            if old & SPTE_MMU_PRESENT:
+                # A huge leaf above the goal: tdp_mmu_split_huge_page fills the child first.
+                row = spt[child]
+                for i in range(SPTE_ENT_PER_PAGE):
+                    row[i] = make_huge_page_split_spte(old, level, i)
+                self.vm.stat.add_pages(level - 1, SPTE_ENT_PER_PAGE)
+            self.try_cmpxchg(table, idx, level, base, old, make_nonleaf_spte(child), vid, t)
+            table, level = child, level - 1
+            idx = spte_index(gfn, level)
+            old = spt.item(table, idx)
+        # tdp_mmu_map_handle_target_level
+        base = gfn & ~(pages_per_level(goal) - 1)
+        new = make_spte(fault.slot.gfn_to_pfn(base), goal, fault.map_writable)  # type: ignore[attr-defined]
+        if new == old:
+            return RET_PF_SPURIOUS
+        if old & SPTE_MMU_PRESENT and not is_last_spte(old, level):
+            raise AssertionError("collapsing a page table into a huge leaf needs remote TLB flushes")
+        if not self.try_cmpxchg(table, idx, goal, base, old, new, vid, t):
+            return RET_PF_RETRY
+        return RET_PF_FIXED
+
+    # -- inspection --------------------------------------------------------------------------------
+    def leaf_level(self, root: TdpRoot, gfn: int) -> int:
+        """The level of the present leaf mapping ``gfn``, or 0."""
+        table, idx, level, old = self.walk(root, gfn)[-1]
+        return level if old & SPTE_MMU_PRESENT and old != REMOVED_SPTE and is_last_spte(old, level) else 0
+
+    def count_leaves(self) -> dict[int, int]:
+        """Present leaves per level over all roots' tables (for the invariant checker)."""
+        counts = {1: 0, 2: 0, 3: 0}
+        n = self.n_tables
+        spt = self.spt[:n]
+        present = (spt & SPTE_MMU_PRESENT) != 0
+        for level in (1, 2, 3):
+            rows = self.sp_level[:n] == level
+            if level == PG_LEVEL_4K:
+                counts[1] = int(present[rows].sum())
+            else:
+                counts[level] = int((present[rows] & ((spt[rows] & (1 << 7)) != 0)).sum())
+        return counts

@@ -1,0 +1,92 @@
+"""KVM-named statistics: per-vCPU (``struct kvm_vcpu_stat``) and per-VM (``struct kvm_vm_stat``).
+
+The counters keep KVM's names (``exits``, ``pf_taken``, ``pf_fixed``, ``pages_4k``, ...). Counters
+KVM does not have are vsim's own and say so in their names' docs below (``pf_retry``,
+``tlb_hits``, ``hw_walks``, ``walk_refs``, ``host_page_allocs``). Latencies are kept as exact
+integer samples and summarised with observed-value percentiles, so the summary is integral and
+deterministic.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import numpy as np
+
+VCPU_STATS = (
+    "exits",  # every VM exit
+    "io_exits",  # KVM_EXIT_IO exits to userspace (memstress GUEST_SYNC)
+    "pf_taken",  # faults that entered kvm_mmu_do_page_fault
+    "pf_fixed",  # RET_PF_FIXED
+    "pf_spurious",  # RET_PF_SPURIOUS
+    "pf_fast",  # fixed locklessly by fast_page_fault
+    "pf_emulate",  # RET_PF_EMULATE
+    "pf_retry",  # vsim: RET_PF_RETRY (KVM has no counter; the guest simply faults again)
+    "tlb_flush",  # local TLB flushes
+    "accesses",  # vsim: guest memory accesses completed
+    "tlb_hits",  # vsim: accesses that hit the TLB
+    "hw_walks",  # vsim: 2D hardware walks (successful or ending in an EPT violation)
+    "walk_refs",  # vsim: memory references made by those walks
+    "host_page_allocs",  # vsim: first touches that made the host allocate and zero a page
+)
+
+VM_STATS = (
+    "pages_4k",
+    "pages_2m",
+    "pages_1g",
+    "tdp_mmu_pages",  # vsim: TDP MMU page tables allocated (KVM reports them as MMU memory)
+    "remote_tlb_flush",
+    "remote_tlb_flush_requests",
+)
+
+
+class VcpuStat:
+    """``struct kvm_vcpu_stat`` (the subset this version maintains) plus vsim's access counters."""
+
+    __slots__ = VCPU_STATS + ("fault_service_ns",)
+
+    def __init__(self) -> None:
+        for name in VCPU_STATS:
+            setattr(self, name, 0)
+        self.fault_service_ns = array("q")
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name in VCPU_STATS}
+
+
+class VmStat:
+    """``struct kvm_vm_stat`` (the subset this version maintains)."""
+
+    __slots__ = VM_STATS
+
+    def __init__(self) -> None:
+        for name in VM_STATS:
+            setattr(self, name, 0)
+
+    def add_pages(self, level: int, delta: int) -> None:
+        """``kvm_update_page_stats``."""
+        if level == 1:
+            self.pages_4k += delta
+        elif level == 2:
+            self.pages_2m += delta
+        else:
+            self.pages_1g += delta
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name in VM_STATS}
+
+
+def percentiles(samples: array | np.ndarray | list[int]) -> dict[str, int]:
+    """Count, p50/p90/p99/max (observed values, ``inverted_cdf``) and the sum, all integers."""
+    a = np.asarray(samples, dtype=np.int64)
+    if a.size == 0:
+        return {"count": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0, "sum": 0}
+    p = np.percentile(a, [50, 90, 99], method="inverted_cdf")
+    return {
+        "count": int(a.size),
+        "p50": int(p[0]),
+        "p90": int(p[1]),
+        "p99": int(p[2]),
+        "max": int(a.max()),
+        "sum": int(a.sum()),
+    }

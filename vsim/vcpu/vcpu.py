@@ -1,0 +1,247 @@
+"""A vCPU: one SimPy process running its guest workload through ``KVM_RUN``.
+
+The vCPU keeps a local clock ``now`` that may run ahead of ``env.now`` while it executes guest code
+that touches only its own state (TLB hits, successful walks). It yields to SimPy only where another
+actor could interleave: before it takes ``mmu_lock``, before it installs an SPTE, and when an
+access ends in an EPT violation. ``sync()`` skips even those yields when nothing else is queued
+before the vCPU's ``(now, priority)`` key (``vsim.sched``).
+
+Exit handling follows ``vcpu_enter_guest``/``vmx_handle_exit``: the vCPU leaves guest mode, the exit
+handler runs (``handle_ept_violation`` → ``kvm_mmu_page_fault``), and the vCPU re-enters. The MMU is
+reached only through ``vm.mmu.page_fault``, so the TDP MMU, the legacy MMU and shadow paging can
+each supply their own pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vsim.mmu.page_fault import (
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_NAMES,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    KvmPageFault,
+    ept_violation_error_code,
+)
+from vsim.sched import VCPU_PRIO_BASE, At, queue_clear_before
+from vsim.stats import VcpuStat
+from vsim.vcpu.batch import STOP_EPT_VIOLATION, run_accesses
+from vsim.vcpu.tlb import RefTlb, Tlb
+from vsim.vcpu.walk import walk_2d
+from vsim.vcpu.workloads import Workload
+
+if TYPE_CHECKING:
+    from vsim.vm import Vm
+
+# vcpu->mode
+OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE, READING_SHADOW_PAGE_TABLES = 0, 1, 2, 3
+
+EXIT_REASON_EPT_VIOLATION = "EPT_VIOLATION"
+EXIT_REASON_IO_INSTRUCTION = "IO_INSTRUCTION"
+
+
+class Vcpu:
+    """``struct kvm_vcpu`` with its run loop."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, workload: Workload) -> None:
+        self.vm = vm
+        self.env = vm.env
+        self.id = vcpu_id
+        self.prio = VCPU_PRIO_BASE + vcpu_id
+        self.now = 0
+        self.mode = OUTSIDE_GUEST_MODE
+        self.requests = 0
+        self.root = None
+        self.workload = workload
+        self.stat = VcpuStat()
+        self.reference = vm.cfg.sim.mode == "reference"
+        t = vm.cfg.tlb
+        self.tlb: Tlb | RefTlb = (RefTlb if self.reference else Tlb)(t.entries_4k, t.entries_2m, t.entries_1g)
+        self.counters = np.zeros(4, dtype=np.int64)
+        self.guest_level = vm.guest_level
+        self.finished_at = -1
+        self.last_used_slot = None
+
+    def gfn_to_memslot(self, gfn: int):  # type: ignore[no-untyped-def]
+        """``kvm_vcpu_gfn_to_memslot``: try the vCPU's ``last_used_slot`` before searching."""
+        slot = self.last_used_slot
+        if slot is not None and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+            return slot
+        slot = self.vm.memslots.gfn_to_memslot(gfn)
+        if slot is not None:
+            self.last_used_slot = slot
+        return slot
+
+    # -- time ------------------------------------------------------------------------------------
+    def sync(self) -> At | None:
+        """An event to yield so that ``env.now`` reaches ``self.now`` at this vCPU's priority, or
+        ``None`` if nothing can act before that (then the vCPU acts ahead of ``env.now``)."""
+        env = self.env
+        if not self.reference and queue_clear_before(env, self.now, self.prio):
+            return None
+        return At(env, self.now - env.now, self.prio)
+
+    # -- KVM_RUN ---------------------------------------------------------------------------------
+    def run(self) -> Generator[object, object, None]:
+        """The vCPU thread: load the MMU, then run the guest until its workload ends."""
+        yield At(self.env, 0, self.prio)
+        self.kvm_mmu_load()
+        self.mode = IN_GUEST_MODE
+        step = self._run_reference if self.reference else self._run_batched
+        for gfns, writes, pass_end in self.workload.chunks():
+            yield from step(gfns, writes)
+            if pass_end:
+                self.guest_sync()
+            ev = self.sync()
+            if ev is not None:
+                yield ev
+        if self.now > self.env.now:
+            yield At(self.env, self.now - self.env.now, self.prio)
+        self._fold_counters()
+        self.finished_at = self.now
+
+    def kvm_mmu_load(self) -> None:
+        """``kvm_mmu_load``: get the shared TDP root and flush the context before first entry."""
+        self.root = self.vm.mmu.kvm_tdp_mmu_alloc_root()
+        self.tlb.flush()
+
+    def _run_batched(self, gfns: np.ndarray, writes: np.ndarray) -> Generator[object, object, None]:
+        tlb = self.tlb
+        assert isinstance(tlb, Tlb)
+        c = self.vm.costs
+        mmu = self.vm.mmu
+        i, n = 0, len(gfns)
+        while i < n:
+            j, dt, status, refs, present = run_accesses(
+                gfns,
+                writes,
+                i,
+                n,
+                mmu.spt,
+                self.root.table,
+                self.guest_level,  # type: ignore[attr-defined]
+                tlb.keys,
+                tlb.wr,
+                tlb.prv,
+                tlb.nxt,
+                tlb.lru,
+                tlb.ht,
+                tlb.cap,
+                tlb.hmask,
+                c.guest_access,
+                c.tlb_hit,
+                c.walk_ref,
+                self.counters,
+            )
+            self.now += dt
+            if status != STOP_EPT_VIOLATION:
+                return
+            if j > i:
+                # Reach the faulting access's own instant. If anything ran meanwhile, look again:
+                # another vCPU may have installed the translation since this stretch began.
+                i = j
+                ev = self.sync()
+                if ev is not None:
+                    yield ev
+                    continue
+            yield from self.handle_ept_violation(int(gfns[j]), bool(writes[j]), bool(present), int(refs))
+
+    def _run_reference(self, gfns: np.ndarray, writes: np.ndarray) -> Generator[object, object, None]:
+        """One SimPy event per access: the plain model the batched path must reproduce exactly."""
+        tlb = self.tlb
+        assert isinstance(tlb, RefTlb)
+        c = self.vm.costs
+        mmu = self.vm.mmu
+        st = self.counters
+        i, n = 0, len(gfns)
+        while i < n:
+            yield At(self.env, self.now - self.env.now, self.prio)
+            g, w = int(gfns[i]), bool(writes[i])
+            if tlb.lookup(g, w):
+                self.now += c.guest_access + c.tlb_hit
+                st[0] += 1
+                st[1] += 1
+                i += 1
+                continue
+            ok, refs, leaf, writable = walk_2d(mmu.spt, self.root.table, g, w, self.guest_level)  # type: ignore[attr-defined]
+            if not ok:
+                yield from self.handle_ept_violation(g, w, leaf != 0, refs)
+                continue
+            tlb.insert(min(self.guest_level, leaf) - 1, g, writable)
+            self.now += c.guest_access + refs * c.walk_ref
+            st[0] += 1
+            st[2] += 1
+            st[3] += refs
+            i += 1
+
+    # -- exits -----------------------------------------------------------------------------------
+    def handle_ept_violation(self, gfn: int, write: bool, present: bool, refs: int) -> Generator[object, object, None]:
+        """VM exit on an EPT violation, ``kvm_mmu_page_fault``, and re-entry."""
+        vm = self.vm
+        c = vm.costs
+        sink = vm.sink
+        st = self.stat
+        self.counters[2] += 1
+        self.counters[3] += refs
+        t_exit = self.now + refs * c.walk_ref
+        gpa = gfn << 12
+        self.mode = OUTSIDE_GUEST_MODE
+        st.exits += 1
+        if sink.all:
+            sink.emit("kvm_exit", t_exit, self.id, EXIT_REASON_EPT_VIOLATION, gpa)
+        self.now = t_exit + c.vmexit
+        fault = KvmPageFault(
+            addr=gpa,
+            gfn=gfn,
+            error_code=ept_violation_error_code(write, present),
+            id=vm.next_fault_id(),
+            write=write,
+            present=present,
+        )
+        # kvm_mmu_do_page_fault
+        st.pf_taken += 1
+        if sink.faults:
+            sink.emit("kvm_page_fault", self.now, self.id, fault.id, gpa, fault.error_code)
+        r = yield from vm.mmu.page_fault(self, fault)
+        if r == RET_PF_FIXED:
+            st.pf_fixed += 1
+        elif r == RET_PF_SPURIOUS:
+            st.pf_spurious += 1
+        elif r == RET_PF_RETRY:
+            st.pf_retry += 1
+        elif r == RET_PF_EMULATE:
+            st.pf_emulate += 1
+        if sink.faults:
+            sink.emit("vsim_page_fault_ret", self.now, self.id, fault.id, RET_PF_NAMES[r], fault.goal_level)
+        self.enter_guest()
+        st.fault_service_ns.append(self.now - t_exit)
+
+    def enter_guest(self) -> None:
+        """``vcpu_enter_guest``: (pending requests are handled here by later work), then VM entry."""
+        self.now += self.vm.costs.vmentry
+        self.mode = IN_GUEST_MODE
+        if self.vm.sink.all:
+            self.vm.sink.emit("kvm_entry", self.now, self.id)
+
+    def guest_sync(self) -> None:
+        """memstress ``GUEST_SYNC``: a ucall port I/O that exits to userspace and comes back."""
+        c = self.vm.costs
+        sink = self.vm.sink
+        self.stat.exits += 1
+        self.stat.io_exits += 1
+        if sink.all:
+            sink.emit("kvm_exit", self.now, self.id, EXIT_REASON_IO_INSTRUCTION, 0)
+            sink.emit("kvm_userspace_exit", self.now + c.vmexit, self.id, "KVM_EXIT_IO")
+        self.now += c.vmexit + c.userspace_exit + c.vmentry
+        if sink.all:
+            sink.emit("kvm_entry", self.now, self.id)
+
+    def _fold_counters(self) -> None:
+        st = self.stat
+        ctr = self.counters
+        st.accesses, st.tlb_hits, st.hw_walks, st.walk_refs = (int(x) for x in ctr)
