@@ -31,6 +31,7 @@ class Memslot:
     base_gfn: int
     npages: int
     host: HostMapping
+    host_offset: int = 0  # first host page of this slot within the mapping (userspace_addr)
     flags: int = 0
     # lpage_info[level - 2][index].disallow_lpage, for PG_LEVEL_2M and PG_LEVEL_1G.
     disallow_lpage: list[np.ndarray] = field(default_factory=list)
@@ -51,7 +52,7 @@ class Memslot:
         if (self.base_gfn + self.npages) & (span - 1):
             info[-1] += 1
         # Host virtual and guest physical addresses must agree modulo the huge-page size.
-        if (self.base_gfn ^ self.host.pfn_base) & (span - 1):
+        if (self.base_gfn ^ (self.host.pfn_base + self.host_offset)) & (span - 1):
             info[:] += 1
         return info
 
@@ -64,7 +65,11 @@ class Memslot:
 
     def gfn_to_pfn(self, gfn: int) -> int:
         """The host pfn backing ``gfn`` (``__gfn_to_hva_memslot`` plus the host page tables)."""
-        return self.host.pfn_base + (gfn - self.base_gfn)
+        return self.host.pfn_base + self.host_offset + (gfn - self.base_gfn)
+
+    def faultin(self, gfn: int) -> int:
+        """The host side of ``kvm_faultin_pfn``: 4K pages the host zeroed to back ``gfn`` (0 if resident)."""
+        return self.host.faultin(self.host_offset + gfn - self.base_gfn)
 
     def lpage_allowed_level(self, gfn: int, max_level: int) -> int:
         """The highest level ≤ ``max_level`` whose ``disallow_lpage`` counter is zero at ``gfn``."""
@@ -103,12 +108,11 @@ class Memslots:
 
 
 def build_test_memslots(base_gfn: int, total_pages: int, nslots: int, backing_level: int) -> Memslots:
-    """Split the test region evenly into ``nslots`` slots (dirty_log_perf_test ``-x``)."""
+    """Split the test region evenly into ``nslots`` slots carved from one host mapping, as
+    dirty_log_perf_test ``-x`` does (so guest and host addresses stay congruent)."""
     per = total_pages // nslots
-    slots = []
-    pfn_base = 1 << 18  # host pfns start 1 GiB in; each slot's backing is 1 GiB-aligned
-    for i in range(nslots):
-        host = HostMapping(pfn_base=pfn_base, npages=per, page_level=backing_level)
-        slots.append(Memslot(id=i, base_gfn=base_gfn + i * per, npages=per, host=host))
-        pfn_base += -(-per // (1 << 18)) * (1 << 18)
+    host = HostMapping(pfn_base=1 << 18, npages=total_pages, page_level=backing_level)  # 1 GiB-aligned
+    slots = [
+        Memslot(id=i, base_gfn=base_gfn + i * per, npages=per, host=host, host_offset=i * per) for i in range(nslots)
+    ]
     return Memslots(slots)

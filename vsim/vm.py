@@ -33,6 +33,7 @@ class Vm:
         self.costs = cfg.costs
         self.env = simpy.Environment()
         self.sink = sink if sink is not None else EventSink("off")
+        self.sink.clock = lambda: self.env.now
         self.stat = VmStat()
         self.checker = InvariantChecker(self) if cfg.sim.invariants else None
         self.guest_level = PAGE_LEVEL[cfg.guest.page_size]

@@ -4,6 +4,12 @@ Model code tests the sink's ``faults``/``all`` flags before building an event, s
 off pays one attribute test per would-be event. Records are ``(name, t_ns, vcpu, *fields)`` tuples;
 when the buffer fills, the sink hands it to the consumer the runner attached (the JSONL writer in
 ``vsim.events.writer``), so memory stays bounded however long the run.
+
+Actors stamp some events a little ahead of the global clock (a vCPU logs ``kvm_page_fault`` at
+exit time plus the exit cost before it next yields), but never before the clock. So on each flush
+the sink sorts its buffer by time (stably: simultaneous events keep their emission order) and hands
+on only the records older than the clock; the rest wait for the next flush. The log is thus in
+simulated-time order.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ Record = tuple[object, ...]
 class EventSink:
     """Collects event tuples at a level (``off``, ``faults`` or ``all``)."""
 
-    __slots__ = ("faults", "all", "level", "_buf", "_consumer", "_limit", "emitted")
+    __slots__ = ("faults", "all", "level", "_buf", "_consumer", "_limit", "emitted", "kept", "clock")
 
     def __init__(
         self, level: str = "off", consumer: Callable[[list[Record]], None] | None = None, limit: int = 1 << 14
     ) -> None:
+        self.clock: Callable[[], float] | None = None  # the simulation's global clock (env.now)
         if level not in LEVELS:
             raise ValueError(f"event level must be one of {LEVELS}, got {level!r}")
         self.level = level
@@ -38,18 +45,31 @@ class EventSink:
         buf = self._buf
         buf.append(record)
         if len(buf) >= self._limit and self._consumer is not None:
-            self.flush()
+            self.flush(final=False)
 
-    def flush(self) -> None:
-        """Hand the buffered records to the consumer (if any) and start a new buffer."""
-        self.emitted += len(self._buf)
-        if self._consumer is not None and self._buf:
-            self._consumer(self._buf)
-        self._buf = []
+    def flush(self, final: bool = True) -> None:
+        """Hand the buffered records, in time order, to the consumer (if any).
+
+        With ``final=False`` only records stamped before the global clock go; later ones stay.
+        """
+        buf = self._buf
+        buf.sort(key=_time)
+        keep: list[Record] = []
+        if not final and self.clock is not None:
+            now = self.clock()
+            cut = len(buf)
+            while cut and buf[cut - 1][1] >= now:  # type: ignore[operator]
+                cut -= 1
+            buf, keep = buf[:cut], buf[cut:]
+        self.emitted += len(buf)
+        if self._consumer is not None and buf:
+            self._consumer(buf)
+        self._buf = keep
 
     def records(self) -> list[Record]:
         """The records still buffered (all of them when no consumer is attached)."""
         return self._buf
 
 
-NULL_SINK = EventSink("off")
+def _time(record: Record) -> object:
+    return record[1]

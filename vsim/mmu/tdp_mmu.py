@@ -165,7 +165,7 @@ class TdpMmu:
         fault.slot = slot
         if slot is None:
             raise AssertionError(f"gfn {fault.gfn:#x} has no memslot: MMIO is not modelled in this version")
-        zeroed = slot.host.faultin(fault.gfn - slot.base_gfn)
+        zeroed = slot.faultin(fault.gfn)
         cost = self._c_faultin
         if zeroed:
             cost += self._c_host + self._c_zero * zeroed

@@ -1,0 +1,68 @@
+"""Config parsing: units, overrides, defaults and one-line errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vsim.config import ConfigError, ScenarioConfig, dump_config, load_config
+from vsim.units import format_duration, format_size, parse_duration, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_units_parse_exactly() -> None:
+    assert parse_size("64MiB") == 64 << 20
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_duration("2.5us") == 2500
+    assert parse_duration("40ms") == 40_000_000
+    assert parse_duration(7) == 7
+    assert format_size(64 << 20) == "64MiB" and format_duration(2500) == "2500ns"
+    for bad in ("2.5ns", "1 fortnight", "-3us", True):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    with pytest.raises(ValueError, match="whole number of bytes"):
+        parse_size("0.001KiB")
+
+
+def test_quickstart_file_is_the_builtin_default() -> None:
+    assert load_config(ROOT / "configs" / "quickstart.toml") == ScenarioConfig()
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["vm.vcpus=3", "costs.vmexit=2.5us", "workload.kind=zipf"])
+    p = tmp_path / "c.toml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+    assert cfg.costs.vmexit == 2500
+
+
+@pytest.mark.parametrize(
+    ("text", "sets", "expect"),
+    [
+        ("[vm]\nvcpus = 0\n", [], "c.toml:2: vm.vcpus: Input should be greater than or equal to 1"),
+        ("[vm]\nvcpu = 4\n", [], "c.toml:2: vm.vcpu: unknown key; allowed here: backing_page_size"),
+        ("[vm]\nvcpus = 'many'\n", [], "c.toml:2: vm.vcpus:"),
+        ("[mmu]\nmode = 'shadow'\n", [], "c.toml:2: mmu.mode: must be one of 'tdp_mmu'"),
+        ("[costs]\nvmexit = '3 parsecs'\n", [], "c.toml:2: costs.vmexit: '3 parsecs' is not a duration"),
+        ("[bogus]\nx = 1\n", [], "c.toml:1: bogus: unknown key"),
+        ("", ["workload.write_percent=101"], "--set: workload.write_percent: Input should be less than or equal"),
+        ("", ["vm.memslots=3"], "--set: vm.memslots: 3 does not divide"),
+        ("", ["novalue"], "--set novalue: expected dotted.key=value"),
+        ("[vm\n", [], "c.toml: not valid TOML"),
+    ],
+)
+def test_errors_are_one_line_naming_the_key(tmp_path: Path, text: str, sets: list[str], expect: str) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, sets)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.replace(str(tmp_path) + "/", "").startswith(expect), msg
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config("/nonexistent/x.toml")
