@@ -75,7 +75,7 @@ def collect_stats(vm: Vm, sim_time_ns: int) -> dict[str, Any]:
         "vcpu_total": totals,
         "latency_ns": {
             "fault_service": percentiles(all_service),
-            "mmu_lock_wait": {"read": percentiles(lock.wait_ns["read"]), "write": percentiles(lock.wait_ns["write"])},
+            "mmu_lock_wait": {"read": percentiles(lock.waits("read")), "write": percentiles(lock.waits("write"))},
         },
         "vcpus": vcpus,
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import simpy
 
-from vsim.config.schema import PAGE_LEVEL, ScenarioConfig
+from vsim.config.schema import PAGE_LEVEL, ScenarioConfig, WorkloadConfig
 from vsim.events.sink import EventSink
 from vsim.invariants import InvariantChecker
 from vsim.memslots import build_test_memslots
@@ -23,6 +23,7 @@ from vsim.vcpu.workloads import Workload, vcpu_region
 
 # Streams spawned from the root SeedSequence, one per component; new components append here.
 STREAM_VCPU_WORKLOADS = 0
+STREAM_LATER_WORKLOADS = 1
 
 
 class Vm:
@@ -49,7 +50,7 @@ class Vm:
         self.mmu = TdpMmu(self, initial_tables=self._estimate_tables(nv * per))
         self._fault_id = 0
         root_seq = np.random.SeedSequence(cfg.seed)
-        streams = root_seq.spawn(1)[STREAM_VCPU_WORKLOADS].spawn(nv)
+        streams = root_seq.spawn(2)[STREAM_VCPU_WORKLOADS].spawn(nv)
         self.vcpus = []
         for i in range(nv):
             start, pages = vcpu_region(cfg.workload, i, nv, base_gfn)
@@ -71,9 +72,18 @@ class Vm:
         return self.mmu_invalidate_seq != mmu_seq
 
     def start(self) -> None:
-        """Create every vCPU's process (they first act at t=0 in vCPU order)."""
+        """Start a ``KVM_RUN`` session on every vCPU (they first act now, in vCPU order)."""
         for v in self.vcpus:
             self.env.process(v.run())
+
+    def set_workloads(self, cfg: WorkloadConfig) -> None:
+        """Give every vCPU a new workload over its same region (for a later :meth:`run`)."""
+        nv = len(self.vcpus)
+        base_gfn = self.cfg.vm.base_gpa >> 12
+        streams = np.random.SeedSequence(self.cfg.seed).spawn(2)[STREAM_LATER_WORKLOADS].spawn(nv)
+        for i, v in enumerate(self.vcpus):
+            start, pages = vcpu_region(cfg, i, nv, base_gfn)
+            v.workload = Workload(cfg, start, pages, self.cfg.sim.batch_accesses, np.random.default_rng(streams[i]))
 
     def run(self) -> int:
         """Run until every vCPU's workload is done; returns the simulated end time (ns)."""

@@ -67,11 +67,35 @@ class WorkloadConfig(_Table):
 
 
 class TlbConfig(_Table):
-    """Per-vCPU TLB: separate LRU arrays for 4K, 2M and 1G translations."""
+    """Per-vCPU TLB: separate set-associative arrays for 4K, 2M and 1G translations, LRU per set.
 
-    entries_4k: int = Field(1536, ge=1, le=1 << 20, description="Skylake-class STLB 4K entries")
+    Defaults follow a Skylake-SP second-level TLB (Intel optimization manual, not a cost anchor):
+    1536 4K entries 12-way, 16 1G entries 4-way; 2M gets 1024 entries 8-way. ``ways == entries``
+    makes a size class fully associative.
+    """
+
+    entries_4k: int = Field(1536, ge=1, le=1 << 20, description="4K entries")
     entries_2m: int = Field(1024, ge=1, le=1 << 20, description="2M entries")
     entries_1g: int = Field(16, ge=1, le=1 << 20, description="1G entries")
+    ways_4k: int = Field(12, ge=1, le=4096, description="4K associativity (entries must be a multiple)")
+    ways_2m: int = Field(8, ge=1, le=4096, description="2M associativity (entries must be a multiple)")
+    ways_1g: int = Field(4, ge=1, le=4096, description="1G associativity (entries must be a multiple)")
+
+    @model_validator(mode="after")
+    def _whole_sets(self) -> TlbConfig:
+        for size in ("4k", "2m", "1g"):
+            entries, ways = getattr(self, f"entries_{size}"), getattr(self, f"ways_{size}")
+            if entries % ways:
+                raise ValueError(f"entries_{size}: {entries} is not a multiple of ways_{size} = {ways}")
+        return self
+
+    @property
+    def entries(self) -> tuple[int, int, int]:
+        return (self.entries_4k, self.entries_2m, self.entries_1g)
+
+    @property
+    def ways(self) -> tuple[int, int, int]:
+        return (self.ways_4k, self.ways_2m, self.ways_1g)
 
 
 class MmuConfig(_Table):

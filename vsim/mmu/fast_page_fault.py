@@ -27,6 +27,7 @@ from vsim.mmu.spte import (
 
 if TYPE_CHECKING:
     from vsim.mmu.tdp_mmu import TdpMmu
+    from vsim.vcpu.vcpu import Vcpu
 
 FAST_PF_MAX_RETRIES = 4  # gives up after ++retry_count > 4
 
@@ -47,11 +48,11 @@ def is_access_allowed(fault: KvmPageFault, spte: int) -> bool:
     return bool(spte & PT_PRESENT_R)
 
 
-def fast_page_fault(mmu: TdpMmu, vcpu: object, fault: KvmPageFault) -> int:
+def fast_page_fault(mmu: TdpMmu, vcpu: Vcpu, fault: KvmPageFault) -> int:
     """Try to fix ``fault`` with a cmpxchg on the last SPTE; ``RET_PF_INVALID`` means go slow."""
-    vid: int = vcpu.id  # type: ignore[attr-defined]
-    t: int = vcpu.now  # type: ignore[attr-defined]
-    root = vcpu.root  # type: ignore[attr-defined]
+    vid = vcpu.id
+    t = vcpu.now
+    root = vcpu.root
     ret = RET_PF_INVALID
     old = new = 0
     retries = 0
@@ -74,7 +75,7 @@ def fast_page_fault(mmu: TdpMmu, vcpu: object, fault: KvmPageFault) -> int:
         base = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
         if mmu.try_cmpxchg(table, idx, level, base, old, new, vid, t):
             ret = RET_PF_FIXED
-            vcpu.stat.pf_fast += 1  # type: ignore[attr-defined]
+            vcpu.stat.pf_fast += 1
             break
         retries += 1
         if retries > FAST_PF_MAX_RETRIES:

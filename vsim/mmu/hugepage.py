@@ -29,7 +29,7 @@ def kvm_mmu_hugepage_adjust(fault: KvmPageFault) -> None:
     if slot is None or fault.max_level == PG_LEVEL_4K:
         return
     assert isinstance(slot, Memslot)
-    if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+    if slot.flags & KVM_MEM_LOG_DIRTY_PAGES or slot.host.page_level == PG_LEVEL_4K:
         return
     fault.req_level = kvm_mmu_max_mapping_level(slot, fault.gfn, fault.max_level)
     fault.goal_level = fault.req_level

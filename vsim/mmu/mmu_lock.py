@@ -33,8 +33,10 @@ class MmuLock:
         self.readers = 0
         self.writer: int | None = None
         self._queue: deque[tuple[str, int, Event, int]] = deque()
-        self._held_since: dict[tuple[int, str], int] = {}
+        self._held_since: dict[tuple[int, str], int] = {}  # kept only when the log wants hold times
+        # Waits: the non-zero ones as samples, the (common) zero ones only counted.
         self.wait_ns: dict[str, array] = {READ: array("q"), WRITE: array("q")}
+        self.zero_waits: dict[str, int] = {READ: 0, WRITE: 0}
         self.wait_by_actor: dict[int, int] = {}
         self.contended = 0
 
@@ -64,11 +66,13 @@ class MmuLock:
         return ev
 
     def _acquired(self, mode: str, actor: int, t: int, waited: int) -> None:
-        self.wait_ns[mode].append(waited)
         if waited:
+            self.wait_ns[mode].append(waited)
             self.wait_by_actor[actor] = self.wait_by_actor.get(actor, 0) + waited
-        self._held_since[(actor, mode)] = t
+        else:
+            self.zero_waits[mode] += 1
         if self.sink.all:
+            self._held_since[(actor, mode)] = t
             self.sink.emit("vsim_mmu_lock_acquire", t, actor, mode, waited)
 
     # -- release ---------------------------------------------------------------------------------
@@ -89,9 +93,13 @@ class MmuLock:
             self._grant(t)
 
     def _released(self, mode: str, actor: int, t: int) -> None:
-        since = self._held_since.pop((actor, mode))
         if self.sink.all:
+            since = self._held_since.pop((actor, mode))
             self.sink.emit("vsim_mmu_lock_release", t, actor, mode, t - since)
+
+    def waits(self, mode: str) -> list[int]:
+        """Every acquisition's wait in ``mode`` (zeros first), for percentiles."""
+        return [0] * self.zero_waits[mode] + list(self.wait_ns[mode])
 
     def _grant(self, t: int) -> None:
         q = self._queue

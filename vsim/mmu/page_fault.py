@@ -8,8 +8,12 @@ code (``kvm_mmu_do_page_fault``) lives with the vCPU's exit handling; each MMU m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vsim.mmu.spte import PG_LEVEL_1G, PG_LEVEL_4K
+
+if TYPE_CHECKING:
+    from vsim.memslots import Memslot
 
 # mmu_internal.h
 RET_PF_CONTINUE = 0
@@ -54,7 +58,7 @@ class KvmPageFault:
     max_level: int = KVM_MAX_HUGEPAGE_LEVEL
     req_level: int = PG_LEVEL_4K
     goal_level: int = PG_LEVEL_4K
-    slot: object | None = None
+    slot: Memslot | None = None
     pfn: int = -1
     map_writable: bool = False
     mmu_seq: int = 0

@@ -31,6 +31,7 @@ from vsim.mmu.spte import (
     PFN_MASK,
     PFN_SHIFT,
     PG_LEVEL_4K,
+    PT_PAGE_SIZE,
     REMOVED_SPTE,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT,
@@ -44,6 +45,7 @@ from vsim.mmu.spte import (
 )
 
 if TYPE_CHECKING:
+    from vsim.vcpu.vcpu import Vcpu
     from vsim.vm import Vm
 
 FaultGen = Generator[object, object, int]
@@ -122,9 +124,22 @@ class TdpMmu:
             table = (old & PFN_MASK) >> PFN_SHIFT
             level -= 1
 
+    def walk_last(self, root: TdpRoot, gfn: int) -> tuple[int, int, int, int]:
+        """The last entry :meth:`walk` visits, without recording the path."""
+        item = self.spt.item
+        table = root.table
+        level = TDP_ROOT_LEVEL
+        while True:
+            idx = (gfn >> (9 * (level - 1))) & 511
+            old = item(table, idx)
+            if not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or level == 1 or old & PT_PAGE_SIZE:
+                return table, idx, level, old
+            table = (old & PFN_MASK) >> PFN_SHIFT
+            level -= 1
+
     def fast_pf_get_last_sptep(self, root: TdpRoot, gfn: int) -> tuple[int, int, int, int]:
         """``kvm_tdp_mmu_fast_pf_get_last_sptep``: the last SPTE on the walk (under RCU only)."""
-        return self.walk(root, gfn)[-1]
+        return self.walk_last(root, gfn)
 
     def try_cmpxchg(self, table: int, idx: int, level: int, gfn: int, old: int, new: int, vcpu_id: int, t: int) -> bool:
         """``try_cmpxchg64`` on an SPTE; on success, ``handle_changed_spte``."""
@@ -148,61 +163,62 @@ class TdpMmu:
             vm.checker.on_spte_changed(gfn, old, new, level)
 
     # -- the fault -------------------------------------------------------------------------------
-    def page_fault(self, vcpu: object, fault: KvmPageFault) -> FaultGen:
+    def page_fault(self, v: Vcpu, fault: KvmPageFault) -> FaultGen:
         """``kvm_tdp_mmu_page_fault`` (spec §1.4), as a SimPy generator returning ``RET_PF_*``."""
         vm = self.vm
-        v = vcpu  # a vsim.vcpu.vcpu.Vcpu
+        gfn = fault.gfn
         # 1. page_fault_handle_page_track: nothing is write-tracked without shadow pages.
         # 2. fast_page_fault, lockless under RCU.
         if page_fault_can_be_fast(fault):
-            r = fast_page_fault(self, v, fault)  # type: ignore[arg-type]
-            v.now += self._c_fast  # type: ignore[attr-defined]
+            r = fast_page_fault(self, v, fault)
+            v.now += self._c_fast
             if r != RET_PF_INVALID:
                 return r
         # 3-4. mmu_topup_memory_caches, then kvm_faultin_pfn: snapshot mmu_seq, GUP.
         fault.mmu_seq = vm.mmu_invalidate_seq
-        slot = v.gfn_to_memslot(fault.gfn)  # type: ignore[attr-defined]
-        fault.slot = slot
+        slot = v.gfn_to_memslot(gfn)
         if slot is None:
-            raise AssertionError(f"gfn {fault.gfn:#x} has no memslot: MMIO is not modelled in this version")
-        zeroed = slot.faultin(fault.gfn)
-        cost = self._c_faultin
+            raise AssertionError(f"gfn {gfn:#x} has no memslot: MMIO is not modelled in this version")
+        fault.slot = slot
+        zeroed = slot.faultin(gfn)
         if zeroed:
-            cost += self._c_host + self._c_zero * zeroed
-            v.stat.host_page_allocs += 1  # type: ignore[attr-defined]
-        fault.pfn = slot.gfn_to_pfn(fault.gfn)
+            v.now += self._c_faultin + self._c_host + self._c_zero * zeroed
+            v.stat.host_page_allocs += 1
+        else:
+            v.now += self._c_faultin
+        fault.pfn = slot.gfn_to_pfn(gfn)
         fault.map_writable = True
-        v.now += cost  # type: ignore[attr-defined]
         # 5. read_lock(mmu_lock).
-        ev = v.sync()  # type: ignore[attr-defined]
+        ev = v.sync()
         if ev is not None:
             yield ev
-        ev = vm.mmu_lock.read_lock(v.id, v.now)  # type: ignore[attr-defined]
+        lock = vm.mmu_lock
+        ev = lock.read_lock(v.id, v.now)
         if ev is not None:
-            v.now = yield ev  # type: ignore[attr-defined]
+            v.now = yield ev
         # 6. is_page_fault_stale.
-        root: TdpRoot = v.root  # type: ignore[attr-defined]
-        if root.invalid or vm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
-            vm.mmu_lock.read_unlock(v.id, v.now)  # type: ignore[attr-defined]
+        root = v.root
+        if root.invalid or vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
+            lock.read_unlock(v.id, v.now)
             return RET_PF_RETRY
         # 8. kvm_tdp_mmu_map: read the path now, install after the map work.
         kvm_mmu_hugepage_adjust(fault)
-        path = self.walk(root, fault.gfn)
-        table, idx, level, old = path[-1]
-        new_tables = max(0, level - fault.goal_level) if old != REMOVED_SPTE else 0
-        v.now += self._c_map + self._c_sp * new_tables  # type: ignore[attr-defined]
-        ev = v.sync()  # type: ignore[attr-defined]
+        last = self.walk_last(root, gfn)
+        level = last[2]
+        new_tables = level - fault.goal_level if level > fault.goal_level and last[3] != REMOVED_SPTE else 0
+        v.now += self._c_map + self._c_sp * new_tables
+        ev = v.sync()
         if ev is not None:
             yield ev
-        ret = self._map_install(v, fault, path)
-        vm.mmu_lock.read_unlock(v.id, v.now)  # type: ignore[attr-defined]
+        ret = self._map_install(v, fault, last)
+        lock.read_unlock(v.id, v.now)
         return ret
 
-    def _map_install(self, v: object, fault: KvmPageFault, path: list[tuple[int, int, int, int]]) -> int:
-        """The cmpxchg half of ``kvm_tdp_mmu_map`` against the path read earlier."""
-        table, idx, level, old = path[-1]
-        vid: int = v.id  # type: ignore[attr-defined]
-        t: int = v.now  # type: ignore[attr-defined]
+    def _map_install(self, v: Vcpu, fault: KvmPageFault, last: tuple[int, int, int, int]) -> int:
+        """The cmpxchg half of ``kvm_tdp_mmu_map`` against the entry its walk ended at earlier."""
+        table, idx, level, old = last
+        vid = v.id
+        t = v.now
         gfn = fault.gfn
         goal = fault.goal_level
         if old == REMOVED_SPTE:
@@ -228,7 +244,7 @@ class TdpMmu:
             old = spt.item(table, idx)
         # tdp_mmu_map_handle_target_level
         base = gfn & ~(pages_per_level(goal) - 1)
-        new = make_spte(fault.slot.gfn_to_pfn(base), goal, fault.map_writable)  # type: ignore[attr-defined]
+        new = make_spte(fault.slot.gfn_to_pfn(base), goal, fault.map_writable)
         if new == old:
             return RET_PF_SPURIOUS
         if old & SPTE_MMU_PRESENT and not is_last_spte(old, level):

@@ -10,116 +10,61 @@ them equal.
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
+# The helpers are inlined into the kernel: a real call would reference-count every array argument
+# (atomic operations), which costs more than the TLB work itself.
 from vsim.mmu.spte import PFN_MASK, PT_PAGE_SIZE, PT_PRESENT_R, PT_WRITABLE
 from vsim.vcpu.walk import BOOT_PT_EPT_LEVELS
 
 STOP_DONE = 0
 STOP_EPT_VIOLATION = 1
 
-# counters[] slots
-C_ACCESSES, C_TLB_HITS, C_WALKS, C_WALK_REFS = 0, 1, 2, 3
-_HASH_MUL = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15 as a signed 64-bit constant
+_EMPTY = -1
 
 
 @njit(cache=True, inline="always")
-def _home(key, hmask):  # type: ignore[no-untyped-def]
-    return ((key * _HASH_MUL) >> 20) & hmask
+def _lookup(tags, wr, sets, ways, c, key, write):  # type: ignore[no-untyped-def]
+    """0: miss; 1: hit (moved to the front of its set); 2: present but read-only for a write."""
+    row = key % sets[c]
+    n = ways[c]
+    for i in range(n):
+        k = tags[c, row, i]
+        if k == key:
+            if write and wr[c, row, i] == 0:
+                return 2
+            w = wr[c, row, i]
+            for j in range(i, 0, -1):  # shift the more recent entries down one way
+                tags[c, row, j] = tags[c, row, j - 1]
+                wr[c, row, j] = wr[c, row, j - 1]
+            tags[c, row, 0] = key
+            wr[c, row, 0] = w
+            return 1
+        if k == _EMPTY:
+            return 0
+    return 0
 
 
-@njit(cache=True)
-def _find(ht, keys, c, key, hmask):  # type: ignore[no-untyped-def]
-    i = _home(key, hmask)
-    while True:
-        s = ht[c, i]
-        if s == 0:
-            return -1
-        if keys[c, s - 1] == key:
-            return s - 1
-        i = (i + 1) & hmask
-
-
-@njit(cache=True)
-def _ht_insert(ht, c, key, slot, hmask):  # type: ignore[no-untyped-def]
-    i = _home(key, hmask)
-    while ht[c, i] != 0:
-        i = (i + 1) & hmask
-    ht[c, i] = slot + 1
-
-
-@njit(cache=True)
-def _ht_delete(ht, keys, c, key, hmask):  # type: ignore[no-untyped-def]
-    i = _home(key, hmask)
-    while keys[c, ht[c, i] - 1] != key:
-        i = (i + 1) & hmask
-    # Backward-shift deletion keeps every probe chain unbroken without tombstones.
-    j = i
-    while True:
-        j = (j + 1) & hmask
-        s = ht[c, j]
-        if s == 0:
+@njit(cache=True, inline="always")
+def _insert(tags, wr, sets, ways, count, c, key, writable):  # type: ignore[no-untyped-def]
+    """Put ``key`` at the front of its set: replace its old entry, or evict the set's LRU way."""
+    row = key % sets[c]
+    n = ways[c]
+    last = n - 1
+    for i in range(n):
+        k = tags[c, row, i]
+        if k == _EMPTY:
+            count[c] += 1
+            last = i
             break
-        k = _home(keys[c, s - 1], hmask)
-        stays = i < k <= j if i <= j else k > i or k <= j
-        if not stays:
-            ht[c, i] = s
-            i = j
-    ht[c, i] = 0
-
-
-@njit(cache=True)
-def _unlink(prv, nxt, lru, c, s):  # type: ignore[no-untyped-def]
-    p = prv[c, s]
-    n = nxt[c, s]
-    if p >= 0:
-        nxt[c, p] = n
-    else:
-        lru[c, 0] = n
-    if n >= 0:
-        prv[c, n] = p
-    else:
-        lru[c, 1] = p
-
-
-@njit(cache=True)
-def _push_front(prv, nxt, lru, c, s):  # type: ignore[no-untyped-def]
-    h = lru[c, 0]
-    prv[c, s] = -1
-    nxt[c, s] = h
-    if h >= 0:
-        prv[c, h] = s
-    else:
-        lru[c, 1] = s
-    lru[c, 0] = s
-
-
-@njit(cache=True)
-def _touch(prv, nxt, lru, c, s):  # type: ignore[no-untyped-def]
-    if lru[c, 0] != s:
-        _unlink(prv, nxt, lru, c, s)
-        _push_front(prv, nxt, lru, c, s)
-
-
-@njit(cache=True)
-def _insert(keys, wr, prv, nxt, lru, ht, cap, hmask, c, key, writable):  # type: ignore[no-untyped-def]
-    s = _find(ht, keys, c, key, hmask)
-    if s >= 0:
-        wr[c, s] = writable
-        _touch(prv, nxt, lru, c, s)
-        return
-    if lru[c, 2] < cap[c]:
-        s = lru[c, 2]
-        lru[c, 2] += 1
-    else:
-        s = lru[c, 1]  # evict the least recently used
-        _ht_delete(ht, keys, c, keys[c, s], hmask)
-        _unlink(prv, nxt, lru, c, s)
-    keys[c, s] = key
-    wr[c, s] = writable
-    _ht_insert(ht, c, key, s, hmask)
-    _push_front(prv, nxt, lru, c, s)
+        if k == key:
+            last = i
+            break
+    for j in range(last, 0, -1):
+        tags[c, row, j] = tags[c, row, j - 1]
+        wr[c, row, j] = wr[c, row, j - 1]
+    tags[c, row, 0] = key
+    wr[c, row, 0] = writable
 
 
 @njit(cache=True)
@@ -131,14 +76,11 @@ def run_accesses(
     spt,
     root_table,
     guest_level,
-    keys,
+    tags,
     wr,
-    prv,
-    nxt,
-    lru,
-    ht,
-    cap,
-    hmask,
+    sets,
+    ways,
+    count,
     c_guest,
     c_hit,
     c_ref,
@@ -152,24 +94,25 @@ def run_accesses(
     """
     t = 0
     guest_refs = (5 - guest_level) * (BOOT_PT_EPT_LEVELS + 1)
+    hits = 0
+    walks = 0
+    walk_refs = 0
     i = start
     while i < stop:
         g = gfns[i]
         w = writes[i]
         hit = False
         for c in range(3):
-            key = g >> (9 * c)
-            s = _find(ht, keys, c, key, hmask)
-            if s >= 0:
-                if w and wr[c, s] == 0:
-                    break
-                _touch(prv, nxt, lru, c, s)
+            if count[c] == 0:
+                continue  # an empty size class: nothing to look up
+            r = _lookup(tags, wr, sets, ways, c, g >> (9 * c), w)
+            if r == 1:
                 hit = True
+            if r != 0:
                 break
         if hit:
             t += c_guest + c_hit
-            counters[0] += 1
-            counters[1] += 1
+            hits += 1
             i += 1
             continue
         table = root_table
@@ -189,12 +132,21 @@ def run_accesses(
             level -= 1
         writable = (e & PT_WRITABLE) != 0
         if leaf == 0 or (w and not writable):
+            _add_counters(counters, i - start, hits, walks, walk_refs)
             return i, t, STOP_EPT_VIOLATION, refs, leaf != 0
         eff = min(guest_level, leaf) - 1
-        _insert(keys, wr, prv, nxt, lru, ht, cap, hmask, eff, g >> (9 * eff), 1 if writable else 0)
+        _insert(tags, wr, sets, ways, count, eff, g >> (9 * eff), 1 if writable else 0)
         t += c_guest + refs * c_ref
-        counters[0] += 1
-        counters[2] += 1
-        counters[3] += refs
+        walks += 1
+        walk_refs += refs
         i += 1
+    _add_counters(counters, i - start, hits, walks, walk_refs)
     return i, t, STOP_DONE, 0, False
+
+
+@njit(cache=True, inline="always")
+def _add_counters(counters, accesses, hits, walks, walk_refs):  # type: ignore[no-untyped-def]
+    counters[0] += accesses
+    counters[1] += hits
+    counters[2] += walks
+    counters[3] += walk_refs

@@ -1,98 +1,92 @@
-"""The per-vCPU TLB: separate fully-associative LRU arrays for 4K, 2M and 1G translations.
+"""The per-vCPU TLB: separate set-associative arrays for 4K, 2M and 1G translations, LRU per set.
 
 A translation is cached at the size of the smaller of the guest page and the EPT leaf that map it
-(a 4K guest page inside a 2M EPT leaf is a 4K entry), keyed by the page number at that size, with
-its write permission. A write that hits a read-only entry re-walks, as the CPU does.
+(a 4K guest page inside a 2M EPT leaf is a 4K entry), keyed by its page number at that size, with
+its write permission. The set is ``key % sets``; within a set, replacement is exact LRU. With
+``ways == entries`` a size class is fully associative. A write that hits a read-only entry re-walks,
+as the CPU does.
 
-``Tlb`` keeps the state in arrays that the compiled batch kernel (``vsim.vcpu.batch``) updates:
-per size class a key array, a doubly linked LRU list and an open-addressing hash index. ``RefTlb``
-is the same policy written plainly with ``OrderedDict``s, used by the reference mode; tests hold
-the two equal access by access.
+``Tlb`` keeps each set as a recency-ordered row (way 0 = most recent) in arrays that the compiled
+batch kernel (``vsim.vcpu.batch``) updates. ``RefTlb`` is the same policy written plainly with
+Python lists, used by the reference mode; tests hold the two equal access by access.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 
 NCLASSES = 3  # 4K, 2M, 1G
+EMPTY = -1
 
 
 class Tlb:
-    """Array-backed LRU TLB for the batch kernel."""
+    """Array-backed TLB for the batch kernel: ``tags[class, set, way]``, MRU first."""
 
-    def __init__(self, entries_4k: int, entries_2m: int, entries_1g: int) -> None:
-        self.cap = np.array([entries_4k, entries_2m, entries_1g], dtype=np.int64)
-        capmax = int(self.cap.max())
-        hsize = 1
-        while hsize < 2 * capmax:
-            hsize <<= 1
-        self.hmask = hsize - 1
-        self.keys = np.full((NCLASSES, capmax), -1, dtype=np.int64)
-        self.wr = np.zeros((NCLASSES, capmax), dtype=np.int8)
-        self.prv = np.full((NCLASSES, capmax), -1, dtype=np.int64)
-        self.nxt = np.full((NCLASSES, capmax), -1, dtype=np.int64)
-        # head (MRU), tail (LRU), count per class
-        self.lru = np.zeros((NCLASSES, 3), dtype=np.int64)
-        self.lru[:, :2] = -1
-        self.ht = np.zeros((NCLASSES, hsize), dtype=np.int64)  # slot + 1; 0 = empty
+    def __init__(self, entries: tuple[int, int, int], ways: tuple[int, int, int]) -> None:
+        self.ways = np.array(ways, dtype=np.int64)
+        self.sets = np.array([e // w for e, w in zip(entries, ways, strict=True)], dtype=np.int64)
+        shape = (NCLASSES, int(self.sets.max()), int(self.ways.max()))
+        self.tags = np.full(shape, EMPTY, dtype=np.int64)
+        self.wr = np.zeros(shape, dtype=np.int8)
+        self.count = np.zeros(NCLASSES, dtype=np.int64)  # entries held per class
 
     def flush(self) -> None:
         """Drop every translation (a full flush of this vCPU's context)."""
-        self.keys[:] = -1
+        self.tags[:] = EMPTY
         self.wr[:] = 0
-        self.prv[:] = -1
-        self.nxt[:] = -1
-        self.lru[:, :2] = -1
-        self.lru[:, 2] = 0
-        self.ht[:] = 0
+        self.count[:] = 0
 
     def entries(self) -> list[tuple[int, int, bool]]:
-        """``(size_class, key, writable)`` for every cached translation, MRU first per class."""
+        """``(size_class, key, writable)`` for every cached translation, by set, MRU first."""
         out = []
         for c in range(NCLASSES):
-            s = int(self.lru[c, 0])
-            while s >= 0:
-                out.append((c, int(self.keys[c, s]), bool(self.wr[c, s])))
-                s = int(self.nxt[c, s])
+            for s in range(int(self.sets[c])):
+                for w in range(int(self.ways[c])):
+                    key = int(self.tags[c, s, w])
+                    if key == EMPTY:
+                        break
+                    out.append((c, key, bool(self.wr[c, s, w])))
         return out
 
 
 class RefTlb:
-    """The reference TLB: the same LRU policy on ``OrderedDict``s (last = most recent)."""
+    """The reference TLB: the same policy on lists (each set's list is MRU first)."""
 
-    def __init__(self, entries_4k: int, entries_2m: int, entries_1g: int) -> None:
-        self.cap = (entries_4k, entries_2m, entries_1g)
-        self.sets: tuple[OrderedDict[int, bool], ...] = (OrderedDict(), OrderedDict(), OrderedDict())
+    def __init__(self, entries: tuple[int, int, int], ways: tuple[int, int, int]) -> None:
+        self.ways = ways
+        self.nsets = tuple(e // w for e, w in zip(entries, ways, strict=True))
+        self.sets: list[list[list[list[object]]]] = [[[] for _ in range(n)] for n in self.nsets]
 
     def lookup(self, gfn: int, write: bool) -> bool:
-        """A hit touches the entry; a write to a read-only entry is a miss (re-walk)."""
+        """A hit moves the entry to the front of its set; a write to a read-only entry misses."""
         for c in range(NCLASSES):
             key = gfn >> (9 * c)
-            d = self.sets[c]
-            if key in d:
-                if write and not d[key]:
-                    return False
-                d.move_to_end(key)
-                return True
+            row = self.sets[c][key % self.nsets[c]]
+            for i, entry in enumerate(row):
+                if entry[0] == key:
+                    if write and not entry[1]:
+                        return False
+                    row.insert(0, row.pop(i))
+                    return True
         return False
 
     def insert(self, size_class: int, gfn: int, writable: bool) -> None:
-        """Cache a translation after a successful walk, evicting the LRU entry when full."""
+        """Cache a translation after a successful walk, evicting the set's LRU entry when full."""
         key = gfn >> (9 * size_class)
-        d = self.sets[size_class]
-        if key in d:
-            d[key] = writable
-            d.move_to_end(key)
-            return
-        if len(d) >= self.cap[size_class]:
-            d.popitem(last=False)
-        d[key] = writable
+        row = self.sets[size_class][key % self.nsets[size_class]]
+        for i, entry in enumerate(row):
+            if entry[0] == key:
+                row.pop(i)
+                break
+        else:
+            if len(row) == self.ways[size_class]:
+                row.pop()
+        row.insert(0, [key, writable])
 
     def flush(self) -> None:
-        for d in self.sets:
-            d.clear()
+        for sets in self.sets:
+            for row in sets:
+                row.clear()
 
     def entries(self) -> list[tuple[int, int, bool]]:
-        return [(c, k, w) for c in range(NCLASSES) for k, w in reversed(self.sets[c].items())]
+        return [(c, int(k), bool(w)) for c in range(NCLASSES) for row in self.sets[c] for k, w in row]  # type: ignore[call-overload]

@@ -28,7 +28,7 @@ from vsim.mmu.page_fault import (
     KvmPageFault,
     ept_violation_error_code,
 )
-from vsim.sched import VCPU_PRIO_BASE, At, queue_clear_before
+from vsim.sched import VCPU_PRIO_BASE, At
 from vsim.stats import VcpuStat
 from vsim.vcpu.batch import STOP_EPT_VIOLATION, run_accesses
 from vsim.vcpu.tlb import RefTlb, Tlb
@@ -36,6 +36,7 @@ from vsim.vcpu.walk import walk_2d
 from vsim.vcpu.workloads import Workload
 
 if TYPE_CHECKING:
+    from vsim.mmu.tdp_mmu import TdpRoot
     from vsim.vm import Vm
 
 # vcpu->mode
@@ -56,12 +57,12 @@ class Vcpu:
         self.now = 0
         self.mode = OUTSIDE_GUEST_MODE
         self.requests = 0
-        self.root = None
+        self.root: TdpRoot | None = None
         self.workload = workload
         self.stat = VcpuStat()
         self.reference = vm.cfg.sim.mode == "reference"
         t = vm.cfg.tlb
-        self.tlb: Tlb | RefTlb = (RefTlb if self.reference else Tlb)(t.entries_4k, t.entries_2m, t.entries_1g)
+        self.tlb: Tlb | RefTlb = (RefTlb if self.reference else Tlb)(t.entries, t.ways)
         self.counters = np.zeros(4, dtype=np.int64)
         self.guest_level = vm.guest_level
         self.finished_at = -1
@@ -82,15 +83,23 @@ class Vcpu:
         """An event to yield so that ``env.now`` reaches ``self.now`` at this vCPU's priority, or
         ``None`` if nothing can act before that (then the vCPU acts ahead of ``env.now``)."""
         env = self.env
-        if not self.reference and queue_clear_before(env, self.now, self.prio):
-            return None
-        return At(env, self.now - env.now, self.prio)
+        now = self.now
+        if not self.reference:
+            q = env._queue  # the queue_clear_before test, inlined on this hot path
+            if not q or q[0][0] > now or (q[0][0] == now and q[0][1] > self.prio):
+                return None
+        return At(env, now - env._now, self.prio)
 
     # -- KVM_RUN ---------------------------------------------------------------------------------
     def run(self) -> Generator[object, object, None]:
-        """The vCPU thread: load the MMU, then run the guest until its workload ends."""
+        """One ``KVM_RUN`` session: (re)load the MMU, then run the guest until its workload ends.
+
+        A VM may run its vCPUs again with new workloads; a session starts at the current time.
+        """
         yield At(self.env, 0, self.prio)
-        self.kvm_mmu_load()
+        self.now = self.env.now
+        if self.root is None or self.root.invalid:
+            self.kvm_mmu_load()
         self.mode = IN_GUEST_MODE
         step = self._run_reference if self.reference else self._run_batched
         for gfns, writes, pass_end in self.workload.chunks():
@@ -106,7 +115,7 @@ class Vcpu:
         self.finished_at = self.now
 
     def kvm_mmu_load(self) -> None:
-        """``kvm_mmu_load``: get the shared TDP root and flush the context before first entry."""
+        """``kvm_mmu_reload`` → ``kvm_mmu_load``: get the shared TDP root, flush the context."""
         self.root = self.vm.mmu.kvm_tdp_mmu_alloc_root()
         self.tlb.flush()
 
@@ -115,29 +124,16 @@ class Vcpu:
         assert isinstance(tlb, Tlb)
         c = self.vm.costs
         mmu = self.vm.mmu
+        assert self.root is not None
+        root_table = self.root.table
+        guest_level = self.guest_level
         i, n = 0, len(gfns)
         while i < n:
             j, dt, status, refs, present = run_accesses(
-                gfns,
-                writes,
-                i,
-                n,
-                mmu.spt,
-                self.root.table,
-                self.guest_level,  # type: ignore[attr-defined]
-                tlb.keys,
-                tlb.wr,
-                tlb.prv,
-                tlb.nxt,
-                tlb.lru,
-                tlb.ht,
-                tlb.cap,
-                tlb.hmask,
-                c.guest_access,
-                c.tlb_hit,
-                c.walk_ref,
-                self.counters,
-            )
+                gfns, writes, i, n, mmu.spt, root_table, guest_level,
+                tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
+                c.guest_access, c.tlb_hit, c.walk_ref, self.counters,
+            )  # fmt: skip
             self.now += dt
             if status != STOP_EPT_VIOLATION:
                 return

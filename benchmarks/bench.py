@@ -1,0 +1,123 @@
+"""vsim speed, as ratios to plain SimPy measured in the same process.
+
+    python benchmarks/bench.py [--quick]
+
+Prints, for this machine:
+
+* plain SimPy: ``env.timeout`` events per wall second (16 processes yielding in a loop);
+* (a) steady state: simulated guest accesses per wall second on passes of 16 vCPUs in which every
+  access hits the TLB or walks successfully (no exits): the VM populates its region, then runs
+  again over the populated region and only that second run is timed;
+* (b) populate: faults per wall second on a pass in which every 4K page faults, for 16 vCPUs and
+  for 1 vCPU;
+* the cost of event logging at the ``faults`` level relative to logging ``off`` on (b).
+
+Each figure is also printed as a ratio to the SimPy rate. Targets from the foundation issue:
+(a) ≥ 20×, (b) ≥ 0.25×, logging ≤ 1.5×. Nothing here is asserted: speed is measured, not tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import simpy
+
+from vsim.config import load_config
+from vsim.events.sink import EventSink
+from vsim.events.writer import render_records
+from vsim.vm import Vm
+
+
+def simpy_timeout_rate(n: int = 400_000, procs: int = 16) -> float:
+    def proc(env: simpy.Environment, k: int):  # type: ignore[no-untyped-def]
+        for _ in range(k):
+            yield env.timeout(1)
+
+    env = simpy.Environment()
+    for _ in range(procs):
+        env.process(proc(env, n // procs))
+    t = time.perf_counter()
+    env.run()
+    return n / (time.perf_counter() - t)
+
+
+def timed_run(sets: list[str], level: str = "off") -> tuple[float, dict[str, int]]:
+    """Wall seconds of ``Vm.run`` and the summed vCPU stats; with ``faults`` logging the records
+    are rendered to JSON lines as the run directory writer does (the file write is left out)."""
+    cfg = load_config(None, [*sets, f"events.level={level}"])
+    rendered = [0]
+
+    def consume(records: list) -> None:  # type: ignore[type-arg]
+        rendered[0] += len(render_records(records))
+
+    vm = Vm(cfg, EventSink(level, consumer=consume))
+    t = time.perf_counter()
+    vm.run()
+    wall = time.perf_counter() - t
+    tot: dict[str, int] = {}
+    for v in vm.vcpus:
+        for k, x in v.stat.as_dict().items():
+            tot[k] = tot.get(k, 0) + x
+    return wall, tot
+
+
+def steady_state(sets: list[str], passes: int) -> tuple[float, dict[str, int]]:
+    """Populate, then time ``passes`` more passes over the populated region."""
+    cfg = load_config(None, [*sets, "events.level=off"])
+    vm = Vm(cfg)
+    vm.run()
+    before = [v.stat.as_dict() for v in vm.vcpus]
+    vm.set_workloads(cfg.workload.model_copy(update={"passes": passes}))
+    t = time.perf_counter()
+    vm.run()
+    wall = time.perf_counter() - t
+    tot: dict[str, int] = {}
+    for v, b in zip(vm.vcpus, before, strict=True):
+        for k, x in v.stat.as_dict().items():
+            tot[k] = tot.get(k, 0) + x - b[k]
+    return wall, tot
+
+
+def best_of(k: int, fn, *args):  # type: ignore[no-untyped-def]
+    runs = [fn(*args) for _ in range(k)]
+    return min(runs, key=lambda r: r[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a rough check)")
+    args = ap.parse_args()
+    mem = "16MiB" if args.quick else "64MiB"
+    passes = 4 if args.quick else 8
+    reps = 1 if args.quick else 3
+
+    timed_run(["vm.vcpus=1", "workload.per_vcpu_memory=1MiB"])  # compile/load the kernels first
+    simpy_rate = max(simpy_timeout_rate() for _ in range(reps))
+    print(f"plain SimPy: {simpy_rate:,.0f} timeouts/s ({1e6 / simpy_rate:.2f} µs per event)")
+
+    base = ["vm.vcpus=16", f"workload.per_vcpu_memory={mem}"]
+    w, tot = best_of(reps, steady_state, base, passes)
+    assert tot["pf_taken"] == 0, "the steady-state passes must not fault"
+    rate_a = tot["accesses"] / w
+    hits = tot["tlb_hits"] / tot["accesses"]
+    print(
+        f"(a) steady state, 16 vCPUs x {mem}, {passes} passes, no exits ({hits:.0%} TLB hits, rest walks): "
+        f"{rate_a:,.0f} accesses/s = {rate_a / simpy_rate:.1f}x SimPy (target >= 20x)"
+    )
+
+    for nv, m in ((16, mem), (1, "256MiB" if not args.quick else "64MiB")):
+        sets = [f"vm.vcpus={nv}", f"workload.per_vcpu_memory={m}"]
+        w, tot = best_of(reps, timed_run, sets)
+        rate_b = tot["pf_taken"] / w
+        print(
+            f"(b) populate, {nv} vCPU(s) x {m}, every 4K page faults: {rate_b:,.0f} faults/s "
+            f"= {rate_b / simpy_rate:.2f}x SimPy (target >= 0.25x)"
+        )
+        if nv == 16:
+            wf, _ = best_of(reps, timed_run, sets, "faults")
+            print(f"    event logging at 'faults' costs {wf / w:.2f}x a run with logging off (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
