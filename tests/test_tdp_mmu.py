@@ -116,7 +116,7 @@ def test_fast_page_fault_restores_write_locklessly() -> None:
     vm, _, _ = simulate("vm.vcpus=1", "workload.per_vcpu_memory=64KiB")
     v = vm.vcpus[0]
     gfn = vm.memslots.slots[0].base_gfn + 3
-    table, idx, level, old = vm.mmu.walk(v.root, gfn)[-1]
+    table, idx, level, old = vm.mmu.walk_last(v.root, gfn)
     # Write-protect as dirty logging does: clear W, keep MMU-writable.
     vm.mmu.spt[table, idx] = old & ~PT_WRITABLE
     assert old & SPTE_MMU_WRITABLE

@@ -62,7 +62,7 @@ class InvariantChecker:
                 continue
             for size_class, key, writable in v.tlb.entries():
                 gfn = key << (9 * size_class)
-                table, idx, level, spte = mmu.walk(v.root, gfn)[-1]
+                table, idx, level, spte = mmu.walk_last(v.root, gfn)
                 leaf = bool(spte & SPTE_MMU_PRESENT) and spte != REMOVED_SPTE and is_last_spte(spte, level)
                 if not leaf or level - 1 < size_class:
                     self._violate("stale_tlb_entry", f"vcpu {v.id} gfn {gfn:#x} size class {size_class}")

@@ -108,24 +108,9 @@ class TdpMmu:
         return root
 
     # -- lockless walks --------------------------------------------------------------------------
-    def walk(self, root: TdpRoot, gfn: int) -> list[tuple[int, int, int, int]]:
-        """``tdp_mmu_for_each_pte`` down to the leaf for ``gfn``: ``(table, index, level, old_spte)``
-        for each level visited; stops at a leaf, a non-present or a frozen entry."""
-        path = []
-        item = self.spt.item
-        table = root.table
-        level = TDP_ROOT_LEVEL
-        while True:
-            idx = (gfn >> (9 * (level - 1))) & 511
-            old = item(table, idx)
-            path.append((table, idx, level, old))
-            if not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or is_last_spte(old, level):
-                return path
-            table = (old & PFN_MASK) >> PFN_SHIFT
-            level -= 1
-
     def walk_last(self, root: TdpRoot, gfn: int) -> tuple[int, int, int, int]:
-        """The last entry :meth:`walk` visits, without recording the path."""
+        """``tdp_mmu_for_each_pte`` down to ``gfn``'s leaf: ``(table, index, level, old_spte)`` of
+        the last entry visited (a leaf, a non-present or a frozen entry)."""
         item = self.spt.item
         table = root.table
         level = TDP_ROOT_LEVEL
@@ -256,7 +241,7 @@ class TdpMmu:
     # -- inspection --------------------------------------------------------------------------------
     def leaf_level(self, root: TdpRoot, gfn: int) -> int:
         """The level of the present leaf mapping ``gfn``, or 0."""
-        table, idx, level, old = self.walk(root, gfn)[-1]
+        table, idx, level, old = self.walk_last(root, gfn)
         return level if old & SPTE_MMU_PRESENT and old != REMOVED_SPTE and is_last_spte(old, level) else 0
 
     def count_leaves(self) -> dict[int, int]:
