@@ -44,7 +44,7 @@ def test_writer_streams_and_renames_atomically(tmp_path: Path) -> None:
     w = JsonlWriter(path)
     sink = EventSink("all", consumer=w, limit=4)
     for i in range(10):
-        sink.emit("kvm_entry", i, 0)
+        sink.emit("kvm_entry", i, 0, i)
     assert path.read_text() == "previous run\n"  # nothing replaced until close
     sink.flush()
     w.close()
@@ -57,7 +57,7 @@ def test_writer_abort_keeps_previous_file(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text("previous run\n")
     w = JsonlWriter(path)
-    w([("kvm_entry", 1, 0)])
+    w([("kvm_entry", 1, 0, 1)])
     w.abort()
     assert path.read_text() == "previous run\n"
     assert list(tmp_path.iterdir()) == [path]

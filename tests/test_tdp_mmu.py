@@ -22,11 +22,11 @@ def test_populate_fixes_every_page_once_at_4k() -> None:
 
 def _outcomes(sink) -> dict[int, list[tuple[int, str]]]:  # type: ignore[no-untyped-def]
     """gpa -> [(vcpu, RET_PF_*) in completion order] from the faults-level event log."""
-    gpa_of = {r[3]: r[4] for r in sink.kept if r[0] == "kvm_page_fault"}
+    gpa_of = {(r[2], r[3]): r[4] for r in sink.kept if r[0] == "kvm_page_fault"}  # (vcpu, id) -> gpa
     out: dict[int, list[tuple[int, str]]] = {}
     for r in sink.kept:
         if r[0] == "vsim_page_fault_ret":
-            out.setdefault(gpa_of[r[3]], []).append((r[2], r[4]))
+            out.setdefault(gpa_of[(r[2], r[3])], []).append((r[2], r[4]))
     return out
 
 

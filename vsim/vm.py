@@ -48,7 +48,6 @@ class Vm:
         self.mmu_invalidate_range_end = 0
         self.mmu_lock = MmuLock(self.env, self.sink)
         self.mmu = TdpMmu(self, initial_tables=self._estimate_tables(nv * per))
-        self._fault_id = 0
         root_seq = np.random.SeedSequence(cfg.seed)
         streams = root_seq.spawn(2)[STREAM_VCPU_WORKLOADS].spawn(nv)
         self.vcpus = []
@@ -60,10 +59,6 @@ class Vm:
     @staticmethod
     def _estimate_tables(pages: int) -> int:
         return 8 + pages // 512 + pages // (512 * 512)
-
-    def next_fault_id(self) -> int:
-        self._fault_id += 1
-        return self._fault_id
 
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since the snapshot."""

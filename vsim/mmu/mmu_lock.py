@@ -32,8 +32,10 @@ class MmuLock:
         self.sink = sink
         self.readers = 0
         self.writer: int | None = None
-        self._queue: deque[tuple[str, int, Event, int]] = deque()
-        self._held_since: dict[tuple[int, str], int] = {}  # kept only when the log wants hold times
+        self._queue: deque[tuple[str, int, Event, int, int]] = deque()
+        # (actor, mode) -> (acquired at, lock_id); kept only when the log wants hold times.
+        self._held_since: dict[tuple[int, str], tuple[int, int]] = {}
+        self._next_id = 0
         # Waits: the non-zero ones as samples, the (common) zero ones only counted.
         self.wait_ns: dict[str, array] = {READ: array("q"), WRITE: array("q")}
         self.zero_waits: dict[str, int] = {READ: 0, WRITE: 0}
@@ -43,37 +45,39 @@ class MmuLock:
     # -- acquire ---------------------------------------------------------------------------------
     def read_lock(self, actor: int, t: int) -> Event | None:
         """``read_lock(&kvm->mmu_lock)`` at time ``t``; ``None`` if taken at once."""
+        self._next_id += 1
         if self.writer is None and not self._queue:
             self.readers += 1
-            self._acquired(READ, actor, t, 0)
+            self._acquired(READ, actor, t, 0, self._next_id)
             return None
         return self._enqueue(READ, actor, t)
 
     def write_lock(self, actor: int, t: int) -> Event | None:
         """``write_lock(&kvm->mmu_lock)`` at time ``t``; ``None`` if taken at once."""
+        self._next_id += 1
         if self.writer is None and self.readers == 0 and not self._queue:
             self.writer = actor
-            self._acquired(WRITE, actor, t, 0)
+            self._acquired(WRITE, actor, t, 0, self._next_id)
             return None
         return self._enqueue(WRITE, actor, t)
 
     def _enqueue(self, mode: str, actor: int, t: int) -> Event:
         ev = Event(self.env)
-        self._queue.append((mode, actor, ev, t))
+        self._queue.append((mode, actor, ev, t, self._next_id))
         self.contended += 1
         if self.sink.all:
-            self.sink.emit("vsim_mmu_lock_wait", t, actor, mode)
+            self.sink.emit("vsim_mmu_lock_wait", t, actor, self._next_id, mode)
         return ev
 
-    def _acquired(self, mode: str, actor: int, t: int, waited: int) -> None:
+    def _acquired(self, mode: str, actor: int, t: int, waited: int, lock_id: int) -> None:
         if waited:
             self.wait_ns[mode].append(waited)
             self.wait_by_actor[actor] = self.wait_by_actor.get(actor, 0) + waited
         else:
             self.zero_waits[mode] += 1
         if self.sink.all:
-            self._held_since[(actor, mode)] = t
-            self.sink.emit("vsim_mmu_lock_acquire", t, actor, mode, waited)
+            self._held_since[(actor, mode)] = (t, lock_id)
+            self.sink.emit("vsim_mmu_lock_acquire", t, actor, lock_id, mode, waited)
 
     # -- release ---------------------------------------------------------------------------------
     def read_unlock(self, actor: int, t: int) -> None:
@@ -94,8 +98,8 @@ class MmuLock:
 
     def _released(self, mode: str, actor: int, t: int) -> None:
         if self.sink.all:
-            since = self._held_since.pop((actor, mode))
-            self.sink.emit("vsim_mmu_lock_release", t, actor, mode, t - since)
+            since, lock_id = self._held_since.pop((actor, mode))
+            self.sink.emit("vsim_mmu_lock_release", t, actor, lock_id, mode, t - since)
 
     def waits(self, mode: str) -> list[int]:
         """Every acquisition's wait in ``mode`` (zeros first), for percentiles."""
@@ -105,7 +109,7 @@ class MmuLock:
         q = self._queue
         env = self.env
         while q:
-            mode, actor, ev, t_req = q[0]
+            mode, actor, ev, t_req, lock_id = q[0]
             if mode == WRITE:
                 if self.readers or self.writer is not None:
                     return
@@ -115,7 +119,7 @@ class MmuLock:
                     return
                 self.readers += 1
             q.popleft()
-            self._acquired(mode, actor, t, t - t_req)
+            self._acquired(mode, actor, t, t - t_req, lock_id)
             ev._ok = True  # noqa: SLF001 - trigger at (t, GRANT_PRIO) rather than (now, NORMAL)
             ev._value = t  # noqa: SLF001
             env.schedule(ev, GRANT_PRIO, t - env.now)

@@ -67,6 +67,17 @@ class Vcpu:
         self.guest_level = vm.guest_level
         self.finished_at = -1
         self.last_used_slot = None
+        # Span ids are per vCPU, so allocating one never touches state another vCPU can see.
+        self._exit_seq = 0
+        self._fault_seq = 0
+
+    def _next_exit_id(self) -> int:
+        self._exit_seq += 1
+        return self._exit_seq
+
+    def _next_fault_id(self) -> int:
+        self._fault_seq += 1
+        return self._fault_seq
 
     def gfn_to_memslot(self, gfn: int):  # type: ignore[no-untyped-def]
         """``kvm_vcpu_gfn_to_memslot``: try the vCPU's ``last_used_slot`` before searching."""
@@ -188,14 +199,15 @@ class Vcpu:
         gpa = gfn << 12
         self.mode = OUTSIDE_GUEST_MODE
         st.exits += 1
+        exit_id = self._next_exit_id()
         if sink.all:
-            sink.emit("kvm_exit", t_exit, self.id, EXIT_REASON_EPT_VIOLATION, gpa)
+            sink.emit("kvm_exit", t_exit, self.id, exit_id, EXIT_REASON_EPT_VIOLATION, gpa)
         self.now = t_exit + c.vmexit
         fault = KvmPageFault(
             addr=gpa,
             gfn=gfn,
             error_code=ept_violation_error_code(write, present),
-            id=vm.next_fault_id(),
+            id=self._next_fault_id(),
             write=write,
             present=present,
         )
@@ -214,15 +226,15 @@ class Vcpu:
             st.pf_emulate += 1
         if sink.faults:
             sink.emit("vsim_page_fault_ret", self.now, self.id, fault.id, RET_PF_NAMES[r], fault.goal_level)
-        self.enter_guest()
+        self.enter_guest(exit_id)
         st.fault_service_ns.append(self.now - t_exit)
 
-    def enter_guest(self) -> None:
+    def enter_guest(self, exit_id: int) -> None:
         """``vcpu_enter_guest``: (pending requests are handled here by later work), then VM entry."""
         self.now += self.vm.costs.vmentry
         self.mode = IN_GUEST_MODE
         if self.vm.sink.all:
-            self.vm.sink.emit("kvm_entry", self.now, self.id)
+            self.vm.sink.emit("kvm_entry", self.now, self.id, exit_id)
 
     def guest_sync(self) -> None:
         """memstress ``GUEST_SYNC``: a ucall port I/O that exits to userspace and comes back."""
@@ -230,12 +242,12 @@ class Vcpu:
         sink = self.vm.sink
         self.stat.exits += 1
         self.stat.io_exits += 1
+        exit_id = self._next_exit_id()
         if sink.all:
-            sink.emit("kvm_exit", self.now, self.id, EXIT_REASON_IO_INSTRUCTION, 0)
-            sink.emit("kvm_userspace_exit", self.now + c.vmexit, self.id, "KVM_EXIT_IO")
-        self.now += c.vmexit + c.userspace_exit + c.vmentry
-        if sink.all:
-            sink.emit("kvm_entry", self.now, self.id)
+            sink.emit("kvm_exit", self.now, self.id, exit_id, EXIT_REASON_IO_INSTRUCTION, 0)
+            sink.emit("kvm_userspace_exit", self.now + c.vmexit, self.id, exit_id, "KVM_EXIT_IO")
+        self.now += c.vmexit + c.userspace_exit
+        self.enter_guest(exit_id)
 
     def _fold_counters(self) -> None:
         st = self.stat
