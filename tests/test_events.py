@@ -61,3 +61,17 @@ def test_writer_abort_keeps_previous_file(tmp_path: Path) -> None:
     w.abort()
     assert path.read_text() == "previous run\n"
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_docs_describe_every_kind_and_field() -> None:
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "events.md").read_text()
+    sections = re.split(r"^### `(\w+)`\n", text, flags=re.M)[1:]
+    documented = {name: body for name, body in zip(sections[::2], sections[1::2], strict=True)}
+    assert set(documented) == {k.name for k in KINDS}
+    for kind in KINDS:
+        body = documented[kind.name]
+        assert f"Level `{kind.level}`" in body, kind.name
+        fields = re.findall(r"^\| `(\w+)` \|", body, flags=re.M)
+        assert fields == list(kind.fields), kind.name

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="run directory (default: runs/<name>-seed<N>-<config hash>)")
     r.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")
     r.add_argument("--quiet", action="store_true", help="print only the run directory")
+    from vsim.cli_events import add_parsers
+
+    add_parsers(sub, _Parser)
     return p
 
 
@@ -40,7 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
-    return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
+    from vsim.cli_events import run_events, run_report
+    from vsim.events.reader import EventLogError
+
+    try:
+        return run_events(args) if args.command == "events" else run_report(args)
+    except EventLogError as e:
+        print(f"vsim: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `vsim events ... filter | head`
+        sys.stderr.close()
+        return 0
 
 
 def _run(args: argparse.Namespace) -> int:

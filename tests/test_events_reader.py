@@ -1,0 +1,98 @@
+"""Reading event logs back: load(), truncated logs, schema and record errors, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vsim.config import load_config
+from vsim.events.reader import EventLogError, Selection, iter_events, load
+from vsim.runner import run_scenario
+
+SETS = ["vm.vcpus=3", "workload.per_vcpu_memory=128KiB", "workload.overlap=true", "sim.invariants=true"]
+
+
+@pytest.fixture(scope="module")
+def run_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "all"
+    run_scenario(load_config(None, [*SETS, "events.level=all"]), out)
+    return out
+
+
+def vsim(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vsim", *args], capture_output=True, text=True)
+
+
+def test_load_gives_every_record_as_columns(run_all: Path) -> None:
+    lines = (run_all / "events.jsonl").read_text().splitlines()[1:]
+    arr = load(run_all, frame=False)
+    assert len(arr) == len(lines)
+    first = json.loads(lines[0])
+    assert arr[0]["event"] == first["event"] and arr[0]["t_ns"] == first["t_ns"]
+    faults = arr[arr["event"] == "kvm_page_fault"]
+    assert (faults["gpa"] > 0).all() and (faults["wait_ns"] == -1).all()
+    stats = json.loads((run_all / "stats.json").read_text())
+    assert len(faults) == stats["vcpu_total"]["pf_taken"]
+
+
+def test_truncated_last_line_yields_everything_before(run_all: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut"
+    shutil.copytree(run_all, cut)
+    text = (cut / "events.jsonl").read_text()
+    (cut / "events.jsonl").write_text(text[: len(text) - 20])  # cut inside the last record
+    warnings: list[str] = []
+    got = list(iter_events(cut, warn=warnings.append))
+    assert len(got) == len(text.splitlines()) - 2  # the header and the damaged record
+    assert len(warnings) == 1 and "truncated last line" in warnings[0]
+    p = vsim("events", str(cut), "summary")
+    assert p.returncode == 0 and "vsim: warning:" in p.stderr and "truncated" in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expect"),
+    [
+        (lambda h, b: ('{"event": "vsim_log_header", "schema_version": 99}\n', b), "schema version 99"),
+        (lambda h, b: ("", b), "not a vsim event log"),
+        (lambda h, b: (h, b + '{"event": "kvm_bogus", "t_ns": 1, "vcpu": 0}\n'), "unknown event kind 'kvm_bogus'"),
+        (
+            lambda h, b: (h, b + '{"event": "kvm_entry", "t_ns": 1, "vcpu": 0, "exit_id": 1, "x": 2}\n'),
+            "kvm_entry: unknown field 'x'",
+        ),
+    ],
+)
+def test_bad_logs_are_one_line_errors(run_all: Path, tmp_path: Path, mutate, expect: str) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad"
+    shutil.copytree(run_all, bad)
+    head, _, body = (bad / "events.jsonl").read_text().partition("\n")
+    h, b = mutate(head + "\n", body)
+    (bad / "events.jsonl").write_text(h + b)
+    with pytest.raises(EventLogError, match=expect):
+        list(iter_events(bad))
+    p = vsim("events", str(bad), "summary")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and expect in p.stderr
+
+
+def test_cli_argument_errors(run_all: Path, tmp_path: Path) -> None:
+    cases = [
+        (["events", str(tmp_path / "nope"), "summary"], "no such run directory"),
+        (["events", str(run_all), "filter", "--kind", "kvm_bogus"], "unknown event kind 'kvm_bogus'"),
+        (["events", str(run_all), "filter", "--gfn", "zz"], "--gfn zz"),
+        (["events", str(run_all), "summary", "--from", "3ms", "--to", "1ms"], "--to must be after --from"),
+        (["events", str(run_all), "latency", "--from", "1 year"], "--from/--to"),
+        (["report", str(tmp_path)], "no stats.json"),
+    ]
+    for args, expect in cases:
+        p = vsim(*args)
+        assert p.returncode == 2, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1 and expect in p.stderr, (args, p.stderr)
+
+
+def test_selection_rejects_unknown_kind() -> None:
+    with pytest.raises(EventLogError, match="unknown event kind"):
+        Selection(kinds=frozenset({"nope"}))
