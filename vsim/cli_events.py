@@ -46,9 +46,12 @@ def add_parsers(sub: argparse._SubParsersAction, parser_class: type) -> None:  #
 
 
 def _window(args: argparse.Namespace) -> tuple[int, int | None]:
+    def ns(text: str) -> int:  # a bare integer is nanoseconds, as in config files
+        return int(text) if text.isdigit() else parse_duration(text)
+
     try:
-        t_from = parse_duration(args.t_from) if args.t_from else 0
-        t_to = parse_duration(args.t_to) if args.t_to else None
+        t_from = ns(args.t_from) if args.t_from else 0
+        t_to = ns(args.t_to) if args.t_to else None
     except ValueError as e:
         raise EventLogError(f"--from/--to: {e}") from None
     if t_to is not None and t_to <= t_from:
