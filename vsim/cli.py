@@ -33,9 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="run directory (default: runs/<name>-seed<N>-<config hash>)")
     r.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")
     r.add_argument("--quiet", action="store_true", help="print only the run directory")
-    from vsim.cli_events import add_parsers
+    from vsim import cli_events, cli_sweep
 
-    add_parsers(sub, _Parser)
+    cli_events.add_parsers(sub, _Parser)
+    cli_sweep.add_parsers(sub)
     return p
 
 
@@ -44,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run(args)
     from vsim.cli_events import run_events, run_report
+    from vsim.cli_sweep import run_plot_cli, run_sweep_cli
     from vsim.events.reader import EventLogError
 
+    commands = {"events": run_events, "report": run_report, "sweep": run_sweep_cli, "plot": run_plot_cli}
     try:
-        return run_events(args) if args.command == "events" else run_report(args)
-    except EventLogError as e:
+        return commands[args.command](args)
+    except (EventLogError, ConfigError) as e:
         print(f"vsim: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `vsim events ... filter | head`

@@ -86,15 +86,15 @@ def collect_stats(vm: Vm, sim_time_ns: int) -> dict[str, Any]:
     return stats
 
 
-def run_scenario(cfg: ScenarioConfig, out_dir: Path) -> RunResult:
-    """Simulate ``cfg`` and write its run directory."""
+def run_scenario(cfg: ScenarioConfig, out_dir: Path, wall_timeout_s: float | None = None) -> RunResult:
+    """Simulate ``cfg`` and write its run directory (``WallClockTimeout`` after ``wall_timeout_s``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = JsonlWriter(out_dir / "events.jsonl")
     sink = EventSink(cfg.events.level, consumer=writer)
     try:
         t0 = time.perf_counter()
         vm = Vm(cfg, sink)
-        end = vm.run()
+        end = vm.run(None if wall_timeout_s is None else t0 + wall_timeout_s)
         wall = time.perf_counter() - t0
     except BaseException:
         writer.abort()

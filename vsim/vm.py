@@ -8,6 +8,8 @@ as KVM does.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import simpy
 
@@ -20,6 +22,11 @@ from vsim.mmu.tdp_mmu import TdpMmu
 from vsim.stats import VmStat
 from vsim.vcpu.vcpu import Vcpu
 from vsim.vcpu.workloads import Workload, vcpu_region
+
+
+class WallClockTimeout(Exception):
+    """A run passed its wall-clock deadline (a sweep point's timeout)."""
+
 
 # Streams spawned from the root SeedSequence, one per component; new components append here.
 STREAM_VCPU_WORKLOADS = 0
@@ -66,6 +73,18 @@ class Vm:
             return True
         return self.mmu_invalidate_seq != mmu_seq
 
+    def _run_until(self, deadline: float) -> None:
+        env = self.env
+        step = env.step
+        try:
+            while True:
+                for _ in range(4096):
+                    step()
+                if time.perf_counter() > deadline:
+                    raise WallClockTimeout(f"wall-clock timeout at simulated time {env.now} ns")
+        except simpy.core.EmptySchedule:
+            return
+
     def start(self) -> None:
         """Start a ``KVM_RUN`` session on every vCPU (they first act now, in vCPU order)."""
         for v in self.vcpus:
@@ -80,10 +99,17 @@ class Vm:
             start, pages = vcpu_region(cfg, i, nv, base_gfn)
             v.workload = Workload(cfg, start, pages, self.cfg.sim.batch_accesses, np.random.default_rng(streams[i]))
 
-    def run(self) -> int:
-        """Run until every vCPU's workload is done; returns the simulated end time (ns)."""
+    def run(self, wall_deadline: float | None = None) -> int:
+        """Run until every vCPU's workload is done; returns the simulated end time (ns).
+
+        With ``wall_deadline`` (a ``time.perf_counter()`` value), raise ``WallClockTimeout`` once
+        the host's clock passes it (checked every few thousand events).
+        """
         self.start()
-        self.env.run()
+        if wall_deadline is None:
+            self.env.run()
+        else:
+            self._run_until(wall_deadline)
         end = max(v.finished_at for v in self.vcpus)
         if self.checker is not None:
             self.checker.check_end_of_run()

@@ -21,24 +21,34 @@ class ConfigError(Exception):
     """A bad config file, key or value; ``str()`` is the one line to print."""
 
 
+def read_toml(path: str | Path) -> tuple[dict[str, Any], str]:
+    """The parsed TOML of a scenario file and its text."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such config file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: cannot read config file ({e.__class__.__name__})") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ScenarioConfig:
-    """Read ``path`` (or the built-in default), apply ``key=value`` overrides and validate."""
+    """Read ``path`` (or the built-in default), apply ``key=value`` overrides and validate.
+
+    A ``[sweep]`` table, if the file has one, describes a sweep over this scenario (``vsim sweep``)
+    and is not part of the scenario itself.
+    """
     raw: dict[str, Any] = {}
     text = ""
     source = "<default>"
     if path is not None:
-        p = Path(path)
         source = str(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such config file") from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{source}: cannot read config file ({e.__class__.__name__})") from None
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+        raw, text = read_toml(path)
+        raw.pop("sweep", None)
     set_keys: set[str] = set()
     for item in overrides:
         key, value = _parse_override(item)
