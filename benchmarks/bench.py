@@ -29,10 +29,10 @@ from pathlib import Path
 import simpy
 
 from vsim.config import load_config
-from vsim.sweeps import SweepSpec
-from vsim.sweeps.sweeper import run_sweep
 from vsim.events.sink import EventSink
 from vsim.events.writer import render_records
+from vsim.sweeps import SweepSpec
+from vsim.sweeps.sweeper import run_sweep
 from vsim.vm import Vm
 
 
@@ -126,8 +126,10 @@ def main() -> None:
             print(f"    event logging at 'faults' costs {wf / w:.2f}x a run with logging off (target <= 1.5x)")
 
     serial, pool = sweep_ratio("4MiB" if args.quick else "32MiB")
-    print(f"sweep of 8 points: serial {serial:.2f} s, local pool of {os.cpu_count()} {pool:.2f} s "
-          f"= {pool / serial:.2f}x serial (target <= 0.6x)")
+    print(
+        f"sweep of 8 points: serial {serial:.2f} s, local pool of {os.cpu_count()} {pool:.2f} s "
+        f"= {pool / serial:.2f}x serial (target <= 0.6x)"
+    )
 
 
 def sweep_ratio(mem: str) -> tuple[float, float]:

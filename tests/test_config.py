@@ -42,7 +42,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     ("text", "sets", "expect"),
     [
         ("[vm]\nvcpus = 0\n", [], "c.toml:2: vm.vcpus: Input should be greater than or equal to 1"),
-        ("[vm]\nvcpu = 4\n", [], "c.toml:2: vm.vcpu: unknown key; allowed here: backing_page_size"),
+        ("[vm]\nvcpu = 4\n", [], "c.toml:2: vm.vcpu: unknown key; allowed here: absent_memslots, backing_page_size"),
         ("[vm]\nvcpus = 'many'\n", [], "c.toml:2: vm.vcpus:"),
         ("[mmu]\nmode = 'shadow'\n", [], "c.toml:2: mmu.mode: must be one of 'tdp_mmu'"),
         ("[costs]\nvmexit = '3 parsecs'\n", [], "c.toml:2: costs.vmexit: '3 parsecs' is not a duration"),

@@ -57,6 +57,19 @@ class CostModel(BaseModel):
         "row 2.6 ('a few hundred cycles is dwarfed by the base cost'): ASSUMPTION, per page table taken "
         "from the vCPU cache and linked",
     )
+    emulate: Duration = _cost(
+        300, "row 1.4: in-KVM emulation of a memory load ≈916 cycles (Sandy Bridge) ≈ 0.3 µs at 3 GHz"
+    )
+    memslot_update: Duration = _cost(
+        5000,
+        "row 4.2: a slot add costs ≈15.8 µs with tree memslots; ASSUMPTION: 5 µs of it outside the grace period",
+    )
+    srcu_expedited_gp: Duration = _cost(
+        10000,
+        "rows 4.2 and 4.6 (§8: MOVE/DELETE incl. expedited SRCU ≈40–55 µs); ASSUMPTION: 10 µs per expedited "
+        "grace period with no readers",
+    )
+    srcu_normal_gp: Duration = _cost(20_000_000, "row 4.6: a normal grace period ≈20 ms with CONFIG_HZ=100")
     guest_access: Duration = _cost(
         5, "§7.1 memstress guest loop (one 8-byte access per page plus loop work); ASSUMPTION, no published cost"
     )

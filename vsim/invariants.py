@@ -7,6 +7,12 @@ Checks made in this version:
 * No stale translation: at the end of the run, every translation in every vCPU's TLB is backed by a
   present leaf SPTE of at least its size that grants at least its permission.
 * Page stats agree with the page tables: ``pages_4k/2m/1g`` equal the present leaves counted.
+* §13.4 MMIO hit validity: an MMIO SPTE or MMIO-cache hit is accepted only with an equal 19-bit
+  generation and no update in progress.
+* §13.10 generation monotonicity: the generation (without the in-progress bit) never decreases, and
+  once an update settles it has moved by the step (the number of address spaces).
+* No stale MMIO: an access emulated as MMIO for a gfn that has a memslot, after the update that
+  created the memslot has completed.
 
 A violation is recorded (and logged as ``vsim_invariant_violation``) rather than raised, so a run
 shows every violation it hits; ``stats.json`` reports them and tests require none.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vsim.mmu.mmio import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
 from vsim.mmu.spte import (
     PT_WRITABLE,
     REMOVED_SPTE,
@@ -26,6 +33,7 @@ from vsim.mmu.spte import (
 )
 
 if TYPE_CHECKING:
+    from vsim.vcpu.vcpu import Vcpu
     from vsim.vm import Vm
 
 
@@ -36,19 +44,40 @@ class InvariantChecker:
         self.vm = vm
         self.violations: list[tuple[int, str, str]] = []
 
-    def _violate(self, rule: str, detail: str) -> None:
-        t = self.vm.env.now
+    def _violate(self, rule: str, detail: str, t: int | None = None, actor: int = -1) -> None:
+        """Record a violation seen by ``actor`` at its time ``t`` (the global clock by default)."""
+        t = self.vm.env.now if t is None else t
         self.violations.append((t, rule, detail))
         if self.vm.sink.faults:
-            self.vm.sink.emit("vsim_invariant_violation", t, -1, rule, detail)
+            self.vm.sink.emit("vsim_invariant_violation", t, actor, rule, detail)
 
-    def on_spte_changed(self, gfn: int, old: int, new: int, level: int) -> None:
+    def on_spte_changed(self, gfn: int, old: int, new: int, level: int, t: int, actor: int) -> None:
         if is_last_spte(new, level) and not spte_is_legal(new):
-            self._violate("spte_legality", f"gfn {gfn:#x} level {level} spte {new:#x}")
+            self._violate("spte_legality", f"gfn {gfn:#x} level {level} spte {new:#x}", t, actor)
         old_leaf = bool(old & SPTE_MMU_PRESENT) and old != REMOVED_SPTE and is_last_spte(old, level)
         new_leaf = bool(new & SPTE_MMU_PRESENT) and new != REMOVED_SPTE and is_last_spte(new, level)
         if old_leaf and new_leaf and spte_to_pfn(old) != spte_to_pfn(new):
-            self._violate("leaf_pfn_changed_in_place", f"gfn {gfn:#x} pfn {spte_to_pfn(old):#x}->{spte_to_pfn(new):#x}")
+            self._violate("leaf_pfn_changed_in_place", f"gfn {gfn:#x} pfn {spte_to_pfn(old):#x}->{spte_to_pfn(new):#x}",
+                          t, actor)  # fmt: skip
+
+    def on_mmio_hit(self, vcpu: Vcpu, gfn: int, generation: int, spte: int | None) -> None:
+        stored = get_mmio_spte_generation(spte) if spte is not None else vcpu.mmio_gen & MMIO_SPTE_GEN_MASK
+        if generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS or stored != generation & MMIO_SPTE_GEN_MASK:
+            self._violate("mmio_hit_validity", f"vcpu {vcpu.id} gfn {gfn:#x} generation {stored} vs {generation:#x}",
+                          vcpu.now, vcpu.id)  # fmt: skip
+
+    def on_stale_mmio(self, vcpu: Vcpu, gfn: int) -> None:
+        self._violate("stale_mmio", f"vcpu {vcpu.id} gfn {gfn:#x} emulated as MMIO but has a memslot", vcpu.now,
+                      vcpu.id)  # fmt: skip
+
+    def on_generation(self, old: int, new: int, t: int) -> None:
+        flag = KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+        o, n = old & ~flag, new & ~flag
+        if n < o:
+            self._violate("generation_monotonic", f"generation went from {o} to {n}", t)
+        if not new & flag and old & flag and n != o + self.vm.cfg.memslots.address_spaces:
+            step = self.vm.cfg.memslots.address_spaces
+            self._violate("generation_step", f"update settled at {n}, expected {o + step}", t)
 
     def check_end_of_run(self) -> None:
         self.check_tlbs()

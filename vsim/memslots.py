@@ -4,8 +4,8 @@ Each slot covers ``[base_gfn, base_gfn + npages)`` and is backed by a host mappi
 caps the mapping level. A slot owns its per-slot MMU metadata (``slot->arch``): ``lpage_info``
 (``disallow_lpage`` counters for 2M and 1G, raised at misaligned slot edges by
 ``kvm_alloc_memslot_metadata``), and it is the home of the rmap heads, write-track counters and dirty
-bitmap that the legacy MMU, write tracking and dirty logging fill in. Memslots are static in this
-version: created before the vCPUs start; updates under SRCU come with the memslot-update work.
+bitmap that the legacy MMU, write tracking and dirty logging fill in. The VMM (``vsim.vmm``)
+publishes new sets under SRCU; a set is never changed once published, except for its generation.
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ class Memslot:
 class Memslots:
     """``struct kvm_memslots`` for one address space: slots sorted by gfn, and the generation."""
 
-    def __init__(self, slots: list[Memslot]) -> None:
+    def __init__(self, slots: list[Memslot], generation: int = 0) -> None:
         self.slots = sorted(slots, key=lambda s: s.base_gfn)
         self._bases = [s.base_gfn for s in self.slots]
-        self.generation = 0
+        self.generation = generation
         for a, b in zip(self.slots, self.slots[1:], strict=False):
             if a.end_gfn > b.base_gfn:
                 raise ValueError(f"memslots {a.id} and {b.id} overlap")

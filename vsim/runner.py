@@ -72,10 +72,13 @@ def collect_stats(vm: Vm, sim_time_ns: int) -> dict[str, Any]:
         "seed": vm.cfg.seed,
         "sim_time_ns": sim_time_ns,
         "vm": {**vm.stat.as_dict(), "mmu_lock_contended": lock.contended},
+        "memslots_generation": vm.memslots.generation,
         "vcpu_total": totals,
         "latency_ns": {
             "fault_service": percentiles(all_service),
             "mmu_lock_wait": {"read": percentiles(lock.waits("read")), "write": percentiles(lock.waits("write"))},
+            "srcu_grace_period": percentiles(vm.srcu.grace_ns),
+            "memslot_update": percentiles(vm.memslot_update_ns),
         },
         "vcpus": vcpus,
     }

@@ -36,6 +36,31 @@ class At(Event):
         env.schedule(self, priority, delay)
 
 
+class Actor:
+    """Something that acts in simulated time at its own priority: a vCPU, the VMM, the host MM.
+
+    ``now`` is the actor's local clock (never behind ``env.now``). ``sync()`` gives the event to
+    yield so that ``env.now`` reaches ``now`` at this actor's priority, or ``None`` when nothing is
+    queued before ``(now, prio)`` (the actor may then act ahead of ``env.now``). In reference
+    mode every sync yields.
+    """
+
+    def __init__(self, env: simpy.Environment, prio: int, reference: bool) -> None:
+        self.env = env
+        self.prio = prio
+        self.reference = reference
+        self.now = 0
+
+    def sync(self) -> At | None:
+        env = self.env
+        now = self.now
+        if not self.reference:
+            q = env._queue  # noqa: SLF001 - the queue_clear_before test, inlined on this hot path
+            if not q or q[0][0] > now or (q[0][0] == now and q[0][1] > self.prio):
+                return None
+        return At(env, now - env._now, self.prio)  # noqa: SLF001
+
+
 def queue_clear_before(env: simpy.Environment, t: int, prio: int) -> bool:
     """True if no queued event sorts before ``(t, prio)``."""
     q = env._queue  # noqa: SLF001 - SimPy's heap of (time, priority, eid, event)

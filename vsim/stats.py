@@ -21,6 +21,9 @@ VCPU_STATS = (
     "pf_spurious",  # RET_PF_SPURIOUS
     "pf_fast",  # fixed locklessly by fast_page_fault
     "pf_emulate",  # RET_PF_EMULATE
+    "pf_mmio_spte_created",  # MMIO SPTEs installed
+    "mmio_exits",  # KVM_EXIT_MMIO exits to userspace
+    "insn_emulation",  # instructions emulated (MMIO accesses here)
     "pf_retry",  # vsim: RET_PF_RETRY (KVM has no counter; the guest simply faults again)
     "tlb_flush",  # local TLB flushes
     "accesses",  # vsim: guest memory accesses completed
@@ -37,6 +40,8 @@ VM_STATS = (
     "tdp_mmu_pages",  # vsim: TDP MMU page tables allocated (KVM reports them as MMU memory)
     "remote_tlb_flush",
     "remote_tlb_flush_requests",
+    "memslot_updates",  # vsim: kvm_set_memory_region calls completed
+    "mmio_on_backed_gfn",  # vsim: MMIO emulations of a gfn that had a memslot, after the update settled
 )
 
 

@@ -9,6 +9,7 @@ as KVM does.
 from __future__ import annotations
 
 import time
+from array import array
 
 import numpy as np
 import simpy
@@ -16,12 +17,14 @@ import simpy
 from vsim.config.schema import PAGE_LEVEL, ScenarioConfig, WorkloadConfig
 from vsim.events.sink import EventSink
 from vsim.invariants import InvariantChecker
-from vsim.memslots import build_test_memslots
+from vsim.memslots import Memslots, build_test_memslots
 from vsim.mmu.mmu_lock import MmuLock
 from vsim.mmu.tdp_mmu import TdpMmu
+from vsim.srcu import Srcu
 from vsim.stats import VmStat
 from vsim.vcpu.vcpu import Vcpu
 from vsim.vcpu.workloads import Workload, vcpu_region
+from vsim.vmm import Vmm
 
 
 class WallClockTimeout(Exception):
@@ -48,15 +51,23 @@ class Vm:
         nv = cfg.vm.vcpus
         per = cfg.workload.per_vcpu_memory // 4096
         base_gfn = cfg.vm.base_gpa >> 12
-        self.memslots = build_test_memslots(base_gfn, nv * per, cfg.vm.memslots, PAGE_LEVEL[cfg.vm.backing_page_size])
+        every = build_test_memslots(base_gfn, nv * per, cfg.vm.memslots, PAGE_LEVEL[cfg.vm.backing_page_size])
+        absent = set(cfg.vm.absent_memslots)
+        self.absent_slots = {s.id: s for s in every.slots if s.id in absent}
+        self.memslots = Memslots([s for s in every.slots if s.id not in absent], generation=0)
+        self.memslots_settled = True  # no kvm_set_memory_region between publish and settle
+        self.srcu = Srcu(self.env, self.sink)
+        self.memslot_update_ns = array("q")
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = 0
         self.mmu_invalidate_range_end = 0
         self.mmu_lock = MmuLock(self.env, self.sink)
         self.mmu = TdpMmu(self, initial_tables=self._estimate_tables(nv * per))
+        self.vmm = Vmm(self) if cfg.vmm.ops else None
         root_seq = np.random.SeedSequence(cfg.seed)
         streams = root_seq.spawn(2)[STREAM_VCPU_WORKLOADS].spawn(nv)
+        self._vmm_started = False
         self.vcpus = []
         for i in range(nv):
             start, pages = vcpu_region(cfg.workload, i, nv, base_gfn)
@@ -86,9 +97,36 @@ class Vm:
             return
 
     def start(self) -> None:
-        """Start a ``KVM_RUN`` session on every vCPU (they first act now, in vCPU order)."""
+        """Start a ``KVM_RUN`` session on every vCPU (they first act now, in vCPU order), and the
+        VMM's schedule of memslot updates on the first run."""
+        if self.vmm is not None and not self._vmm_started:
+            self._vmm_started = True
+            self.env.process(self.vmm.run())
         for v in self.vcpus:
             self.env.process(v.run())
+
+    # -- memslot publication (kvm_swap_active_memslots) ------------------------------------------
+    def publish_memslots(self, new: Memslots, generation: int, t: int) -> None:
+        """``rcu_assign_pointer(kvm->memslots[as_id], new)`` with its first generation."""
+        old = self.memslots.generation
+        new.generation = generation
+        self.memslots = new
+        self.memslots_settled = False
+        self._generation_changed(old, generation, t)
+
+    def settle_memslots(self, generation: int, t: int) -> None:
+        """The generation after ``synchronize_srcu``; the update is complete."""
+        old = self.memslots.generation
+        self.memslots.generation = generation
+        self.memslots_settled = True
+        self._generation_changed(old, generation, t)
+
+    def _generation_changed(self, old: int, new: int, t: int) -> None:
+        if self.sink.faults:
+            in_progress = new >> 63
+            self.sink.emit("vsim_memslots_generation", t, -1, 0, new & ~(1 << 63), in_progress)
+        if self.checker is not None:
+            self.checker.on_generation(old, new, t)
 
     def set_workloads(self, cfg: WorkloadConfig) -> None:
         """Give every vCPU a new workload over its same region (for a later :meth:`run`)."""

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
-from vsim.costs import CostModel
+from vsim.costs import CostModel, Duration
 from vsim.units import format_size, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
@@ -36,6 +36,11 @@ class VmConfig(_Table):
         "4K", description="host backing page size; caps the mapping level (host_pfn_mapping_level)"
     )
     base_gpa: Size = Field(4 << 30, description="guest physical address where the test region starts")
+    absent_memslots: list[int] = Field(
+        default_factory=list,
+        description="indices of test-region memslots not created at start (their gfns are MMIO until the VMM "
+        "creates them)",
+    )
 
 
 class GuestConfig(_Table):
@@ -106,6 +111,41 @@ class MmuConfig(_Table):
     )
 
 
+class MemslotsConfig(_Table):
+    """How memslot updates publish a new generation (spec §5.3) and how MMIO is cached (§6)."""
+
+    generation_scheme: Literal["in_progress_bit", "double_increment", "single_increment"] = Field(
+        "in_progress_bit",
+        description="in_progress_bit (today's kernel), double_increment (the 2014 fix) or single_increment "
+        "(the bug before it)",
+    )
+    address_spaces: Literal[1, 2] = Field(1, description="2 with SMM; the generation steps by this")
+    mmio_caching: bool = Field(True, description="kvm.mmio_caching: cache MMIO gfns in SPTEs")
+    srcu_expedited: bool = Field(True, description="synchronize_srcu_expedited (else a normal grace period)")
+
+
+class MemslotOp(_Table):
+    """One ``KVM_SET_USER_MEMORY_REGION`` call by the VMM."""
+
+    at: Duration = Field(description="simulated time the VMM issues the call")
+    op: Literal["create", "flags"] = Field(
+        description="create (KVM_MR_CREATE) or flags (KVM_MR_FLAGS_ONLY); delete and move need "
+        "kvm_mmu_zap_all_fast, which is not in this version"
+    )
+    slot: int = Field(ge=0, description="index of the test-region memslot")
+    log_dirty: Literal[True] = Field(
+        True,
+        description="flags: set KVM_MEM_LOG_DIRTY_PAGES (disabling it recovers huge pages, which needs remote TLB "
+        "flushes: the dirty-logging work)",
+    )
+
+
+class VmmConfig(_Table):
+    """The userspace VMM thread: a timed schedule of memslot updates."""
+
+    ops: list[MemslotOp] = Field(default_factory=list)
+
+
 class EventsConfig(_Table):
     """How much of the event log to write to events.jsonl."""
 
@@ -131,6 +171,8 @@ class ScenarioConfig(_Table):
     workload: WorkloadConfig = WorkloadConfig()
     tlb: TlbConfig = TlbConfig()
     mmu: MmuConfig = MmuConfig()
+    memslots: MemslotsConfig = MemslotsConfig()
+    vmm: VmmConfig = VmmConfig()
     costs: CostModel = CostModel()
     events: EventsConfig = EventsConfig()
     sim: SimConfig = SimConfig()
@@ -144,4 +186,20 @@ class ScenarioConfig(_Table):
             raise ValueError("vm.base_gpa: must be 1GiB-aligned so every backing size can map huge")
         if self.vm.base_gpa + total_pages * 4096 > 1 << 52:
             raise ValueError("vm.base_gpa: the test region must end below 4PiB (52-bit guest physical)")
+        if len(self.vmm.ops) * self.memslots.address_spaces * 2 >= 1 << 19:
+            raise ValueError("vmm.ops: this many updates could wrap the 19-bit MMIO generation, which needs "
+                             "kvm_mmu_zap_all_fast (not in this version)")  # fmt: skip
+        present = set(range(self.vm.memslots)) - set(self.vm.absent_memslots)
+        for i in self.vm.absent_memslots:
+            if not 0 <= i < self.vm.memslots:
+                raise ValueError(f"vm.absent_memslots: {i} is not a memslot index (0..{self.vm.memslots - 1})")
+        for op in sorted(self.vmm.ops, key=lambda o: o.at):
+            if op.slot >= self.vm.memslots:
+                raise ValueError(f"vmm.ops: slot {op.slot} is not a memslot index (0..{self.vm.memslots - 1})")
+            if op.op == "create":
+                if op.slot in present:
+                    raise ValueError(f"vmm.ops: create of slot {op.slot}, which exists then")
+                present.add(op.slot)
+            elif op.slot not in present:
+                raise ValueError(f"vmm.ops: flags on slot {op.slot}, which does not exist then")
         return self

@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vsim.memslots import KVM_MEMSLOT_INVALID
 from vsim.mmu.fast_page_fault import fast_page_fault, page_fault_can_be_fast
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
+from vsim.mmu.mmio import make_mmio_spte, vcpu_cache_mmio_info
 from vsim.mmu.page_fault import (
+    RET_PF_EMULATE,
     RET_PF_FIXED,
     RET_PF_INVALID,
     RET_PF_RETRY,
@@ -72,6 +75,7 @@ class TdpMmu:
         self.sp_level = np.zeros(initial_tables, dtype=np.int8)
         self.sp_gfn = np.zeros(initial_tables, dtype=np.int64)
         self.n_tables = 0
+        self._free: list[int] = []  # freed page tables (zeroed), reused first
         self.roots: list[TdpRoot] = []
         c = vm.costs
         self._c_fast = c.fast_page_fault
@@ -84,6 +88,12 @@ class TdpMmu:
     # -- page-table pool -------------------------------------------------------------------------
     def alloc_sp(self, level: int, gfn: int) -> int:
         """``tdp_mmu_alloc_sp`` + ``tdp_mmu_init_sp``: a zeroed page table from the pool."""
+        if self._free:
+            table = self._free.pop()
+            self.sp_level[table] = level
+            self.sp_gfn[table] = gfn
+            self.vm.stat.tdp_mmu_pages += 1
+            return table
         n = self.n_tables
         if n == len(self.spt):
             grow = max(64, n)
@@ -108,19 +118,24 @@ class TdpMmu:
         return root
 
     # -- lockless walks --------------------------------------------------------------------------
-    def walk_last(self, root: TdpRoot, gfn: int) -> tuple[int, int, int, int]:
-        """``tdp_mmu_for_each_pte`` down to ``gfn``'s leaf: ``(table, index, level, old_spte)`` of
-        the last entry visited (a leaf, a non-present or a frozen entry)."""
+    def walk_to(self, root: TdpRoot, gfn: int, goal: int) -> tuple[int, int, int, int]:
+        """``kvm_tdp_mmu_map``'s walk: down to ``goal`` at most, stopping early at a leaf, a
+        non-present or a frozen entry."""
         item = self.spt.item
         table = root.table
         level = TDP_ROOT_LEVEL
         while True:
             idx = (gfn >> (9 * (level - 1))) & 511
             old = item(table, idx)
-            if not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or level == 1 or old & PT_PAGE_SIZE:
+            if level == goal or not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or old & PT_PAGE_SIZE:
                 return table, idx, level, old
             table = (old & PFN_MASK) >> PFN_SHIFT
             level -= 1
+
+    def walk_last(self, root: TdpRoot, gfn: int) -> tuple[int, int, int, int]:
+        """``tdp_mmu_for_each_pte`` down to ``gfn``'s leaf: ``(table, index, level, old_spte)`` of
+        the last entry visited (a leaf, a non-present or a frozen entry)."""
+        return self.walk_to(root, gfn, PG_LEVEL_4K)
 
     def fast_pf_get_last_sptep(self, root: TdpRoot, gfn: int) -> tuple[int, int, int, int]:
         """``kvm_tdp_mmu_fast_pf_get_last_sptep``: the last SPTE on the walk (under RCU only)."""
@@ -145,7 +160,7 @@ class TdpMmu:
         if vm.sink.all:
             vm.sink.emit("kvm_tdp_mmu_spte_changed", t, vcpu_id, 0, gfn, level, old, new)
         if vm.checker is not None:
-            vm.checker.on_spte_changed(gfn, old, new, level)
+            vm.checker.on_spte_changed(gfn, old, new, level, t, vcpu_id)
 
     # -- the fault -------------------------------------------------------------------------------
     def page_fault(self, v: Vcpu, fault: KvmPageFault) -> FaultGen:
@@ -162,17 +177,25 @@ class TdpMmu:
         # 3-4. mmu_topup_memory_caches, then kvm_faultin_pfn: snapshot mmu_seq, GUP.
         fault.mmu_seq = vm.mmu_invalidate_seq
         slot = v.gfn_to_memslot(gfn)
-        if slot is None:
-            raise AssertionError(f"gfn {gfn:#x} has no memslot: MMIO is not modelled in this version")
         fault.slot = slot
-        zeroed = slot.faultin(gfn)
-        if zeroed:
-            v.now += self._c_faultin + self._c_host + self._c_zero * zeroed
-            v.stat.host_page_allocs += 1
-        else:
+        if slot is None:
+            # kvm_handle_noslot_fault: an MMIO gfn. Cache it; install an MMIO SPTE if caching is on.
+            vcpu_cache_mmio_info(v, gfn, vm.memslots.generation)
             v.now += self._c_faultin
-        fault.pfn = slot.gfn_to_pfn(gfn)
-        fault.map_writable = True
+            if not vm.cfg.memslots.mmio_caching:
+                return RET_PF_EMULATE
+        elif slot.flags & KVM_MEMSLOT_INVALID:
+            v.now += self._c_faultin
+            return RET_PF_RETRY  # the slot is being deleted or moved (R2)
+        else:
+            zeroed = slot.faultin(gfn)
+            if zeroed:
+                v.now += self._c_faultin + self._c_host + self._c_zero * zeroed
+                v.stat.host_page_allocs += 1
+            else:
+                v.now += self._c_faultin
+            fault.pfn = slot.gfn_to_pfn(gfn)
+            fault.map_writable = True
         # 5. read_lock(mmu_lock).
         ev = v.sync()
         if ev is not None:
@@ -188,7 +211,7 @@ class TdpMmu:
             return RET_PF_RETRY
         # 8. kvm_tdp_mmu_map: read the path now, install after the map work.
         kvm_mmu_hugepage_adjust(fault)
-        last = self.walk_last(root, gfn)
+        last = self.walk_to(root, gfn, fault.goal_level)
         level = last[2]
         new_tables = level - fault.goal_level if level > fault.goal_level and last[3] != REMOVED_SPTE else 0
         v.now += self._c_map + self._c_sp * new_tables
@@ -229,14 +252,49 @@ class TdpMmu:
             old = spt.item(table, idx)
         # tdp_mmu_map_handle_target_level
         base = gfn & ~(pages_per_level(goal) - 1)
-        new = make_spte(fault.slot.gfn_to_pfn(base), goal, fault.map_writable)
+        slot = fault.slot
+        if slot is None:
+            # The generation is read now, at install: later than the memslot lookup (R1's window).
+            new = make_mmio_spte(gfn, self.vm.memslots.generation)
+        else:
+            new = make_spte(slot.gfn_to_pfn(base), goal, fault.map_writable)
         if new == old:
             return RET_PF_SPURIOUS
-        if old & SPTE_MMU_PRESENT and not is_last_spte(old, level):
-            raise AssertionError("collapsing a page table into a huge leaf needs remote TLB flushes")
         if not self.try_cmpxchg(table, idx, goal, base, old, new, vid, t):
             return RET_PF_RETRY
+        # A page table replaced by a huge leaf: handle_removed_pt, then a flush of the range. The
+        # tables collapsed here hold only MMIO or non-present entries, which no TLB caches.
+        collapsed = old & SPTE_MMU_PRESENT and not is_last_spte(old, level)
+        if collapsed and self.handle_removed_pt((old & PFN_MASK) >> PFN_SHIFT, base, vid, t):
+            raise AssertionError("collapsed present mappings need a remote TLB flush (not in this version)")
+        if slot is None:
+            v.stat.pf_mmio_spte_created += 1
+            return RET_PF_EMULATE
         return RET_PF_FIXED
+
+    def handle_removed_pt(self, table: int, gfn: int, vid: int, t: int) -> int:
+        """``handle_removed_pt``: clear an unlinked page table and its children, return them to the
+        pool; the number of present leaves it held (translations a TLB may cache)."""
+        level = int(self.sp_level[table])
+        leaves = 0
+        for i in range(SPTE_ENT_PER_PAGE):
+            old = self.spt.item(table, i)
+            if not old:
+                continue
+            child_gfn = gfn + i * pages_per_level(level)
+            self.spt[table, i] = 0
+            self.handle_changed_spte(child_gfn, old, 0, level, vid, t)
+            if old & SPTE_MMU_PRESENT and old != REMOVED_SPTE:
+                if is_last_spte(old, level):
+                    leaves += 1
+                else:
+                    leaves += self.handle_removed_pt((old & PFN_MASK) >> PFN_SHIFT, child_gfn, vid, t)
+        self._free_sp(table)
+        return leaves
+
+    def _free_sp(self, table: int) -> None:
+        self._free.append(table)
+        self.vm.stat.tdp_mmu_pages -= 1
 
     # -- inspection --------------------------------------------------------------------------------
     def leaf_level(self, root: TdpRoot, gfn: int) -> int:
@@ -250,8 +308,10 @@ class TdpMmu:
         n = self.n_tables
         spt = self.spt[:n]
         present = (spt & SPTE_MMU_PRESENT) != 0
+        live = np.ones(n, dtype=bool)
+        live[self._free] = False
         for level in (1, 2, 3):
-            rows = self.sp_level[:n] == level
+            rows = (self.sp_level[:n] == level) & live
             if level == PG_LEVEL_4K:
                 counts[1] = int(present[rows].sum())
             else:

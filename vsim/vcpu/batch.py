@@ -19,6 +19,7 @@ from vsim.vcpu.walk import BOOT_PT_EPT_LEVELS
 
 STOP_DONE = 0
 STOP_EPT_VIOLATION = 1
+STOP_EPT_MISCONFIG = 2  # an MMIO SPTE (RWX = 110b) on the walk
 
 _EMPTY = -1
 
@@ -88,9 +89,9 @@ def run_accesses(
 ):  # type: ignore[no-untyped-def]
     """Run accesses ``start..stop``; returns ``(index, elapsed_ns, status, fault_refs, present)``.
 
-    ``status`` is ``STOP_DONE`` (all ran) or ``STOP_EPT_VIOLATION`` at ``index``, whose walk made
-    ``fault_refs`` references and found an EPT leaf (``present``) or none. The faulting access is
-    not counted; the caller accounts it when it takes the exit.
+    ``status`` is ``STOP_DONE`` (all ran), or ``STOP_EPT_VIOLATION`` / ``STOP_EPT_MISCONFIG`` at
+    ``index``, whose walk made ``fault_refs`` references and found an EPT leaf (``present``) or
+    none. The faulting access is not counted; the caller accounts it when it takes the exit.
     """
     t = 0
     guest_refs = (5 - guest_level) * (BOOT_PT_EPT_LEVELS + 1)
@@ -123,6 +124,9 @@ def run_accesses(
         while True:
             refs += 1
             e = spt[table, (g >> (9 * (level - 1))) & 511]
+            if (e & 7) == 6:
+                _add_counters(counters, i - start, hits, walks, walk_refs)
+                return i, t, STOP_EPT_MISCONFIG, refs, True
             if (e & PT_PRESENT_R) == 0:
                 break
             if level == 1 or (e & PT_PAGE_SIZE) != 0:

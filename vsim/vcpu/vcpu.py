@@ -19,20 +19,23 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vsim.mmu.mmio import handle_mmio_page_fault
 from vsim.mmu.page_fault import (
+    PFERR_RSVD_MASK,
     RET_PF_EMULATE,
     RET_PF_FIXED,
+    RET_PF_INVALID,
     RET_PF_NAMES,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
     KvmPageFault,
     ept_violation_error_code,
 )
-from vsim.sched import VCPU_PRIO_BASE, At
+from vsim.sched import VCPU_PRIO_BASE, Actor, At
 from vsim.stats import VcpuStat
-from vsim.vcpu.batch import STOP_EPT_VIOLATION, run_accesses
+from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, run_accesses
 from vsim.vcpu.tlb import RefTlb, Tlb
-from vsim.vcpu.walk import walk_2d
+from vsim.vcpu.walk import MISCONFIG, walk_2d
 from vsim.vcpu.workloads import Workload
 
 if TYPE_CHECKING:
@@ -43,30 +46,31 @@ if TYPE_CHECKING:
 OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE, READING_SHADOW_PAGE_TABLES = 0, 1, 2, 3
 
 EXIT_REASON_EPT_VIOLATION = "EPT_VIOLATION"
+EXIT_REASON_EPT_MISCONFIG = "EPT_MISCONFIG"
 EXIT_REASON_IO_INSTRUCTION = "IO_INSTRUCTION"
 
 
-class Vcpu:
+class Vcpu(Actor):
     """``struct kvm_vcpu`` with its run loop."""
 
     def __init__(self, vm: Vm, vcpu_id: int, workload: Workload) -> None:
+        super().__init__(vm.env, VCPU_PRIO_BASE + vcpu_id, vm.cfg.sim.mode == "reference")
         self.vm = vm
-        self.env = vm.env
         self.id = vcpu_id
-        self.prio = VCPU_PRIO_BASE + vcpu_id
-        self.now = 0
         self.mode = OUTSIDE_GUEST_MODE
         self.requests = 0
         self.root: TdpRoot | None = None
         self.workload = workload
         self.stat = VcpuStat()
-        self.reference = vm.cfg.sim.mode == "reference"
         t = vm.cfg.tlb
         self.tlb: Tlb | RefTlb = (RefTlb if self.reference else Tlb)(t.entries, t.ways)
         self.counters = np.zeros(4, dtype=np.int64)
         self.guest_level = vm.guest_level
         self.finished_at = -1
         self.last_used_slot = None
+        self.last_used_slot_gen = 0
+        self.mmio_gfn = -1  # the per-vCPU MMIO cache (vcpu->arch.mmio_gfn / mmio_gen)
+        self.mmio_gen = -1
         # Span ids are per vCPU, so allocating one never touches state another vCPU can see.
         self._exit_seq = 0
         self._fault_seq = 0
@@ -80,26 +84,19 @@ class Vcpu:
         return self._fault_seq
 
     def gfn_to_memslot(self, gfn: int):  # type: ignore[no-untyped-def]
-        """``kvm_vcpu_gfn_to_memslot``: try the vCPU's ``last_used_slot`` before searching."""
+        """``kvm_vcpu_gfn_to_memslot``: try the vCPU's ``last_used_slot`` before searching; a new
+        memslots generation drops it."""
+        slots = self.vm.memslots
+        if self.last_used_slot_gen != slots.generation:
+            self.last_used_slot = None
+            self.last_used_slot_gen = slots.generation
         slot = self.last_used_slot
         if slot is not None and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
             return slot
-        slot = self.vm.memslots.gfn_to_memslot(gfn)
+        slot = slots.gfn_to_memslot(gfn)
         if slot is not None:
             self.last_used_slot = slot
         return slot
-
-    # -- time ------------------------------------------------------------------------------------
-    def sync(self) -> At | None:
-        """An event to yield so that ``env.now`` reaches ``self.now`` at this vCPU's priority, or
-        ``None`` if nothing can act before that (then the vCPU acts ahead of ``env.now``)."""
-        env = self.env
-        now = self.now
-        if not self.reference:
-            q = env._queue  # the queue_clear_before test, inlined on this hot path
-            if not q or q[0][0] > now or (q[0][0] == now and q[0][1] > self.prio):
-                return None
-        return At(env, now - env._now, self.prio)
 
     # -- KVM_RUN ---------------------------------------------------------------------------------
     def run(self) -> Generator[object, object, None]:
@@ -146,17 +143,22 @@ class Vcpu:
                 c.guest_access, c.tlb_hit, c.walk_ref, self.counters,
             )  # fmt: skip
             self.now += dt
-            if status != STOP_EPT_VIOLATION:
+            if status == STOP_DONE:
                 return
-            if j > i:
-                # Reach the faulting access's own instant. If anything ran meanwhile, look again:
-                # another vCPU may have installed the translation since this stretch began.
-                i = j
-                ev = self.sync()
-                if ev is not None:
-                    yield ev
-                    continue
-            yield from self.handle_ept_violation(int(gfns[j]), bool(writes[j]), bool(present), int(refs))
+            # Reach the exiting access's own instant before handling it: exit handling reads shared
+            # state (SPTEs, memslots, host pages). If anything ran meanwhile, look again: another
+            # vCPU may have installed the translation since this stretch began.
+            i = j
+            ev = self.sync()
+            if ev is not None:
+                yield ev
+                continue
+            if status == STOP_EPT_VIOLATION:
+                done = yield from self.handle_ept_violation(int(gfns[j]), bool(writes[j]), bool(present), int(refs))
+            else:
+                done = yield from self.handle_ept_misconfig(int(gfns[j]), bool(writes[j]), int(refs))
+            if done:
+                i = j + 1
 
     def _run_reference(self, gfns: np.ndarray, writes: np.ndarray) -> Generator[object, object, None]:
         """One SimPy event per access: the plain model the batched path must reproduce exactly."""
@@ -177,7 +179,12 @@ class Vcpu:
                 continue
             ok, refs, leaf, writable = walk_2d(mmu.spt, self.root.table, g, w, self.guest_level)  # type: ignore[attr-defined]
             if not ok:
-                yield from self.handle_ept_violation(g, w, leaf != 0, refs)
+                if leaf == MISCONFIG:
+                    done = yield from self.handle_ept_misconfig(g, w, refs)
+                else:
+                    done = yield from self.handle_ept_violation(g, w, leaf != 0, refs)
+                if done:
+                    i += 1
                 continue
             tlb.insert(min(self.guest_level, leaf) - 1, g, writable)
             self.now += c.guest_access + refs * c.walk_ref
@@ -187,35 +194,61 @@ class Vcpu:
             i += 1
 
     # -- exits -----------------------------------------------------------------------------------
-    def handle_ept_violation(self, gfn: int, write: bool, present: bool, refs: int) -> Generator[object, object, None]:
-        """VM exit on an EPT violation, ``kvm_mmu_page_fault``, and re-entry."""
+    def _exit(self, reason: str, gfn: int, refs: int) -> tuple[int, int, int]:
+        """VM exit at the end of a walk of ``refs`` references: leave guest mode, enter KVM under
+        ``kvm->srcu``. Returns ``(exit_id, t_exit, srcu_token)``."""
         vm = self.vm
-        c = vm.costs
-        sink = vm.sink
-        st = self.stat
         self.counters[2] += 1
         self.counters[3] += refs
-        t_exit = self.now + refs * c.walk_ref
-        gpa = gfn << 12
+        t_exit = self.now + refs * vm.costs.walk_ref
         self.mode = OUTSIDE_GUEST_MODE
-        st.exits += 1
+        self.stat.exits += 1
         exit_id = self._next_exit_id()
-        if sink.all:
-            sink.emit("kvm_exit", t_exit, self.id, exit_id, EXIT_REASON_EPT_VIOLATION, gpa)
-        self.now = t_exit + c.vmexit
-        fault = KvmPageFault(
-            addr=gpa,
-            gfn=gfn,
-            error_code=ept_violation_error_code(write, present),
-            id=self._next_fault_id(),
-            write=write,
-            present=present,
-        )
-        # kvm_mmu_do_page_fault
+        if vm.sink.all:
+            vm.sink.emit("kvm_exit", t_exit, self.id, exit_id, reason, gfn << 12)
+        # The read side covers the whole exit: its memslot reads are evaluated from the exit on.
+        token = vm.srcu.read_lock(self.now)
+        self.now = t_exit + vm.costs.vmexit
+        return exit_id, t_exit, token
+
+    def _reenter(self, exit_id: int, token: int) -> None:
+        """Drop ``kvm->srcu`` and enter the guest (``vcpu_enter_guest``)."""
+        self.vm.srcu.read_unlock(token, self.now)
+        self.enter_guest(exit_id)
+
+    def handle_ept_violation(self, gfn: int, write: bool, present: bool, refs: int) -> Generator[object, object, bool]:
+        """``handle_ept_violation`` → ``kvm_mmu_page_fault``, and re-entry. Returns True if the
+        access was completed by emulation (MMIO) rather than to be retried by the guest."""
+        exit_id, t_exit, token = self._exit(EXIT_REASON_EPT_VIOLATION, gfn, refs)
+        fault = KvmPageFault(addr=gfn << 12, gfn=gfn, error_code=ept_violation_error_code(write, present),
+                             id=self._next_fault_id(), write=write, present=present)  # fmt: skip
+        r = yield from self.kvm_mmu_do_page_fault(fault)
+        done = r == RET_PF_EMULATE and self.emulate_mmio(gfn, write)
+        self._reenter(exit_id, token)
+        self.stat.fault_service_ns.append(self.now - t_exit)
+        return done
+
+    def handle_ept_misconfig(self, gfn: int, write: bool, refs: int) -> Generator[object, object, bool]:
+        """``handle_ept_misconfig``: an MMIO SPTE. ``handle_mmio_page_fault`` first; a stale
+        generation goes down the full fault path with ``PFERR_RSVD_MASK``."""
+        exit_id, t_exit, token = self._exit(EXIT_REASON_EPT_MISCONFIG, gfn, refs)
+        r = handle_mmio_page_fault(self, gfn)
+        if r == RET_PF_INVALID:
+            fault = KvmPageFault(addr=gfn << 12, gfn=gfn, error_code=PFERR_RSVD_MASK, id=self._next_fault_id(),
+                                 write=False, present=False)  # fmt: skip
+            r = yield from self.kvm_mmu_do_page_fault(fault)
+        done = r == RET_PF_EMULATE and self.emulate_mmio(gfn, write)
+        self._reenter(exit_id, token)
+        return done
+
+    def kvm_mmu_do_page_fault(self, fault: KvmPageFault) -> Generator[object, object, int]:
+        """``kvm_mmu_do_page_fault``: count ``pf_taken``, run the MMU's pipeline, count the outcome."""
+        st = self.stat
+        sink = self.vm.sink
         st.pf_taken += 1
         if sink.faults:
-            sink.emit("kvm_page_fault", self.now, self.id, fault.id, gpa, fault.error_code)
-        r = yield from vm.mmu.page_fault(self, fault)
+            sink.emit("kvm_page_fault", self.now, self.id, fault.id, fault.addr, fault.error_code)
+        r = yield from self.vm.mmu.page_fault(self, fault)
         if r == RET_PF_FIXED:
             st.pf_fixed += 1
         elif r == RET_PF_SPURIOUS:
@@ -226,8 +259,25 @@ class Vcpu:
             st.pf_emulate += 1
         if sink.faults:
             sink.emit("vsim_page_fault_ret", self.now, self.id, fault.id, RET_PF_NAMES[r], fault.goal_level)
-        self.enter_guest(exit_id)
-        st.fault_service_ns.append(self.now - t_exit)
+        return r
+
+    def emulate_mmio(self, gfn: int, write: bool) -> bool:
+        """``x86_emulate_instruction`` on an MMIO access: no device in KVM claims it, so it exits
+        to userspace (``KVM_EXIT_MMIO``) and the VMM completes it. The access is then done."""
+        vm = self.vm
+        c = vm.costs
+        st = self.stat
+        st.insn_emulation += 1
+        st.mmio_exits += 1
+        if vm.sink.faults:
+            vm.sink.emit("kvm_mmio", self.now, self.id, "write" if write else "read", gfn << 12)
+        if vm.memslots_settled and vm.memslots.gfn_to_memslot(gfn) is not None:
+            vm.stat.mmio_on_backed_gfn += 1
+            if vm.checker is not None:
+                vm.checker.on_stale_mmio(self, gfn)
+        self.now += c.emulate + c.userspace_exit
+        self.counters[0] += 1
+        return True
 
     def enter_guest(self, exit_id: int) -> None:
         """``vcpu_enter_guest``: (pending requests are handled here by later work), then VM entry."""
@@ -246,7 +296,10 @@ class Vcpu:
         if sink.all:
             sink.emit("kvm_exit", self.now, self.id, exit_id, EXIT_REASON_IO_INSTRUCTION, 0)
             sink.emit("kvm_userspace_exit", self.now + c.vmexit, self.id, exit_id, "KVM_EXIT_IO")
-        self.now += c.vmexit + c.userspace_exit
+        token = self.vm.srcu.read_lock(self.now)  # KVM_RUN holds it until it returns to userspace
+        self.now += c.vmexit
+        self.vm.srcu.read_unlock(token, self.now)
+        self.now += c.userspace_exit
         self.enter_guest(exit_id)
 
     def _fold_counters(self) -> None:

@@ -27,14 +27,21 @@ def guest_walk_levels(guest_level: int) -> int:
     return TDP_ROOT_LEVEL + 1 - guest_level
 
 
+MISCONFIG = -1
+"""``ept_walk``'s leaf level for an MMIO SPTE (RWX = 110b: an EPT misconfiguration)."""
+
+
 def ept_walk(spt: np.ndarray, root_table: int, gfn: int) -> tuple[int, int, int]:
-    """Walk the EPT for ``gfn``: ``(references, leaf_level or 0, leaf_spte)``."""
+    """Walk the EPT for ``gfn``: ``(references, leaf_level, leaf_spte)``; the level is 0 for a
+    non-present entry and ``MISCONFIG`` for an MMIO SPTE."""
     table = root_table
     level = TDP_ROOT_LEVEL
     refs = 0
     while True:
         refs += 1
         e = int(spt[table, (gfn >> (9 * (level - 1))) & 511])
+        if e & 7 == 6:
+            return refs, MISCONFIG, e
         if not e & PT_PRESENT_R:
             return refs, 0, 0
         if level == 1 or e & PT_PAGE_SIZE:
@@ -44,9 +51,10 @@ def ept_walk(spt: np.ndarray, root_table: int, gfn: int) -> tuple[int, int, int]
 
 
 def walk_2d(spt: np.ndarray, root_table: int, gfn: int, write: bool, guest_level: int) -> tuple[bool, int, int, bool]:
-    """One 2D walk: ``(ok, references, leaf_level, writable)``; ``ok`` is False on an EPT violation."""
+    """One 2D walk: ``(ok, references, leaf_level, writable)``; ``ok`` is False on an EPT violation
+    or misconfiguration (``leaf_level == MISCONFIG``)."""
     refs, leaf_level, spte = ept_walk(spt, root_table, gfn)
     refs += guest_walk_levels(guest_level) * (BOOT_PT_EPT_LEVELS + 1)
     writable = bool(spte & PT_WRITABLE)
-    ok = leaf_level != 0 and (writable or not write)
+    ok = leaf_level > 0 and (writable or not write)
     return ok, refs, leaf_level, writable

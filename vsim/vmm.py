@@ -1,0 +1,134 @@
+"""The userspace VMM thread: ``KVM_SET_USER_MEMORY_REGION`` calls on a timed schedule.
+
+``kvm_set_memory_region`` (``virt/kvm/kvm_main.c``, spec §5.2) runs under ``slots_lock``. It builds
+the new memslot set and publishes it with ``kvm_swap_active_memslots`` (§5.3), whose generation
+handling follows ``memslots.generation_scheme``:
+
+* ``in_progress_bit``: the new set carries the old generation with bit 63 set; after
+  ``synchronize_srcu`` the generation becomes the old one plus the step (today's kernel);
+* ``double_increment``: step before publishing and again after ``synchronize_srcu`` (the 2014 fix);
+* ``single_increment``: one step before publishing and none after (the bug before that fix).
+
+The step is the number of address spaces. CREATE and FLAGS_ONLY are modelled; DELETE and MOVE
+first need ``kvm_mmu_zap_all_fast`` and are rejected by the config until it exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslots
+from vsim.mmu.mmio import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, MMIO_SPTE_GEN_MASK
+from vsim.sched import ACTOR_PRIO_BASE, Actor, At
+
+if TYPE_CHECKING:
+    from vsim.config.schema import MemslotOp
+    from vsim.vm import Vm
+
+VMM_ACTOR_ID = -1  # the "vcpu" field of events the VMM logs
+CHANGE_NAMES = {"create": "KVM_MR_CREATE", "flags": "KVM_MR_FLAGS_ONLY"}
+
+
+class Vmm(Actor):
+    """The VMM's memslot-update thread."""
+
+    def __init__(self, vm: Vm) -> None:
+        super().__init__(vm.env, ACTOR_PRIO_BASE, vm.cfg.sim.mode == "reference")
+        self.vm = vm
+        self.ops = sorted(vm.cfg.vmm.ops, key=lambda o: o.at)
+        self._op_id = 0
+
+    def run(self) -> Generator[object, object, None]:
+        yield At(self.env, 0, self.prio)
+        for op in self.ops:
+            self.now = max(self.now, op.at)
+            ev = self.sync()
+            if ev is not None:
+                yield ev
+            yield from self.kvm_set_memory_region(op)
+
+    def kvm_set_memory_region(self, op: MemslotOp) -> Generator[object, object, None]:
+        vm = self.vm
+        self._op_id += 1
+        t0 = self.now
+        change = CHANGE_NAMES[op.op]
+        if vm.sink.faults:
+            vm.sink.emit("vsim_set_memory_region", t0, VMM_ACTOR_ID, self._op_id, change, op.slot)
+        # kvm_prepare_memory_region: metadata (lpage_info, rmaps, dirty bitmap) for the new slot.
+        self.now += vm.costs.memslot_update
+        old_set = vm.memslots
+        if op.op == "create":
+            slots = [*old_set.slots, vm.absent_slots.pop(op.slot)]
+        else:
+            flags = KVM_MEM_LOG_DIRTY_PAGES if op.log_dirty else 0
+            slots = [replace(s, flags=(s.flags & ~KVM_MEM_LOG_DIRTY_PAGES) | flags) if s.id == op.slot else s
+                     for s in old_set.slots]  # fmt: skip
+        srcu_ns = yield from self.kvm_swap_active_memslots(Memslots(slots))
+        # kvm_commit_memory_region: for FLAGS_ONLY, kvm_mmu_slot_apply_flags (its dirty-logging
+        # write protection belongs to the dirty-logging work; the flag already caps huge pages).
+        total = self.now - t0
+        vm.stat.memslot_updates += 1
+        vm.memslot_update_ns.append(total)
+        if vm.sink.faults:
+            vm.sink.emit("vsim_set_memory_region_done", self.now, VMM_ACTOR_ID, self._op_id, change, op.slot,
+                         total, srcu_ns)  # fmt: skip
+
+    def kvm_swap_active_memslots(self, new: Memslots) -> Generator[object, object, int]:
+        """Publish ``new``, wait out the SRCU readers of the old set, settle the generation.
+        Returns the grace period's length."""
+        vm = self.vm
+        scheme = vm.cfg.memslots.generation_scheme
+        step = vm.cfg.memslots.address_spaces
+        gen = vm.memslots.generation
+        assert not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+        first = gen | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS if scheme == "in_progress_bit" else gen + step
+        ev = self.sync()
+        if ev is not None:
+            yield ev
+        vm.publish_memslots(new, first, self.now)
+        grace = yield from self.synchronize_srcu()
+        if scheme == "in_progress_bit":
+            final = (first & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + step
+        elif scheme == "double_increment":
+            final = first + step
+        else:
+            final = first  # single_increment: nothing after the grace period (the R1 bug)
+        ev = self.sync()
+        if ev is not None:
+            yield ev
+        self.kvm_arch_memslots_updated(final)
+        vm.settle_memslots(final, self.now)
+        return grace
+
+    def synchronize_srcu(self) -> Generator[object, object, int]:
+        """``synchronize_srcu[_expedited]``: wait for the readers that started before now."""
+        vm = self.vm
+        t_s = self.now
+        srcu = vm.srcu
+        tokens = srcu.readers_before(t_s)
+        if vm.sink.faults:
+            vm.sink.emit("vsim_synchronize_srcu", t_s, VMM_ACTOR_ID, len(tokens))
+        ev = srcu.wait_for(tokens)
+        if ev is not None:
+            self.now = max(self.now, (yield ev))  # type: ignore[type-var]
+        else:
+            self.now = max(self.now, srcu.last_end(tokens))
+        gp = vm.costs.srcu_expedited_gp if vm.cfg.memslots.srcu_expedited else vm.costs.srcu_normal_gp
+        self.now = max(self.now, t_s + gp)
+        grace = self.now - t_s
+        srcu.grace_ns.append(grace)
+        if vm.sink.faults:
+            vm.sink.emit("vsim_synchronize_srcu_done", self.now, VMM_ACTOR_ID, grace)
+        return grace
+
+    def kvm_arch_memslots_updated(self, gen: int) -> None:
+        """x86: ``kvm_mmu_invalidate_mmio_sptes``: a wrapped MMIO generation needs a fast zap.
+
+        The config bounds the number of updates far below a wrap (2^19 / address spaces), so
+        reaching one here is a bug, not a modelled event.
+        """
+        step = self.vm.cfg.memslots.address_spaces
+        if ((gen >> (step - 1)) & MMIO_SPTE_GEN_MASK) == 0 and gen:
+            raise AssertionError("MMIO generation wrapped: kvm_mmu_zap_all_fast is not in this version")
