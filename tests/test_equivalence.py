@@ -37,12 +37,21 @@ def _random_config(seed: int) -> list[str]:
         "events.level=all",
         "sim.invariants=true",
     ]
-    if r.random() < 0.5:
+    scheme = f"memslots.generation_scheme={r.choice(['in_progress_bit', 'double_increment', 'single_increment'])}"
+    story = r.random()
+    if story < 0.3:
         # Hot-plug: the second half of the region is MMIO until the VMM creates it mid-run.
-        sets += ["vm.memslots=2", "vm.absent_memslots=[1]",
-                 f"memslots.generation_scheme={r.choice(['in_progress_bit', 'double_increment', 'single_increment'])}",
+        sets += ["vm.memslots=2", "vm.absent_memslots=[1]", scheme,
                  f'vmm.ops=[{{at="{r.randint(5, 400)}us", op="create", slot=1}}, '
                  f'{{at="{r.randint(401, 600)}us", op="flags", slot=0, log_dirty=true}}]']  # fmt: skip
+    elif story < 0.6:
+        # Delete, re-create and move a memslot while the vCPUs run: fast zaps, kicks, refaults.
+        t = r.randint(5, 300)
+        sets += ["vm.memslots=2", scheme,
+                 f'vmm.ops=[{{at="{t}us", op="delete", slot=1}}, {{at="{t + r.randint(1, 200)}us", op="create", '
+                 f'slot=1}}, {{at="{t + r.randint(201, 400)}us", op="move", slot=1, to_gpa="64GiB"}}]']  # fmt: skip
+    elif story < 0.8:
+        sets += [f"vmm.stress.iterations={r.randint(1, 12)}", f"vmm.stress.interval={r.randint(1, 40)}us"]
     return sets
 
 
@@ -54,7 +63,7 @@ def _outputs(sets: list[str], mode: str, out: Path) -> tuple[str, bytes]:
     return json.dumps(res.stats), (out / "events.jsonl").read_bytes()
 
 
-@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("seed", range(20))
 def test_batched_equals_reference(tmp_path: Path, seed: int) -> None:
     sets = _random_config(seed)
     stats_b, events_b = _outputs(sets, "batched", tmp_path / "b")

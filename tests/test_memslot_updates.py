@@ -111,10 +111,63 @@ def test_bad_vmm_schedules_are_rejected() -> None:
     from vsim.config import ConfigError
 
     for sets, msg in (
-        (['vmm.ops=[{at="1us", op="delete", slot=0}]'], "must be one of 'create' or 'flags'"),
+        (['vmm.ops=[{at="1us", op="resize", slot=0}]'], "must be one of 'create', 'delete', 'move' or 'flags'"),
+        (["vm.memslots=2", 'vmm.ops=[{at="1us", op="move", slot=1, to_gpa="4GiB"}]'], "overlaps another memslot"),
+        (["vm.memslots=2", 'vmm.ops=[{at="1us", op="delete", slot=1}, {at="2us", op="delete", slot=1}]'],
+         "delete of slot 1, which does not exist"),
         (["vm.memslots=2", 'vmm.ops=[{at="1us", op="create", slot=1}]'], "create of slot 1, which exists"),
         (["vm.memslots=2", "vm.absent_memslots=[1]", 'vmm.ops=[{at="1us", op="flags", slot=1}]'],
-         "flags on slot 1, which does not exist"),
+         "flags of slot 1, which does not exist"),
     ):  # fmt: skip
         with pytest.raises(ConfigError, match=msg):
             load_config(None, sets)
+
+
+def test_delete_and_move_bump_twice_create_once() -> None:
+    for scheme, per_swap in (("in_progress_bit", 1), ("double_increment", 2), ("single_increment", 1)):
+        ops = ('vmm.ops=[{at="20us", op="delete", slot=1}, {at="200us", op="create", slot=1}, '
+               '{at="300us", op="move", slot=1, to_gpa="8GiB"}]')  # fmt: skip
+        sets = ("vm.vcpus=2", "vm.memslots=2", "workload.per_vcpu_memory=256KiB", "workload.passes=4",
+                f"memslots.generation_scheme={scheme}", ops)  # fmt: skip
+        _, stats, sink = simulate(*sets, level="faults")
+        done = [r for r in sink.kept if r[0] == "vsim_set_memory_region_done"]
+        assert [r[4] for r in done] == ["KVM_MR_DELETE", "KVM_MR_CREATE", "KVM_MR_MOVE"]
+        assert stats["memslots_generation"] == (2 + 1 + 2) * per_swap
+        assert [r[8] > 0 for r in done] == [True, False, True]  # DELETE and MOVE zapped
+        assert stats["vm"]["mmu_fast_zaps"] == 2
+
+
+def test_after_fast_zap_no_vcpu_enters_on_an_obsolete_root() -> None:
+    # The invariant checker (on in every test) flags any VM entry on an invalid root.
+    # A long uniform stream over populated memory: at 1 ms the vCPUs run in guest mode and are kicked.
+    vm, stats, sink = simulate("vm.vcpus=4", "vm.memslots=2", "workload.per_vcpu_memory=512KiB",
+                               "workload.kind=uniform", "workload.accesses=300000",
+                               'vmm.ops=[{at="1ms", op="delete", slot=1}, {at="1200us", op="create", slot=1}]',
+                               level="all")  # fmt: skip
+    assert all(not r.invalid for r in vm.mmu.roots) and len(vm.mmu.roots) == 1
+    assert all(v.root is vm.mmu.roots[0] for v in vm.vcpus)
+    irq = [r for r in sink.kept if r[0] == "kvm_exit" and r[4] == "EXTERNAL_INTERRUPT"]
+    assert stats["vcpu_total"]["irq_exits"] == len(irq) > 0  # vCPUs in guest mode were kicked
+    assert stats["vm"]["tdp_sptes_zapped"] > 0 and stats["vm"]["refaults"] > 0
+
+
+def test_fault_on_an_invalid_slot_retries() -> None:
+    # While a DELETE waits for its grace period with the slot INVALID, faults on it retry (R2).
+    _, stats, _ = simulate("vm.vcpus=4", "vm.memslots=2", "workload.per_vcpu_memory=512KiB", "workload.passes=2",
+                           "costs.srcu_expedited_gp=200us", 'vmm.ops=[{at="50us", op="delete", slot=1}]')  # fmt: skip
+    assert stats["vcpu_total"]["pf_retry"] > 3
+
+
+def test_stress_scenario_reports_latency_split() -> None:
+    cfg = load_config(ROOT / "configs" / "memslot_modification_stress.toml", ["vmm.stress.iterations=20",
+                                                                               "events.level=off"])  # fmt: skip
+    from vsim.runner import collect_stats
+    from vsim.vm import Vm
+
+    vm = Vm(cfg)
+    stats = collect_stats(vm, vm.run())
+    lat = stats["latency_ns"]
+    assert stats["vm"]["memslot_updates"] == 40 and stats["vm"]["mmu_fast_zaps"] == 20
+    assert lat["memslot_update"]["count"] == 40
+    assert lat["memslot_update_zap"]["max"] > 0 and lat["memslot_update_srcu"]["p50"] >= cfg.costs.srcu_expedited_gp
+    assert stats["vm"]["refaults"] > 0 and stats["invariant_violations"] == []

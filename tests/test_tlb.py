@@ -55,7 +55,7 @@ def test_batch_kernel_matches_reference_tlb_access_by_access() -> None:
         for i in range(len(gfns)):
             before = int(ctr[1])
             j, _, status, _, _ = run_accesses(
-                gfns, writes, i, i + 1, vm.mmu.spt, root, 1, tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
+                gfns, writes, i, i + 1, 1 << 62, vm.mmu.spt, root, 1, tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
                 5, 1, 10, ctr,
             )  # fmt: skip
             assert status == 0 and j == i + 1

@@ -70,6 +70,14 @@ class CostModel(BaseModel):
         "grace period with no readers",
     )
     srcu_normal_gp: Duration = _cost(20_000_000, "row 4.6: a normal grace period ≈20 ms with CONFIG_HZ=100")
+    ipi_latency: Duration = _cost(
+        1000, "row 5.6: IPI round trip ≈1–3 µs on modern Xeons; ≈1 µs from send to the target's exit"
+    )
+    ipi_send: Duration = _cost(200, "row 5.6: ≈200 ns per receiver on the sender (base ≈1 µs + 200 ns each)")
+    tdp_zap_spte: Duration = _cost(
+        60,
+        "row 3.8: ≈61 ns per 4K SPTE created by eager splitting; ASSUMPTION: zapping one SPTE costs the same",
+    )
     guest_access: Duration = _cost(
         5, "§7.1 memstress guest loop (one 8-byte access per page plus loop work); ASSUMPTION, no published cost"
     )

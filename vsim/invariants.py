@@ -11,6 +11,7 @@ Checks made in this version:
   generation and no update in progress.
 * §13.10 generation monotonicity: the generation (without the in-progress bit) never decreases, and
   once an update settles it has moved by the step (the number of address spaces).
+* §13.7 root reload: no VM entry on an obsolete (invalidated) root.
 * No stale MMIO: an access emulated as MMIO for a gfn that has a memslot, after the update that
   created the memslot has completed.
 
@@ -66,6 +67,10 @@ class InvariantChecker:
             self._violate("mmio_hit_validity", f"vcpu {vcpu.id} gfn {gfn:#x} generation {stored} vs {generation:#x}",
                           vcpu.now, vcpu.id)  # fmt: skip
 
+    def on_obsolete_entry(self, vcpu: Vcpu) -> None:
+        """§13.7: a vCPU never enters the guest on an obsolete root."""
+        self._violate("obsolete_root_entry", f"vcpu {vcpu.id} entered on an invalid root", vcpu.now, vcpu.id)
+
     def on_stale_mmio(self, vcpu: Vcpu, gfn: int) -> None:
         self._violate("stale_mmio", f"vcpu {vcpu.id} gfn {gfn:#x} emulated as MMIO but has a memslot", vcpu.now,
                       vcpu.id)  # fmt: skip
@@ -87,7 +92,9 @@ class InvariantChecker:
         """Every cached translation is backed by the current SPTEs (no stale translation)."""
         mmu = self.vm.mmu
         for v in self.vm.vcpus:
-            if v.root is None:
+            # A vCPU on an invalidated root cannot enter without reloading, which flushes its TLB
+            # (on_obsolete_entry checks that); its entries are not translations it can use.
+            if v.root is None or v.root.invalid:
                 continue
             for size_class, key, writable in v.tlb.entries():
                 gfn = key << (9 * size_class)

@@ -67,6 +67,11 @@ class Memslot:
         """The host pfn backing ``gfn`` (``__gfn_to_hva_memslot`` plus the host page tables)."""
         return self.host.pfn_base + self.host_offset + (gfn - self.base_gfn)
 
+    def moved_to(self, base_gfn: int) -> Memslot:
+        """The slot after ``KVM_MR_MOVE``: same host memory, new guest frames, fresh metadata."""
+        return Memslot(id=self.id, base_gfn=base_gfn, npages=self.npages, host=self.host,
+                       host_offset=self.host_offset, flags=self.flags & ~KVM_MEMSLOT_INVALID)  # fmt: skip
+
     def faultin(self, gfn: int) -> int:
         """The host side of ``kvm_faultin_pfn``: 4K pages the host zeroed to back ``gfn`` (0 if resident)."""
         return self.host.faultin(self.host_offset + gfn - self.base_gfn)

@@ -79,6 +79,8 @@ def collect_stats(vm: Vm, sim_time_ns: int) -> dict[str, Any]:
             "mmu_lock_wait": {"read": percentiles(lock.waits("read")), "write": percentiles(lock.waits("write"))},
             "srcu_grace_period": percentiles(vm.srcu.grace_ns),
             "memslot_update": percentiles(vm.memslot_update_ns),
+            "memslot_update_srcu": percentiles(vm.memslot_srcu_ns),
+            "memslot_update_zap": percentiles(vm.memslot_zap_ns),
         },
         "vcpus": vcpus,
     }

@@ -16,6 +16,7 @@ import numpy as np
 VCPU_STATS = (
     "exits",  # every VM exit
     "io_exits",  # KVM_EXIT_IO exits to userspace (memstress GUEST_SYNC)
+    "irq_exits",  # external-interrupt exits (kick IPIs)
     "pf_taken",  # faults that entered kvm_mmu_do_page_fault
     "pf_fixed",  # RET_PF_FIXED
     "pf_spurious",  # RET_PF_SPURIOUS
@@ -41,6 +42,9 @@ VM_STATS = (
     "remote_tlb_flush",
     "remote_tlb_flush_requests",
     "memslot_updates",  # vsim: kvm_set_memory_region calls completed
+    "mmu_fast_zaps",  # vsim: kvm_mmu_zap_all_fast calls
+    "tdp_sptes_zapped",  # vsim: SPTEs cleared while zapping invalidated TDP roots
+    "refaults",  # vsim: faults that re-mapped a gfn a zap had unmapped
     "mmio_on_backed_gfn",  # vsim: MMIO emulations of a gfn that had a memslot, after the update settled
 )
 

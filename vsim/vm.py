@@ -13,18 +13,21 @@ from array import array
 
 import numpy as np
 import simpy
+from simpy.events import Event
 
 from vsim.config.schema import PAGE_LEVEL, ScenarioConfig, WorkloadConfig
 from vsim.events.sink import EventSink
+from vsim.host_mm import HostMapping
 from vsim.invariants import InvariantChecker
-from vsim.memslots import Memslots, build_test_memslots
+from vsim.memslots import Memslot, Memslots, build_test_memslots
 from vsim.mmu.mmu_lock import MmuLock
 from vsim.mmu.tdp_mmu import TdpMmu
+from vsim.sched import GRANT_PRIO
 from vsim.srcu import Srcu
 from vsim.stats import VmStat
-from vsim.vcpu.vcpu import Vcpu
+from vsim.vcpu.vcpu import NEVER, Vcpu
 from vsim.vcpu.workloads import Workload, vcpu_region
-from vsim.vmm import Vmm
+from vsim.vmm import DUMMY_SLOT_ID, Vmm
 
 
 class WallClockTimeout(Exception):
@@ -58,16 +61,26 @@ class Vm:
         self.memslots_settled = True  # no kvm_set_memory_region between publish and settle
         self.srcu = Srcu(self.env, self.sink)
         self.memslot_update_ns = array("q")
+        self.memslot_srcu_ns = array("q")
+        self.memslot_zap_ns = array("q")
+        self.region_base_gfn = base_gfn
+        self._zapped = np.zeros(nv * per, dtype=np.bool_)  # test-region gfns a zap unmapped
+        if cfg.vmm.stress.iterations:
+            # The dummy slot: one page just below the test region, with its own host page.
+            dummy = HostMapping(pfn_base=1 << 40, npages=1, page_level=1)
+            self.absent_slots[DUMMY_SLOT_ID] = Memslot(id=DUMMY_SLOT_ID, base_gfn=base_gfn - 1, npages=1, host=dummy)
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = 0
         self.mmu_invalidate_range_end = 0
         self.mmu_lock = MmuLock(self.env, self.sink)
         self.mmu = TdpMmu(self, initial_tables=self._estimate_tables(nv * per))
-        self.vmm = Vmm(self) if cfg.vmm.ops else None
+        self.vmm = Vmm(self) if cfg.vmm.ops or cfg.vmm.stress.iterations else None
         root_seq = np.random.SeedSequence(cfg.seed)
         streams = root_seq.spawn(2)[STREAM_VCPU_WORKLOADS].spawn(nv)
         self._vmm_started = False
+        self._acks: tuple[set[int], Event, list[int]] | None = None
+        self.mmu_valid_gen = 0
         self.vcpus = []
         for i in range(nv):
             start, pages = vcpu_region(cfg.workload, i, nv, base_gfn)
@@ -77,6 +90,58 @@ class Vm:
     @staticmethod
     def _estimate_tables(pages: int) -> int:
         return 8 + pages // 512 + pages // (512 * 512)
+
+    # -- requests and kicks (kvm_make_all_cpus_request) ------------------------------------------
+    def note_zapped(self, gfn: int, level: int) -> None:
+        """A zap unmapped a leaf: a later fault that maps these gfns again is a refault."""
+        lo = gfn - self.region_base_gfn
+        n = 1 << (9 * (level - 1))
+        if lo + n > 0 and lo < len(self._zapped):
+            self._zapped[max(lo, 0) : lo + n] = True
+
+    def note_mapped(self, gfn: int, level: int) -> None:
+        lo = gfn - self.region_base_gfn
+        n = 1 << (9 * (level - 1))
+        if 0 <= lo < len(self._zapped) and self._zapped[lo : lo + n].any():
+            self.stat.refaults += 1
+            self._zapped[lo : lo + n] = False
+
+    def kick_horizon(self) -> int:
+        """The earliest time a kick could reach a vCPU: one IPI latency after the VMM's next
+        possible action (its wake-up time, or now while it waits on something)."""
+        vmm = self.vmm
+        if vmm is None or vmm.done:
+            return NEVER
+        t = vmm.sleeping_until if vmm.sleeping_until is not None else self.env.now
+        return t + self.costs.ipi_latency
+
+    def kvm_make_all_cpus_request(self, req: int, t: int, wait: bool) -> tuple[Event | None, int]:
+        """Set ``req`` on every vCPU and kick those not outside guest mode (``WAIT|NO_WAKEUP``
+        semantics). Returns an event for the last acknowledgement (``None`` if no IPI was needed,
+        or without ``wait``) and the number of IPIs sent."""
+        targets = set()
+        for v in self.vcpus:
+            v.requests |= req
+            if v.kick(t):
+                targets.add(v.id)
+        if not wait or not targets:
+            return None, len(targets)
+        ev = Event(self.env)
+        self._acks = (targets, ev, [t])
+        return ev, len(targets)
+
+    def ack_kick(self, vcpu: Vcpu, t: int) -> None:
+        """A kicked vCPU took the IPI (it exited) at ``t``."""
+        if self._acks is None:
+            return
+        waiting, ev, latest = self._acks
+        waiting.discard(vcpu.id)
+        latest[0] = max(latest[0], t)
+        if not waiting:
+            self._acks = None
+            ev._ok = True  # noqa: SLF001 - trigger at (latest ack, GRANT_PRIO)
+            ev._value = latest[0]  # noqa: SLF001
+            self.env.schedule(ev, GRANT_PRIO, max(0, latest[0] - self.env.now))
 
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since the snapshot."""

@@ -9,8 +9,11 @@ handling follows ``memslots.generation_scheme``:
 * ``double_increment``: step before publishing and again after ``synchronize_srcu`` (the 2014 fix);
 * ``single_increment``: one step before publishing and none after (the bug before that fix).
 
-The step is the number of address spaces. CREATE and FLAGS_ONLY are modelled; DELETE and MOVE
-first need ``kvm_mmu_zap_all_fast`` and are rejected by the config until it exists.
+The step is the number of address spaces. DELETE and MOVE first mark the slot INVALID and publish
+that (``kvm_invalidate_memslot``), then ``kvm_arch_flush_shadow_memslot`` runs
+``kvm_mmu_zap_all_fast``, then the final set is published: two swaps, so two generation updates.
+The ``stress`` schedule adds and deletes a one-page dummy slot just below the test region, as
+``memslot_modification_stress_test`` does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslots
+from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID, Memslots
+from vsim.mmu.fast_zap import kvm_mmu_zap_all_fast
 from vsim.mmu.mmio import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, MMIO_SPTE_GEN_MASK
 from vsim.sched import ACTOR_PRIO_BASE, Actor, At
 
@@ -28,17 +32,29 @@ if TYPE_CHECKING:
     from vsim.vm import Vm
 
 VMM_ACTOR_ID = -1  # the "vcpu" field of events the VMM logs
-CHANGE_NAMES = {"create": "KVM_MR_CREATE", "flags": "KVM_MR_FLAGS_ONLY"}
+CHANGE_NAMES = {"create": "KVM_MR_CREATE", "flags": "KVM_MR_FLAGS_ONLY", "delete": "KVM_MR_DELETE",
+                "move": "KVM_MR_MOVE"}  # fmt: skip
+DUMMY_SLOT_ID = 1 << 15  # memslot_modification_stress_test uses a slot outside the test's
 
 
 class Vmm(Actor):
     """The VMM's memslot-update thread."""
 
+    actor_id = VMM_ACTOR_ID
+
     def __init__(self, vm: Vm) -> None:
         super().__init__(vm.env, ACTOR_PRIO_BASE, vm.cfg.sim.mode == "reference")
         self.vm = vm
-        self.ops = sorted(vm.cfg.vmm.ops, key=lambda o: o.at)
+        self.ops = schedule(vm)
         self._op_id = 0
+        self.done = False
+        # When the VMM next acts, if it is waiting for a timer (None while it waits on others).
+        self.sleeping_until: int | None = 0
+
+    def sync(self) -> At | None:
+        ev = super().sync()
+        self.sleeping_until = self.now if ev is not None else None
+        return ev
 
     def run(self) -> Generator[object, object, None]:
         yield At(self.env, 0, self.prio)
@@ -48,6 +64,7 @@ class Vmm(Actor):
             if ev is not None:
                 yield ev
             yield from self.kvm_set_memory_region(op)
+        self.done = True
 
     def kvm_set_memory_region(self, op: MemslotOp) -> Generator[object, object, None]:
         vm = self.vm
@@ -56,24 +73,37 @@ class Vmm(Actor):
         change = CHANGE_NAMES[op.op]
         if vm.sink.faults:
             vm.sink.emit("vsim_set_memory_region", t0, VMM_ACTOR_ID, self._op_id, change, op.slot)
+        srcu_ns = zap_ns = 0
+        others = [s for s in vm.memslots.slots if s.id != op.slot]
+        if op.op in ("delete", "move"):
+            # kvm_invalidate_memslot: publish the slot as INVALID, then zap everything.
+            (old,) = [s for s in vm.memslots.slots if s.id == op.slot]
+            invalid = replace(old, flags=old.flags | KVM_MEMSLOT_INVALID)
+            srcu_ns += yield from self.kvm_swap_active_memslots(Memslots([*others, invalid]))
+            zap_ns = yield from kvm_mmu_zap_all_fast(self)
         # kvm_prepare_memory_region: metadata (lpage_info, rmaps, dirty bitmap) for the new slot.
         self.now += vm.costs.memslot_update
-        old_set = vm.memslots
         if op.op == "create":
-            slots = [*old_set.slots, vm.absent_slots.pop(op.slot)]
+            slots = [*vm.memslots.slots, vm.absent_slots.pop(op.slot)]
+        elif op.op == "delete":
+            vm.absent_slots[op.slot] = old
+            slots = others
+        elif op.op == "move":
+            slots = [*others, old.moved_to(op.to_gpa >> 12)]
         else:
-            flags = KVM_MEM_LOG_DIRTY_PAGES if op.log_dirty else 0
-            slots = [replace(s, flags=(s.flags & ~KVM_MEM_LOG_DIRTY_PAGES) | flags) if s.id == op.slot else s
-                     for s in old_set.slots]  # fmt: skip
-        srcu_ns = yield from self.kvm_swap_active_memslots(Memslots(slots))
+            slots = [replace(s, flags=s.flags | KVM_MEM_LOG_DIRTY_PAGES) if s.id == op.slot else s
+                     for s in vm.memslots.slots]  # fmt: skip
+        srcu_ns += yield from self.kvm_swap_active_memslots(Memslots(slots))
         # kvm_commit_memory_region: for FLAGS_ONLY, kvm_mmu_slot_apply_flags (its dirty-logging
         # write protection belongs to the dirty-logging work; the flag already caps huge pages).
         total = self.now - t0
         vm.stat.memslot_updates += 1
         vm.memslot_update_ns.append(total)
+        vm.memslot_srcu_ns.append(srcu_ns)
+        vm.memslot_zap_ns.append(zap_ns)
         if vm.sink.faults:
             vm.sink.emit("vsim_set_memory_region_done", self.now, VMM_ACTOR_ID, self._op_id, change, op.slot,
-                         total, srcu_ns)  # fmt: skip
+                         total, srcu_ns, zap_ns)  # fmt: skip
 
     def kvm_swap_active_memslots(self, new: Memslots) -> Generator[object, object, int]:
         """Publish ``new``, wait out the SRCU readers of the old set, settle the generation.
@@ -112,6 +142,7 @@ class Vmm(Actor):
             vm.sink.emit("vsim_synchronize_srcu", t_s, VMM_ACTOR_ID, len(tokens))
         ev = srcu.wait_for(tokens)
         if ev is not None:
+            self.sleeping_until = None
             self.now = max(self.now, (yield ev))  # type: ignore[type-var]
         else:
             self.now = max(self.now, srcu.last_end(tokens))
@@ -132,3 +163,17 @@ class Vmm(Actor):
         step = self.vm.cfg.memslots.address_spaces
         if ((gen >> (step - 1)) & MMIO_SPTE_GEN_MASK) == 0 and gen:
             raise AssertionError("MMIO generation wrapped: kvm_mmu_zap_all_fast is not in this version")
+
+
+def schedule(vm: Vm) -> list[MemslotOp]:
+    """The VMM's calls in time order: the configured ops plus the dummy-slot stress loop."""
+    from vsim.config.schema import MemslotOp
+
+    ops = list(vm.cfg.vmm.ops)
+    st = vm.cfg.vmm.stress
+    if st.iterations:
+        for k in range(st.iterations):
+            t = st.start + 2 * k * st.interval
+            ops.append(MemslotOp(at=t, op="create", slot=DUMMY_SLOT_ID))
+            ops.append(MemslotOp(at=t + st.interval, op="delete", slot=DUMMY_SLOT_ID))
+    return sorted(ops, key=lambda o: o.at)

@@ -150,5 +150,5 @@ def _find_line(text: str, loc: list[str]) -> int | None:
 
 def dump_config(cfg: ScenarioConfig) -> str:
     """The resolved config as TOML with every default filled in; loading it gives ``cfg`` back."""
-    data = cfg.model_dump(mode="json")
+    data = cfg.model_dump(mode="json", exclude_none=True)  # an unset optional key is left out
     return tomli_w.dumps(data)

@@ -128,11 +128,11 @@ class MemslotOp(_Table):
     """One ``KVM_SET_USER_MEMORY_REGION`` call by the VMM."""
 
     at: Duration = Field(description="simulated time the VMM issues the call")
-    op: Literal["create", "flags"] = Field(
-        description="create (KVM_MR_CREATE) or flags (KVM_MR_FLAGS_ONLY); delete and move need "
-        "kvm_mmu_zap_all_fast, which is not in this version"
+    op: Literal["create", "delete", "move", "flags"] = Field(
+        description="KVM_MR_CREATE, KVM_MR_DELETE, KVM_MR_MOVE (to to_gpa) or KVM_MR_FLAGS_ONLY"
     )
     slot: int = Field(ge=0, description="index of the test-region memslot")
+    to_gpa: Size | None = Field(None, description="move: the slot's new guest physical address")
     log_dirty: Literal[True] = Field(
         True,
         description="flags: set KVM_MEM_LOG_DIRTY_PAGES (disabling it recovers huge pages, which needs remote TLB "
@@ -140,10 +140,19 @@ class MemslotOp(_Table):
     )
 
 
+class StressConfig(_Table):
+    """``memslot_modification_stress_test``: add and delete a one-page dummy slot again and again."""
+
+    iterations: int = Field(0, ge=0, le=100_000, description="create/delete pairs (0: off)")
+    start: Duration = Field(0, description="time of the first create")
+    interval: Duration = Field(10_000, ge=1, description="from each create to its delete, and on to the next create")
+
+
 class VmmConfig(_Table):
     """The userspace VMM thread: a timed schedule of memslot updates."""
 
     ops: list[MemslotOp] = Field(default_factory=list)
+    stress: StressConfig = StressConfig()
 
 
 class EventsConfig(_Table):
@@ -186,20 +195,40 @@ class ScenarioConfig(_Table):
             raise ValueError("vm.base_gpa: must be 1GiB-aligned so every backing size can map huge")
         if self.vm.base_gpa + total_pages * 4096 > 1 << 52:
             raise ValueError("vm.base_gpa: the test region must end below 4PiB (52-bit guest physical)")
-        if len(self.vmm.ops) * self.memslots.address_spaces * 2 >= 1 << 19:
+        if (len(self.vmm.ops) + 2 * self.vmm.stress.iterations) * self.memslots.address_spaces * 2 >= 1 << 19:
             raise ValueError("vmm.ops: this many updates could wrap the 19-bit MMIO generation, which needs "
                              "kvm_mmu_zap_all_fast (not in this version)")  # fmt: skip
-        present = set(range(self.vm.memslots)) - set(self.vm.absent_memslots)
+        self._check_schedule(total_pages)
+        return self
+
+    def _check_schedule(self, total_pages: int) -> None:
+        per = total_pages // self.vm.memslots
+        base = self.vm.base_gpa >> 12
+        where = {i: base + i * per for i in range(self.vm.memslots)}  # slot -> base gfn while it exists
         for i in self.vm.absent_memslots:
             if not 0 <= i < self.vm.memslots:
                 raise ValueError(f"vm.absent_memslots: {i} is not a memslot index (0..{self.vm.memslots - 1})")
+            where.pop(i, None)
+        st = self.vmm.stress
+        if st.iterations and any(o.at < st.start + 2 * st.iterations * st.interval for o in self.vmm.ops):
+            raise ValueError("vmm.stress: the dummy-slot loop must not overlap vmm.ops in time")
         for op in sorted(self.vmm.ops, key=lambda o: o.at):
             if op.slot >= self.vm.memslots:
                 raise ValueError(f"vmm.ops: slot {op.slot} is not a memslot index (0..{self.vm.memslots - 1})")
+            exists = op.slot in where
             if op.op == "create":
-                if op.slot in present:
+                if exists:
                     raise ValueError(f"vmm.ops: create of slot {op.slot}, which exists then")
-                present.add(op.slot)
-            elif op.slot not in present:
-                raise ValueError(f"vmm.ops: flags on slot {op.slot}, which does not exist then")
-        return self
+                where[op.slot] = base + op.slot * per
+                continue
+            if not exists:
+                raise ValueError(f"vmm.ops: {op.op} of slot {op.slot}, which does not exist then")
+            if op.op == "delete":
+                del where[op.slot]
+            elif op.op == "move":
+                if op.to_gpa is None or op.to_gpa % 4096:
+                    raise ValueError(f"vmm.ops: move of slot {op.slot} needs a 4KiB-aligned to_gpa")
+                new = op.to_gpa >> 12
+                if new == base - 1 or any(s != op.slot and new < b + per and b < new + per for s, b in where.items()):
+                    raise ValueError(f"vmm.ops: move of slot {op.slot} to {op.to_gpa:#x} overlaps another memslot")
+                where[op.slot] = new

@@ -43,7 +43,12 @@ KINDS: tuple[EventKind, ...] = (
     EventKind("kvm_userspace_exit", "all", ("exit_id", "reason"), ("reason",)),
     EventKind("kvm_mmio", "faults", ("type", "gpa"), ("type",)),
     EventKind("vsim_set_memory_region", "faults", ("op_id", "change", "slot"), ("change",)),
-    EventKind("vsim_set_memory_region_done", "faults", ("op_id", "change", "slot", "total_ns", "srcu_ns"), ("change",)),
+    EventKind(
+        "vsim_set_memory_region_done",
+        "faults",
+        ("op_id", "change", "slot", "total_ns", "srcu_ns", "zap_ns"),
+        ("change",),
+    ),
     EventKind("vsim_synchronize_srcu", "faults", ("readers",)),
     EventKind("vsim_synchronize_srcu_done", "faults", ("grace_ns",)),
     EventKind("vsim_memslots_generation", "faults", ("as_id", "generation", "in_progress")),

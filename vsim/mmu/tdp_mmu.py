@@ -117,6 +117,44 @@ class TdpMmu:
         self.roots.append(root)
         return root
 
+    def kvm_tdp_mmu_put_root(self, root: TdpRoot, vid: int, t: int) -> None:
+        """``kvm_tdp_mmu_put_root``: drop a reference; the last one frees the (zapped) root."""
+        root.refcount -= 1
+        if root.refcount == 0:
+            self.roots.remove(root)
+            self._zap_table(root.table, 0, vid, t)
+
+    def kvm_tdp_mmu_invalidate_all_roots(self) -> list[TdpRoot]:
+        """Mark every valid root invalid (and scheduled to be zapped)."""
+        invalid = [r for r in self.roots if not r.invalid]
+        for r in invalid:
+            r.invalid = True
+        return invalid
+
+    def zap_root(self, root: TdpRoot, vid: int, t: int) -> int:
+        """``tdp_mmu_zap_root``: clear every SPTE under an invalidated root, bottom-up (no flush:
+        every vCPU flushes when it loads a new root). Returns the entries visited. The child
+        tables go back to the pool; the root table goes when its last reference does."""
+        return self._zap_table(root.table, 0, vid, t, free=False)
+
+    def _zap_table(self, table: int, gfn: int, vid: int, t: int, free: bool = True) -> int:
+        level = int(self.sp_level[table])
+        visited = 0
+        for i in np.flatnonzero(self.spt[table]).tolist():
+            old = self.spt.item(table, i)
+            child_gfn = gfn + i * pages_per_level(level)
+            visited += 1
+            present = bool(old & SPTE_MMU_PRESENT) and old != REMOVED_SPTE
+            if present and not is_last_spte(old, level):
+                visited += self._zap_table((old & PFN_MASK) >> PFN_SHIFT, child_gfn, vid, t)
+            elif present:
+                self.vm.note_zapped(child_gfn, level)
+            self.spt[table, i] = 0
+            self.handle_changed_spte(child_gfn, old, 0, level, vid, t)
+        if free:
+            self._free_sp(table)
+        return visited
+
     # -- lockless walks --------------------------------------------------------------------------
     def walk_to(self, root: TdpRoot, gfn: int, goal: int) -> tuple[int, int, int, int]:
         """``kvm_tdp_mmu_map``'s walk: down to ``goal`` at most, stopping early at a leaf, a
@@ -270,6 +308,7 @@ class TdpMmu:
         if slot is None:
             v.stat.pf_mmio_spte_created += 1
             return RET_PF_EMULATE
+        self.vm.note_mapped(base, goal)
         return RET_PF_FIXED
 
     def handle_removed_pt(self, table: int, gfn: int, vid: int, t: int) -> int:

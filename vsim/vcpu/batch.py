@@ -20,6 +20,7 @@ from vsim.vcpu.walk import BOOT_PT_EPT_LEVELS
 STOP_DONE = 0
 STOP_EPT_VIOLATION = 1
 STOP_EPT_MISCONFIG = 2  # an MMIO SPTE (RWX = 110b) on the walk
+STOP_HORIZON = 3  # the next access would start at or after ``limit``: something may interrupt it
 
 _EMPTY = -1
 
@@ -74,6 +75,7 @@ def run_accesses(
     writes,
     start,
     stop,
+    limit,
     spt,
     root_table,
     guest_level,
@@ -92,6 +94,8 @@ def run_accesses(
     ``status`` is ``STOP_DONE`` (all ran), or ``STOP_EPT_VIOLATION`` / ``STOP_EPT_MISCONFIG`` at
     ``index``, whose walk made ``fault_refs`` references and found an EPT leaf (``present``) or
     none. The faulting access is not counted; the caller accounts it when it takes the exit.
+    ``STOP_HORIZON`` stops before the first access that would start ``limit`` ns or more into the
+    stretch (a kick could arrive by then).
     """
     t = 0
     guest_refs = (5 - guest_level) * (BOOT_PT_EPT_LEVELS + 1)
@@ -100,6 +104,9 @@ def run_accesses(
     walk_refs = 0
     i = start
     while i < stop:
+        if t >= limit:
+            _add_counters(counters, i - start, hits, walks, walk_refs)
+            return i, t, STOP_HORIZON, 0, False
         g = gfns[i]
         w = writes[i]
         hit = False

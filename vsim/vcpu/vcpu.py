@@ -33,7 +33,7 @@ from vsim.mmu.page_fault import (
 )
 from vsim.sched import VCPU_PRIO_BASE, Actor, At
 from vsim.stats import VcpuStat
-from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, run_accesses
+from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, STOP_HORIZON, run_accesses
 from vsim.vcpu.tlb import RefTlb, Tlb
 from vsim.vcpu.walk import MISCONFIG, walk_2d
 from vsim.vcpu.workloads import Workload
@@ -47,6 +47,12 @@ OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE, READING_SHADOW_PAGE_TABLE
 
 EXIT_REASON_EPT_VIOLATION = "EPT_VIOLATION"
 EXIT_REASON_EPT_MISCONFIG = "EPT_MISCONFIG"
+EXIT_REASON_EXTERNAL_INTERRUPT = "EXTERNAL_INTERRUPT"
+
+NEVER = 1 << 62
+# vcpu->requests bits (arch/x86/include/asm/kvm_host.h names)
+KVM_REQ_TLB_FLUSH = 1 << 0
+KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 31
 EXIT_REASON_IO_INSTRUCTION = "IO_INSTRUCTION"
 
 
@@ -69,6 +75,7 @@ class Vcpu(Actor):
         self.finished_at = -1
         self.last_used_slot = None
         self.last_used_slot_gen = 0
+        self.kick_at = NEVER  # when a pending kick's IPI arrives
         self.mmio_gfn = -1  # the per-vCPU MMIO cache (vcpu->arch.mmio_gfn / mmio_gen)
         self.mmio_gen = -1
         # Span ids are per vCPU, so allocating one never touches state another vCPU can see.
@@ -113,45 +120,60 @@ class Vcpu(Actor):
         for gfns, writes, pass_end in self.workload.chunks():
             yield from step(gfns, writes)
             if pass_end:
-                self.guest_sync()
+                yield from self.guest_sync()
             ev = self.sync()
             if ev is not None:
                 yield ev
         if self.now > self.env.now:
             yield At(self.env, self.now - self.env.now, self.prio)
+        # KVM_RUN returns: the vCPU is out of guest mode, and a kick still in flight is taken by
+        # the (now idle) CPU as soon as its IPI arrives.
+        self.mode = OUTSIDE_GUEST_MODE
+        if self.kick_at != NEVER:
+            self.vm.ack_kick(self, max(self.now, self.kick_at))
+            self.kick_at = NEVER
         self._fold_counters()
         self.finished_at = self.now
 
     def kvm_mmu_load(self) -> None:
         """``kvm_mmu_reload`` → ``kvm_mmu_load``: get the shared TDP root, flush the context."""
         self.root = self.vm.mmu.kvm_tdp_mmu_alloc_root()
-        self.tlb.flush()
+        self.tlb.flush()  # flush_tlb_current, called directly: KVM does not count it in tlb_flush
 
     def _run_batched(self, gfns: np.ndarray, writes: np.ndarray) -> Generator[object, object, None]:
         tlb = self.tlb
         assert isinstance(tlb, Tlb)
         c = self.vm.costs
-        mmu = self.vm.mmu
-        assert self.root is not None
-        root_table = self.root.table
+        vm = self.vm
+        mmu = vm.mmu
         guest_level = self.guest_level
         i, n = 0, len(gfns)
         while i < n:
+            assert self.root is not None
+            # Run no further than a kick could arrive (an IPI after the VMM's next possible action).
+            limit = min(vm.kick_horizon(), self.kick_at) - self.now
             j, dt, status, refs, present = run_accesses(
-                gfns, writes, i, n, mmu.spt, root_table, guest_level,
+                gfns, writes, i, n, limit, mmu.spt, self.root.table, guest_level,
                 tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
                 c.guest_access, c.tlb_hit, c.walk_ref, self.counters,
             )  # fmt: skip
             self.now += dt
+            i = j
             if status == STOP_DONE:
                 return
+            if status == STOP_HORIZON and self.kick_at > self.now:
+                # Let the clock catch up so the VMM can act (or show it will not yet).
+                yield At(self.env, self.now - self.env.now, self.prio)
+                continue
             # Reach the exiting access's own instant before handling it: exit handling reads shared
             # state (SPTEs, memslots, host pages). If anything ran meanwhile, look again: another
             # vCPU may have installed the translation since this stretch began.
-            i = j
             ev = self.sync()
             if ev is not None:
                 yield ev
+                continue
+            if status == STOP_HORIZON:
+                yield from self.handle_external_interrupt()
                 continue
             if status == STOP_EPT_VIOLATION:
                 done = yield from self.handle_ept_violation(int(gfns[j]), bool(writes[j]), bool(present), int(refs))
@@ -170,6 +192,9 @@ class Vcpu(Actor):
         i, n = 0, len(gfns)
         while i < n:
             yield At(self.env, self.now - self.env.now, self.prio)
+            if self.kick_at <= self.now:
+                yield from self.handle_external_interrupt()
+                continue
             g, w = int(gfns[i]), bool(writes[i])
             if tlb.lookup(g, w):
                 self.now += c.guest_access + c.tlb_hit
@@ -198,23 +223,59 @@ class Vcpu(Actor):
         """VM exit at the end of a walk of ``refs`` references: leave guest mode, enter KVM under
         ``kvm->srcu``. Returns ``(exit_id, t_exit, srcu_token)``."""
         vm = self.vm
-        self.counters[2] += 1
-        self.counters[3] += refs
+        if refs:  # the walk that ended in the EPT violation or misconfiguration
+            self.counters[2] += 1
+            self.counters[3] += refs
         t_exit = self.now + refs * vm.costs.walk_ref
         self.mode = OUTSIDE_GUEST_MODE
         self.stat.exits += 1
         exit_id = self._next_exit_id()
         if vm.sink.all:
             vm.sink.emit("kvm_exit", t_exit, self.id, exit_id, reason, gfn << 12)
+        if self.kick_at != NEVER:
+            # A kick's IPI still in flight reaches this CPU in the host, outside guest mode: it is
+            # acknowledged on arrival, with no exit of its own.
+            vm.ack_kick(self, max(t_exit, self.kick_at))
+            self.kick_at = NEVER
         # The read side covers the whole exit: its memslot reads are evaluated from the exit on.
         token = vm.srcu.read_lock(self.now)
         self.now = t_exit + vm.costs.vmexit
         return exit_id, t_exit, token
 
-    def _reenter(self, exit_id: int, token: int) -> None:
-        """Drop ``kvm->srcu`` and enter the guest (``vcpu_enter_guest``)."""
+    def _reenter(self, exit_id: int, token: int) -> Generator[object, object, None]:
+        """``vcpu_enter_guest``: service pending requests, drop ``kvm->srcu``, enter the guest."""
+        if self.requests:
+            ev = self.sync()  # requests touch shared MMU state (roots)
+            if ev is not None:
+                yield ev
+            self.service_requests()
         self.vm.srcu.read_unlock(token, self.now)
         self.enter_guest(exit_id)
+
+    def service_requests(self) -> None:
+        """The ``KVM_REQ_*`` handled at the top of ``vcpu_enter_guest``, in the kernel's order."""
+        if self.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS:
+            self.requests &= ~KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+            # kvm_mmu_free_obsolete_roots, then kvm_mmu_reload before entry.
+            if self.root is not None and self.root.invalid:
+                self.vm.mmu.kvm_tdp_mmu_put_root(self.root, self.id, self.now)
+                self.root = None
+                self.kvm_mmu_load()
+
+    def kick(self, t: int) -> bool:
+        """``kvm_vcpu_kick`` at ``t``: a vCPU in guest mode takes an IPI one latency later and
+        exits. Returns whether an IPI was sent (the vCPU was not outside guest mode)."""
+        if self.mode == OUTSIDE_GUEST_MODE:
+            return False
+        self.kick_at = min(self.kick_at, t + self.vm.costs.ipi_latency)
+        return True
+
+    def handle_external_interrupt(self) -> Generator[object, object, None]:
+        """The kick's IPI arrives: exit (``EXTERNAL_INTERRUPT``), acknowledge it, re-enter."""
+        self.now = max(self.now, self.kick_at)
+        exit_id, _, token = self._exit(EXIT_REASON_EXTERNAL_INTERRUPT, 0, 0)  # acknowledges the kick
+        self.stat.irq_exits += 1
+        yield from self._reenter(exit_id, token)
 
     def handle_ept_violation(self, gfn: int, write: bool, present: bool, refs: int) -> Generator[object, object, bool]:
         """``handle_ept_violation`` → ``kvm_mmu_page_fault``, and re-entry. Returns True if the
@@ -224,7 +285,7 @@ class Vcpu(Actor):
                              id=self._next_fault_id(), write=write, present=present)  # fmt: skip
         r = yield from self.kvm_mmu_do_page_fault(fault)
         done = r == RET_PF_EMULATE and self.emulate_mmio(gfn, write)
-        self._reenter(exit_id, token)
+        yield from self._reenter(exit_id, token)
         self.stat.fault_service_ns.append(self.now - t_exit)
         return done
 
@@ -238,7 +299,7 @@ class Vcpu(Actor):
                                  write=False, present=False)  # fmt: skip
             r = yield from self.kvm_mmu_do_page_fault(fault)
         done = r == RET_PF_EMULATE and self.emulate_mmio(gfn, write)
-        self._reenter(exit_id, token)
+        yield from self._reenter(exit_id, token)
         return done
 
     def kvm_mmu_do_page_fault(self, fault: KvmPageFault) -> Generator[object, object, int]:
@@ -280,27 +341,31 @@ class Vcpu(Actor):
         return True
 
     def enter_guest(self, exit_id: int) -> None:
-        """``vcpu_enter_guest``: (pending requests are handled here by later work), then VM entry."""
-        self.now += self.vm.costs.vmentry
+        """VM entry (after ``vcpu_enter_guest`` serviced the requests)."""
+        vm = self.vm
+        if vm.checker is not None and self.root is not None and self.root.invalid:
+            vm.checker.on_obsolete_entry(self)
+        self.now += vm.costs.vmentry
         self.mode = IN_GUEST_MODE
         if self.vm.sink.all:
             self.vm.sink.emit("kvm_entry", self.now, self.id, exit_id)
 
-    def guest_sync(self) -> None:
+    def guest_sync(self) -> Generator[object, object, None]:
         """memstress ``GUEST_SYNC``: a ucall port I/O that exits to userspace and comes back."""
-        c = self.vm.costs
-        sink = self.vm.sink
-        self.stat.exits += 1
+        ev = self.sync()  # the exit changes state others read (mode, requests, SRCU)
+        if ev is not None:
+            yield ev
+        if self.kick_at <= self.now:
+            yield from self.handle_external_interrupt()  # the IPI arrived before the OUT executed
+        vm = self.vm
+        exit_id, _, token = self._exit(EXIT_REASON_IO_INSTRUCTION, 0, 0)
         self.stat.io_exits += 1
-        exit_id = self._next_exit_id()
-        if sink.all:
-            sink.emit("kvm_exit", self.now, self.id, exit_id, EXIT_REASON_IO_INSTRUCTION, 0)
-            sink.emit("kvm_userspace_exit", self.now + c.vmexit, self.id, exit_id, "KVM_EXIT_IO")
-        token = self.vm.srcu.read_lock(self.now)  # KVM_RUN holds it until it returns to userspace
-        self.now += c.vmexit
-        self.vm.srcu.read_unlock(token, self.now)
-        self.now += c.userspace_exit
-        self.enter_guest(exit_id)
+        if vm.sink.all:
+            vm.sink.emit("kvm_userspace_exit", self.now, self.id, exit_id, "KVM_EXIT_IO")
+        vm.srcu.read_unlock(token, self.now)  # KVM_RUN returns to the VMM
+        self.now += vm.costs.userspace_exit
+        token = vm.srcu.read_lock(self.now)  # and is called again: vcpu_enter_guest
+        yield from self._reenter(exit_id, token)
 
     def _fold_counters(self) -> None:
         st = self.stat
