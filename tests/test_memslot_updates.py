@@ -171,3 +171,14 @@ def test_stress_scenario_reports_latency_split() -> None:
     assert lat["memslot_update"]["count"] == 40
     assert lat["memslot_update_zap"]["max"] > 0 and lat["memslot_update_srcu"]["p50"] >= cfg.costs.srcu_expedited_gp
     assert stats["vm"]["refaults"] > 0 and stats["invariant_violations"] == []
+
+
+def test_mmio_generation_wrap_zaps_all() -> None:
+    # Two updates before the 19-bit MMIO generation would wrap: the second wraps it to 0, and KVM
+    # zaps everything so that no old MMIO SPTE can look current again.
+    wrap = (1 << 19) - 2
+    _, stats, _ = simulate(*HOTPLUG, f"memslots.initial_generation={wrap}",
+                           'vmm.ops=[{at="20us", op="create", slot=1}, {at="60us", op="flags", slot=0}]')  # fmt: skip
+    assert stats["memslots_generation"] == 1 << 19
+    assert stats["vm"]["mmio_generation_wraps"] == 1 and stats["vm"]["mmu_fast_zaps"] == 1
+    assert stats["vm"]["mmio_on_backed_gfn"] == 0

@@ -43,6 +43,7 @@ VM_STATS = (
     "remote_tlb_flush_requests",
     "memslot_updates",  # vsim: kvm_set_memory_region calls completed
     "mmu_fast_zaps",  # vsim: kvm_mmu_zap_all_fast calls
+    "mmio_generation_wraps",  # vsim: MMIO generation wraps (each zaps all)
     "tdp_sptes_zapped",  # vsim: SPTEs cleared while zapping invalidated TDP roots
     "refaults",  # vsim: faults that re-mapped a gfn a zap had unmapped
     "mmio_on_backed_gfn",  # vsim: MMIO emulations of a gfn that had a memslot, after the update settled

@@ -57,7 +57,8 @@ class Vm:
         every = build_test_memslots(base_gfn, nv * per, cfg.vm.memslots, PAGE_LEVEL[cfg.vm.backing_page_size])
         absent = set(cfg.vm.absent_memslots)
         self.absent_slots = {s.id: s for s in every.slots if s.id in absent}
-        self.memslots = Memslots([s for s in every.slots if s.id not in absent], generation=0)
+        gen0 = cfg.memslots.initial_generation * cfg.memslots.address_spaces
+        self.memslots = Memslots([s for s in every.slots if s.id not in absent], generation=gen0)
         self.memslots_settled = True  # no kvm_set_memory_region between publish and settle
         self.srcu = Srcu(self.env, self.sink)
         self.memslot_update_ns = array("q")

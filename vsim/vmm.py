@@ -128,8 +128,8 @@ class Vmm(Actor):
         ev = self.sync()
         if ev is not None:
             yield ev
-        self.kvm_arch_memslots_updated(final)
         vm.settle_memslots(final, self.now)
+        yield from self.kvm_arch_memslots_updated(final)
         return grace
 
     def synchronize_srcu(self) -> Generator[object, object, int]:
@@ -154,15 +154,13 @@ class Vmm(Actor):
             vm.sink.emit("vsim_synchronize_srcu_done", self.now, VMM_ACTOR_ID, grace)
         return grace
 
-    def kvm_arch_memslots_updated(self, gen: int) -> None:
-        """x86: ``kvm_mmu_invalidate_mmio_sptes``: a wrapped MMIO generation needs a fast zap.
-
-        The config bounds the number of updates far below a wrap (2^19 / address spaces), so
-        reaching one here is a bug, not a modelled event.
-        """
-        step = self.vm.cfg.memslots.address_spaces
-        if ((gen >> (step - 1)) & MMIO_SPTE_GEN_MASK) == 0 and gen:
-            raise AssertionError("MMIO generation wrapped: kvm_mmu_zap_all_fast is not in this version")
+    def kvm_arch_memslots_updated(self, gen: int) -> Generator[object, object, None]:
+        """x86: ``kvm_mmu_invalidate_mmio_sptes``. Without the address-space residue, a 19-bit MMIO
+        generation of 0 means it wrapped: old MMIO SPTEs could look current again, so zap all."""
+        nr_as = self.vm.cfg.memslots.address_spaces
+        if ((gen >> (nr_as - 1)) & MMIO_SPTE_GEN_MASK) == 0:
+            self.vm.stat.mmio_generation_wraps += 1
+            yield from kvm_mmu_zap_all_fast(self)
 
 
 def schedule(vm: Vm) -> list[MemslotOp]:
@@ -171,9 +169,8 @@ def schedule(vm: Vm) -> list[MemslotOp]:
 
     ops = list(vm.cfg.vmm.ops)
     st = vm.cfg.vmm.stress
-    if st.iterations:
-        for k in range(st.iterations):
-            t = st.start + 2 * k * st.interval
-            ops.append(MemslotOp(at=t, op="create", slot=DUMMY_SLOT_ID))
-            ops.append(MemslotOp(at=t + st.interval, op="delete", slot=DUMMY_SLOT_ID))
+    for k in range(st.iterations):
+        t = st.start + 2 * k * st.interval
+        ops.append(MemslotOp(at=t, op="create", slot=DUMMY_SLOT_ID))
+        ops.append(MemslotOp(at=t + st.interval, op="delete", slot=DUMMY_SLOT_ID))
     return sorted(ops, key=lambda o: o.at)
