@@ -11,7 +11,7 @@ from vsim.srcu import Srcu
 def _sync_at(readers: list[tuple[int, int]], t_s: int) -> int:
     """Readers (start, end); a synchronize at ``t_s`` returns when the ones it must wait for end."""
     env = simpy.Environment()
-    srcu = Srcu(env, EventSink("off"))
+    srcu = Srcu(env, EventSink("off"), lambda: t_s)
     done: list[int] = []
 
     def reader(start: int, end: int):  # type: ignore[no-untyped-def]
@@ -49,10 +49,20 @@ def test_no_readers_returns_at_once_and_finished_readers_do_not_count() -> None:
 
 def test_reader_registered_ahead_of_the_clock_is_judged_by_its_times() -> None:
     env = simpy.Environment()
-    srcu = Srcu(env, EventSink("off"))
+    srcu = Srcu(env, EventSink("off"), lambda: 0)
     early = srcu.read_lock(30)  # a vCPU that knows its exit handling runs 30..90
     srcu.read_unlock(early, 90)
     late = srcu.read_lock(70)  # starts after a synchronize at 50
     assert srcu.readers_before(50) == {early}
     assert srcu.readers_before(30) == set()  # a reader starting exactly then is not "before"
     assert srcu.readers_before(90) == {early, late}  # ending exactly then is still inside
+
+
+def test_readers_no_synchronize_can_need_are_forgotten() -> None:
+    env = simpy.Environment()
+    srcu = Srcu(env, EventSink("off"), lambda: 1000)  # nothing can synchronize before t=1000
+    for t in range(0, 5000, 10):
+        srcu.read_unlock(srcu.read_lock(t), t + 5)
+    assert len(srcu._readers) == 400  # the readers ending at or after t=1000 (t = 1000..4990) are kept
+    (tok,) = srcu.readers_before(2003)  # the one that ran 2000..2005
+    assert srcu._readers[tok] == [2000, 2005]

@@ -13,6 +13,7 @@ in which actors were processed.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 
 import simpy
 from simpy.events import Event
@@ -24,9 +25,10 @@ from vsim.sched import GRANT_PRIO
 class Srcu:
     """One SRCU domain (``kvm->srcu``)."""
 
-    def __init__(self, env: simpy.Environment, sink: EventSink) -> None:
+    def __init__(self, env: simpy.Environment, sink: EventSink, next_sync: Callable[[], int]) -> None:
         self.env = env
         self.sink = sink
+        self.next_sync = next_sync  # the earliest time any synchronize_srcu could still start
         self._next = 0
         self._readers: dict[int, list[int]] = {}  # token -> [start, end or -1]
         self._waits: list[tuple[set[int], Event]] = []
@@ -36,10 +38,15 @@ class Srcu:
         """``srcu_read_lock`` at time ``t``; returns the token for the unlock."""
         self._next += 1
         self._readers[self._next] = [t, -1]
+        if not self._next & 1023:
+            self._prune()  # amortized: readers kept for a synchronize that is still possible
         return self._next
 
     def read_unlock(self, token: int, t: int) -> None:
         """``srcu_read_unlock`` at time ``t``."""
+        if not self._waits and t < self.next_sync():
+            del self._readers[token]  # no synchronize can start early enough to need it
+            return
         self._readers[token][1] = t
         for waiting, ev in self._waits:
             waiting.discard(token)
@@ -49,7 +56,6 @@ class Srcu:
     def readers_before(self, t: int) -> set[int]:
         """Tokens of the readers ``synchronize_srcu`` at ``t`` must wait for: started before ``t``
         and not finished by then (a reader ending exactly at ``t`` is still inside)."""
-        self._prune()
         return {tok for tok, (start, end) in self._readers.items() if start < t and (end < 0 or end >= t)}
 
     def wait_for(self, tokens: set[int]) -> Event | None:
@@ -74,10 +80,11 @@ class Srcu:
         self._waits = [(w, e) for w, e in self._waits if e is not ev]
 
     def _prune(self) -> None:
-        """Forget readers that ended before the global clock: no later synchronize can need them."""
-        now = self.env.now
-        if len(self._readers) > 64:
-            self._readers = {k: v for k, v in self._readers.items() if v[1] < 0 or v[1] >= now}
+        """Forget readers that ended before any synchronize that could still start."""
+        if self._waits:
+            return
+        bound = self.next_sync()
+        self._readers = {k: v for k, v in self._readers.items() if v[1] < 0 or v[1] >= bound}
 
     @property
     def active_readers(self) -> int:

@@ -60,7 +60,7 @@ class Vm:
         gen0 = cfg.memslots.initial_generation * cfg.memslots.address_spaces
         self.memslots = Memslots([s for s in every.slots if s.id not in absent], generation=gen0)
         self.memslots_settled = True  # no kvm_set_memory_region between publish and settle
-        self.srcu = Srcu(self.env, self.sink)
+        self.srcu = Srcu(self.env, self.sink, self.next_vmm_action)
         self.memslot_update_ns = array("q")
         self.memslot_srcu_ns = array("q")
         self.memslot_zap_ns = array("q")
@@ -101,20 +101,26 @@ class Vm:
             self._zapped[max(lo, 0) : lo + n] = True
 
     def note_mapped(self, gfn: int, level: int) -> None:
+        if not self.stat.mmu_fast_zaps:
+            return  # nothing was ever unmapped: no fault can be a refault
         lo = gfn - self.region_base_gfn
         n = 1 << (9 * (level - 1))
         if 0 <= lo < len(self._zapped) and self._zapped[lo : lo + n].any():
             self.stat.refaults += 1
             self._zapped[lo : lo + n] = False
 
-    def kick_horizon(self) -> int:
-        """The earliest time a kick could reach a vCPU: one IPI latency after the VMM's next
-        possible action (its wake-up time, or now while it waits on something)."""
+    def next_vmm_action(self) -> int:
+        """The earliest time the VMM can act again: its wake-up time, or now while it waits on
+        something (``NEVER`` without a VMM or once its schedule is done)."""
         vmm = self.vmm
         if vmm is None or vmm.done:
             return NEVER
-        t = vmm.sleeping_until if vmm.sleeping_until is not None else self.env.now
-        return t + self.costs.ipi_latency
+        return vmm.sleeping_until if vmm.sleeping_until is not None else self.env.now
+
+    def kick_horizon(self) -> int:
+        """The earliest time a kick could reach a vCPU: one IPI latency after the VMM's next
+        possible action."""
+        return self.next_vmm_action() + self.costs.ipi_latency
 
     def kvm_make_all_cpus_request(self, req: int, t: int, wait: bool) -> tuple[Event | None, int]:
         """Set ``req`` on every vCPU and kick those not outside guest mode (``WAIT|NO_WAKEUP``
