@@ -154,3 +154,26 @@ def test_report_renders(runs: dict[str, Path]) -> None:
     assert faults_only.count('run with events.level = "all"') == 2
     p = vsim("report", str(runs["faults"]))
     assert p.returncode == 0 and (runs["faults"] / "report.html").read_text() == faults_only
+
+
+def test_vmm_spans_in_latency_and_timeline(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_scenario(load_config(None, [*SETS, "events.level=all", "vm.memslots=2",
+                                    'vmm.ops=[{at="30us", op="delete", slot=1}, {at="60us", op="create", slot=1}]']),
+                 out)  # fmt: skip
+    stats = _stats(out)
+    samples = collect(iter_events(out))
+    assert samples["SRCU grace period"] == [stats["latency_ns"]["srcu_grace_period"]["max"]] * 3
+    assert len(samples["memslot update (KVM_MR_DELETE)"]) == len(samples["memslot update (KVM_MR_CREATE)"]) == 1
+    assert percentile_row(samples["memslot update (KVM_MR_DELETE)"] + samples["memslot update (KVM_MR_CREATE)"])[
+        "max"] == stats["latency_ns"]["memslot_update"]["max"]  # fmt: skip
+    trace_path = tmp_path / "t.json"
+    assert vsim("events", str(out), "timeline", "-o", str(trace_path)).returncode == 0
+    trace = json.loads(trace_path.read_text())
+    _check_balanced(trace)
+    vmm = {e["name"] for e in trace["traceEvents"] if e["ph"] == "B" and e["pid"] == 0 and e["tid"] == -1}
+    # The fast zap's write lock waited for vCPUs inside faults: that wait is on the VMM's track too.
+    assert vmm == {"memslot update (KVM_MR_DELETE)", "memslot update (KVM_MR_CREATE)", "SRCU grace period",
+                   "mmu_lock wait (write)"}  # fmt: skip
+    held = {e["name"] for e in trace["traceEvents"] if e["ph"] == "B" and e["pid"] == 2 and e["tid"] == -1}
+    assert held == {"mmu_lock held (write)", "mmu_lock held (read)"}  # fast zap: write, then read for the zap

@@ -11,7 +11,7 @@ from vsim.events.spans import pair_spans
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
-NOT_MODELLED = ("SRCU grace period", "remote TLB flush round trip", "memslot operation")
+NOT_MODELLED = ("remote TLB flush round trip",)
 """Latencies users ask for whose events this version does not produce yet."""
 
 

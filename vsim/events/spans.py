@@ -4,7 +4,9 @@
 * ``in guest``: ``kvm_entry`` → the vCPU's next ``kvm_exit``;
 * ``page fault``: ``kvm_page_fault`` → ``vsim_page_fault_ret`` (same vCPU and ``id``);
 * ``mmu_lock wait (<mode>)``: ``vsim_mmu_lock_wait`` → ``vsim_mmu_lock_acquire`` (``lock_id``);
-* ``mmu_lock held (<mode>)``: ``vsim_mmu_lock_acquire`` → ``vsim_mmu_lock_release`` (``lock_id``).
+* ``mmu_lock held (<mode>)``: ``vsim_mmu_lock_acquire`` → ``vsim_mmu_lock_release`` (``lock_id``);
+* ``memslot update (<change>)``: ``vsim_set_memory_region`` → ``..._done`` (``op_id``, the VMM);
+* ``SRCU grace period``: ``vsim_synchronize_srcu`` → ``vsim_synchronize_srcu_done`` (the VMM).
 
 Pairing streams: only spans still open are held in memory.
 """
@@ -60,6 +62,14 @@ def pair_spans(events: Iterable[Event], open_spans: dict | None = None) -> Itera
             opened[("held", ev["lock_id"])] = (v, f"mmu_lock held ({ev['mode']})", t, "")
         elif kind == "vsim_mmu_lock_release" and (key5 := ("held", ev["lock_id"])) in opened:
             yield _close(opened.pop(key5), t)
+        elif kind == "vsim_set_memory_region":
+            opened[("memslot", ev["op_id"])] = (v, f"memslot update ({ev['change']})", t, f"slot {ev['slot']}")
+        elif kind == "vsim_set_memory_region_done" and (key6 := ("memslot", ev["op_id"])) in opened:
+            yield _close(opened.pop(key6), t)
+        elif kind == "vsim_synchronize_srcu":
+            opened[("srcu", v)] = (v, "SRCU grace period", t, f"{ev['readers']} readers")
+        elif kind == "vsim_synchronize_srcu_done" and (key7 := ("srcu", v)) in opened:
+            yield _close(opened.pop(key7), t)
 
 
 def _close(o: tuple[int, str, int, str], t: int) -> Span:

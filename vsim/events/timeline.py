@@ -2,8 +2,9 @@
 
 Process 1, "vCPUs", has one track per vCPU, on which spans nest: ``in guest``,
 ``exit <reason>``, ``page fault`` and ``mmu_lock wait``. Process 2, "mmu_lock", has one track per
-holder, showing when each vCPU held the lock and in which mode. Invariant violations are instant
-events on process 0, "VM". Every span is a ``B``/``E`` pair on its track. Spans cut by the window,
+holder, showing when each vCPU (or the VMM) held the lock and in which mode. Process 0, "VM", has the
+VMM's track (memslot updates with their SRCU grace periods nested) and the invariant violations as
+instant events. Every span is a ``B``/``E`` pair on its track. Spans cut by the window,
 or still open when the log ends, are closed at the window's edge.
 """
 
@@ -42,7 +43,7 @@ def build_trace(events: Iterable[Event], t_from: int, t_to: int | None) -> dict[
     for v, name, start, detail in opened.values():
         spans.append(Span(v, name, start, max(start, end), detail))
     for s in spans:
-        pid = PID_LOCK if s.name.startswith("mmu_lock held") else PID_VCPUS
+        pid = PID_LOCK if s.name.startswith("mmu_lock held") else PID_VCPUS if s.vcpu >= 0 else PID_VM
         start = max(s.start, t_from)
         args = {"detail": s.detail} if s.detail else {}
         out.append({"name": s.name, "ph": "B", "ts": start / 1000, "pid": pid, "tid": s.vcpu, "args": args})
@@ -53,6 +54,7 @@ def build_trace(events: Iterable[Event], t_from: int, t_to: int | None) -> dict[
         {"name": "process_name", "ph": "M", "pid": PID_VM, "args": {"name": "VM"}},
         {"name": "process_name", "ph": "M", "pid": PID_VCPUS, "args": {"name": "vCPUs"}},
         {"name": "process_name", "ph": "M", "pid": PID_LOCK, "args": {"name": "mmu_lock holders"}},
+        {"name": "thread_name", "ph": "M", "pid": PID_VM, "tid": -1, "args": {"name": "VMM"}},
     ]
     for v in sorted(seen_vcpus):
         meta.append({"name": "thread_name", "ph": "M", "pid": PID_VCPUS, "tid": v, "args": {"name": f"vCPU {v}"}})
