@@ -55,19 +55,10 @@ class Actor:
         env = self.env
         now = self.now
         if not self.reference:
-            q = env._queue  # noqa: SLF001 - the queue_clear_before test, inlined on this hot path
+            q = env._queue  # noqa: SLF001 - is anything queued before (now, prio)?
             if not q or q[0][0] > now or (q[0][0] == now and q[0][1] > self.prio):
                 return None
         return At(env, now - env._now, self.prio)  # noqa: SLF001
-
-
-def queue_clear_before(env: simpy.Environment, t: int, prio: int) -> bool:
-    """True if no queued event sorts before ``(t, prio)``."""
-    q = env._queue  # noqa: SLF001 - SimPy's heap of (time, priority, eid, event)
-    if not q:
-        return True
-    head = q[0]
-    return head[0] > t or (head[0] == t and head[1] > prio)
 
 
 def events_scheduled(env: simpy.Environment) -> int:

@@ -85,7 +85,3 @@ class Srcu:
             return
         bound = self.next_sync()
         self._readers = {k: v for k, v in self._readers.items() if v[1] < 0 or v[1] >= bound}
-
-    @property
-    def active_readers(self) -> int:
-        return sum(1 for _, end in self._readers.values() if end < 0)

@@ -9,7 +9,6 @@ never leaves a half-written ``events.jsonl`` in place of a good one.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import IO
@@ -81,8 +80,3 @@ class JsonlWriter:
             self._fh.close()
             self._fh = None
         self._tmp.unlink(missing_ok=True)
-
-
-def header_line() -> str:
-    """The first line of every events.jsonl (schema version)."""
-    return json.dumps({"event": "vsim_log_header", "schema_version": SCHEMA_VERSION})

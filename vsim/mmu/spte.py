@@ -27,17 +27,11 @@ PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
 TDP_ROOT_LEVEL = 4
 SPTE_ENT_PER_PAGE = 512
 SPTE_LEVEL_BITS = 9
-LEVEL_NAMES = {1: "4K", 2: "2M", 3: "1G"}
 
 
 def is_shadow_present_pte(spte: int) -> bool:
     """``is_shadow_present_pte``: present to KVM (not 0, not frozen, not MMIO)."""
     return bool(spte & SPTE_MMU_PRESENT) and spte != REMOVED_SPTE
-
-
-def is_frozen_spte(spte: int) -> bool:
-    """``is_frozen_spte``: another thread owns this entry under the read lock; back off."""
-    return spte == REMOVED_SPTE
 
 
 def is_last_spte(spte: int, level: int) -> bool:

@@ -336,11 +336,6 @@ class TdpMmu:
         self.vm.stat.tdp_mmu_pages -= 1
 
     # -- inspection --------------------------------------------------------------------------------
-    def leaf_level(self, root: TdpRoot, gfn: int) -> int:
-        """The level of the present leaf mapping ``gfn``, or 0."""
-        table, idx, level, old = self.walk_last(root, gfn)
-        return level if old & SPTE_MMU_PRESENT and old != REMOVED_SPTE and is_last_spte(old, level) else 0
-
     def count_leaves(self) -> dict[int, int]:
         """Present leaves per level over all roots' tables (for the invariant checker)."""
         counts = {1: 0, 2: 0, 3: 0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from pathlib import Path
@@ -50,8 +51,6 @@ def read_table(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def _num(v: str) -> Any:
     for cast in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return cast(v)
-        except ValueError:
-            pass
     return v
