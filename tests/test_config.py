@@ -50,6 +50,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("", ["workload.write_percent=101"], "--set: workload.write_percent: Input should be less than or equal"),
         ("", ["vm.memslots=3"], "--set: vm.memslots: 3 does not divide"),
         ("", ["novalue"], "--set novalue: expected dotted.key=value"),
+        ("", ["costs.ipi_latency=0ns"], "--set: costs.ipi_latency: Input should be greater than or equal to 1"),
         ("[vm\n", [], "c.toml: not valid TOML"),
     ],
 )

@@ -216,22 +216,19 @@ class TdpMmu:
         fault.mmu_seq = vm.mmu_invalidate_seq
         slot = v.gfn_to_memslot(gfn)
         fault.slot = slot
+        v.now += self._c_faultin
         if slot is None:
             # kvm_handle_noslot_fault: an MMIO gfn. Cache it; install an MMIO SPTE if caching is on.
             vcpu_cache_mmio_info(v, gfn, vm.memslots.generation)
-            v.now += self._c_faultin
             if not vm.cfg.memslots.mmio_caching:
                 return RET_PF_EMULATE
         elif slot.flags & KVM_MEMSLOT_INVALID:
-            v.now += self._c_faultin
             return RET_PF_RETRY  # the slot is being deleted or moved (R2)
         else:
             zeroed = slot.faultin(gfn)
-            if zeroed:
-                v.now += self._c_faultin + self._c_host + self._c_zero * zeroed
+            if zeroed:  # first touch: the host allocates and zeroes the backing page
+                v.now += self._c_host + self._c_zero * zeroed
                 v.stat.host_page_allocs += 1
-            else:
-                v.now += self._c_faultin
             fault.pfn = slot.gfn_to_pfn(gfn)
             fault.map_writable = True
         # 5. read_lock(mmu_lock).
