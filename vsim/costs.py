@@ -77,6 +77,11 @@ class CostModel(BaseModel):
         description="row 5.6: IPI round trip ≈1–3 µs on modern Xeons; ≈1 µs from send to the target's exit",
     )
     ipi_send: Duration = _cost(200, "row 5.6: ≈200 ns per receiver on the sender (base ≈1 µs + 200 ns each)")
+    tlb_flush: Duration = _cost(
+        150,
+        "row 5.9: INVEPT latency has no published figure; ASSUMPTION a few hundred cycles. The refill is "
+        "modelled by the walks that follow",
+    )
     tdp_zap_spte: Duration = _cost(
         60,
         "row 3.8: ≈61 ns per 4K SPTE created by eager splitting; ASSUMPTION: zapping one SPTE costs the same",

@@ -12,6 +12,9 @@ Checks made in this version:
 * §13.10 generation monotonicity: the generation (without the in-progress bit) never decreases, and
   once an update settles it has moved by the step (the number of address spaces).
 * §13.7 root reload: no VM entry on an obsolete (invalidated) root.
+* §13.1 no stale translation after a flush: a vCPU that enters the guest after a remote flush
+  completed has flushed its TLB since every SPTE restriction (leaf zapped, W cleared) that flush
+  covered, or else holds no translation more permissive than the SPTEs.
 * No stale MMIO: an access emulated as MMIO for a gfn that has a memslot, after the update that
   created the memslot has completed.
 
@@ -44,6 +47,10 @@ class InvariantChecker:
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         self.violations: list[tuple[int, str, str]] = []
+        self._last_restriction = -1  # time of the latest SPTE restriction not yet covered by a flush
+        # (done, latest restriction it covers) for every remote flush, in request order.
+        self._flushes: list[tuple[int, int]] = []
+        self._local_flush: dict[int, int] = {}  # vCPU id -> time of its last full TLB flush
 
     def _violate(self, rule: str, detail: str, t: int | None = None, actor: int = -1) -> None:
         """Record a violation seen by ``actor`` at its time ``t`` (the global clock by default)."""
@@ -57,9 +64,26 @@ class InvariantChecker:
             self._violate("spte_legality", f"gfn {gfn:#x} level {level} spte {new:#x}", t, actor)
         old_leaf = bool(old & SPTE_MMU_PRESENT) and old != REMOVED_SPTE and is_last_spte(old, level)
         new_leaf = bool(new & SPTE_MMU_PRESENT) and new != REMOVED_SPTE and is_last_spte(new, level)
+        if old_leaf and (not (new & SPTE_MMU_PRESENT) or new == REMOVED_SPTE or
+                         (new_leaf and old & PT_WRITABLE and not new & PT_WRITABLE)):  # fmt: skip
+            self._last_restriction = max(self._last_restriction, t)
         if old_leaf and new_leaf and spte_to_pfn(old) != spte_to_pfn(new):
             self._violate("leaf_pfn_changed_in_place", f"gfn {gfn:#x} pfn {spte_to_pfn(old):#x}->{spte_to_pfn(new):#x}",
                           t, actor)  # fmt: skip
+
+    def on_flush(self, t: int, done: int) -> None:
+        """A remote flush requested at ``t`` covers every restriction made up to ``t``."""
+        if self._last_restriction >= 0:
+            self._flushes.append((done, self._last_restriction))
+
+    def on_local_flush(self, vcpu: Vcpu) -> None:
+        self._local_flush[vcpu.id] = vcpu.now
+
+    def on_entry(self, vcpu: Vcpu) -> None:
+        """§13.1 at VM entry: a completed flush's restrictions are out of this vCPU's TLB."""
+        covered = max((r for done, r in self._flushes if done <= vcpu.now), default=-1)
+        if covered >= 0 and self._local_flush.get(vcpu.id, -1) < covered:
+            self._check_tlb(vcpu, "stale_tlb_after_flush", vcpu.now)
 
     def on_mmio_hit(self, vcpu: Vcpu, gfn: int, generation: int, spte: int | None) -> None:
         stored = get_mmio_spte_generation(spte) if spte is not None else vcpu.mmio_gen & MMIO_SPTE_GEN_MASK
@@ -90,20 +114,23 @@ class InvariantChecker:
 
     def check_tlbs(self) -> None:
         """Every cached translation is backed by the current SPTEs (no stale translation)."""
-        mmu = self.vm.mmu
         for v in self.vm.vcpus:
-            # A vCPU on an invalidated root cannot enter without reloading, which flushes its TLB
-            # (on_obsolete_entry checks that); its entries are not translations it can use.
-            if v.root is None or v.root.invalid:
-                continue
-            for size_class, key, writable in v.tlb.entries():
-                gfn = key << (9 * size_class)
-                table, idx, level, spte = mmu.walk_last(v.root, gfn)
-                leaf = bool(spte & SPTE_MMU_PRESENT) and spte != REMOVED_SPTE and is_last_spte(spte, level)
-                if not leaf or level - 1 < size_class:
-                    self._violate("stale_tlb_entry", f"vcpu {v.id} gfn {gfn:#x} size class {size_class}")
-                elif writable and not spte & PT_WRITABLE:
-                    self._violate("stale_tlb_write", f"vcpu {v.id} gfn {gfn:#x} writable in TLB only")
+            self._check_tlb(v, "stale_tlb")
+
+    def _check_tlb(self, v: Vcpu, rule: str, t: int | None = None) -> None:
+        # A vCPU on an invalidated root cannot enter without reloading, which flushes its TLB
+        # (on_obsolete_entry checks that); its entries are not translations it can use.
+        if v.root is None or v.root.invalid:
+            return
+        mmu = self.vm.mmu
+        for size_class, key, writable in v.tlb.entries():
+            gfn = key << (9 * size_class)
+            table, idx, level, spte = mmu.walk_last(v.root, gfn)
+            leaf = bool(spte & SPTE_MMU_PRESENT) and spte != REMOVED_SPTE and is_last_spte(spte, level)
+            if not leaf or level - 1 < size_class:
+                self._violate(f"{rule}_entry", f"vcpu {v.id} gfn {gfn:#x} size class {size_class}", t, v.id)
+            elif writable and not spte & PT_WRITABLE:
+                self._violate(f"{rule}_write", f"vcpu {v.id} gfn {gfn:#x} writable in TLB only", t, v.id)
 
     def check_page_stats(self) -> None:
         counts = self.vm.mmu.count_leaves()

@@ -13,7 +13,6 @@ from array import array
 
 import numpy as np
 import simpy
-from simpy.events import Event
 
 from vsim.config.schema import PAGE_LEVEL, ScenarioConfig, WorkloadConfig
 from vsim.events.sink import EventSink
@@ -22,7 +21,6 @@ from vsim.invariants import InvariantChecker
 from vsim.memslots import Memslot, Memslots, build_test_memslots
 from vsim.mmu.mmu_lock import MmuLock
 from vsim.mmu.tdp_mmu import TdpMmu
-from vsim.sched import GRANT_PRIO
 from vsim.srcu import Srcu
 from vsim.stats import VmStat
 from vsim.vcpu.vcpu import NEVER, Vcpu
@@ -80,7 +78,7 @@ class Vm:
         root_seq = np.random.SeedSequence(cfg.seed)
         streams = root_seq.spawn(2)[STREAM_VCPU_WORKLOADS].spawn(nv)
         self._vmm_started = False
-        self._acks: tuple[set[int], Event, list[int]] | None = None
+        self.lockstep = False  # set once vCPUs can restrict SPTEs (see horizon)
         self.mmu_valid_gen = 0
         self.vcpus = []
         for i in range(nv):
@@ -117,38 +115,32 @@ class Vm:
             return NEVER
         return vmm.sleeping_until if vmm.sleeping_until is not None else self.env.now
 
-    def kick_horizon(self) -> int:
-        """The earliest time a kick could reach a vCPU: one IPI latency after the VMM's next
-        possible action."""
-        return self.next_vmm_action() + self.costs.ipi_latency
+    def _queue_head_limit(self, prio: int) -> int:
+        """The first time at which an actor of priority ``prio`` would sort after the queue's head."""
+        q = self.env._queue  # noqa: SLF001
+        if not q:
+            return NEVER
+        t, p = q[0][0], q[0][1]
+        return t + 1 if prio < p else t
 
-    def kvm_make_all_cpus_request(self, req: int, t: int, wait: bool) -> tuple[Event | None, int]:
-        """Set ``req`` on every vCPU and kick those not outside guest mode (``WAIT|NO_WAKEUP``
-        semantics). Returns an event for the last acknowledgement (``None`` if no IPI was needed,
-        or without ``wait``) and the number of IPIs sent."""
-        targets = set()
-        for v in self.vcpus:
-            v.requests |= req
-            if v.kick(t):
-                targets.add(v.id)
-        if not wait or not targets:
-            return None, len(targets)
-        ev = Event(self.env)
-        self._acks = (targets, ev, [t])
-        return ev, len(targets)
+    def horizon(self, v: Vcpu) -> int:
+        """How far vCPU ``v`` may run guest accesses without a sync: every access that starts
+        before this time reads SPTEs no other actor can change first.
 
-    def ack_kick(self, vcpu: Vcpu, t: int) -> None:
-        """A kicked vCPU took the IPI (it exited) at ``t``."""
-        if self._acks is None:
-            return
-        waiting, ev, latest = self._acks
-        waiting.discard(vcpu.id)
-        latest[0] = max(latest[0], t)
-        if not waiting:
-            self._acks = None
-            ev._ok = True  # noqa: SLF001 - trigger at (latest ack, GRANT_PRIO)
-            ev._value = latest[0]  # noqa: SLF001
-            self.env.schedule(ev, GRANT_PRIO, max(0, latest[0] - self.env.now))
+        Another vCPU only ever adds to the page tables (a walk that meets a missing entry stops and
+        syncs), so the bound comes from the VM-wide actors, which may restrict SPTEs or send IPIs:
+        the VMM's wake-up time, or the head of the event queue while it waits on others (it can
+        only be woken by an action queued there). In lockstep mode vCPUs may restrict SPTEs too
+        (huge-page splits and collapses around dirty logging), and the bound is the queue's head.
+        """
+        if self.lockstep:
+            return self._queue_head_limit(v.prio)
+        vmm = self.vmm
+        if vmm is None or vmm.done:
+            return NEVER
+        if vmm.sleeping_until is not None:
+            return vmm.sleeping_until
+        return self._queue_head_limit(v.prio)
 
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since the snapshot."""

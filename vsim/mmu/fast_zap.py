@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import TYPE_CHECKING
 
-from vsim.vcpu.vcpu import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+from vsim.requests import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_make_all_cpus_request
 
 if TYPE_CHECKING:
     from vsim.vmm import Vmm
@@ -40,11 +40,7 @@ def kvm_mmu_zap_all_fast(vmm: Vmm) -> Generator[object, object, int]:
         vmm.now = yield ev
     vm.mmu_valid_gen ^= 1
     invalid = vm.mmu.kvm_tdp_mmu_invalidate_all_roots()
-    acks, ipis = vm.kvm_make_all_cpus_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, vmm.now, wait=True)
-    vmm.now += c.ipi_send * ipis
-    if acks is not None:
-        vmm.sleeping_until = None
-        vmm.now = max(vmm.now, (yield acks))  # type: ignore[type-var]
+    _, vmm.now = kvm_make_all_cpus_request(vm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, vmm.now)
     ev = vmm.sync()
     if ev is not None:
         yield ev

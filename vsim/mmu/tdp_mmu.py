@@ -46,6 +46,7 @@ from vsim.mmu.spte import (
     pages_per_level,
     spte_index,
 )
+from vsim.requests import kvm_flush_remote_tlbs
 
 if TYPE_CHECKING:
     from vsim.vcpu.vcpu import Vcpu
@@ -297,11 +298,11 @@ class TdpMmu:
             return RET_PF_SPURIOUS
         if not self.try_cmpxchg(table, idx, goal, base, old, new, vid, t):
             return RET_PF_RETRY
-        # A page table replaced by a huge leaf: handle_removed_pt, then a flush of the range. The
-        # tables collapsed here hold only MMIO or non-present entries, which no TLB caches.
+        # A page table replaced by a huge leaf: handle_removed_pt, then kvm_flush_remote_tlbs_gfn
+        # if it held translations a TLB may cache (x86 flushes everything).
         collapsed = old & SPTE_MMU_PRESENT and not is_last_spte(old, level)
         if collapsed and self.handle_removed_pt((old & PFN_MASK) >> PFN_SHIFT, base, vid, t):
-            raise AssertionError("collapsed present mappings need a remote TLB flush (not in this version)")
+            v.now = kvm_flush_remote_tlbs(self.vm, t, me=vid)
         if slot is None:
             v.stat.pf_mmio_spte_created += 1
             return RET_PF_EMULATE

@@ -31,6 +31,13 @@ from vsim.mmu.page_fault import (
     KvmPageFault,
     ept_violation_error_code,
 )
+from vsim.requests import (
+    IN_GUEST_MODE,
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
+    KVM_REQ_TLB_FLUSH,
+    KVM_REQ_TLB_FLUSH_CURRENT,
+    OUTSIDE_GUEST_MODE,
+)
 from vsim.sched import VCPU_PRIO_BASE, Actor, At
 from vsim.stats import VcpuStat
 from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, STOP_HORIZON, run_accesses
@@ -42,16 +49,11 @@ if TYPE_CHECKING:
     from vsim.mmu.tdp_mmu import TdpRoot
     from vsim.vm import Vm
 
-# vcpu->mode
-OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE, READING_SHADOW_PAGE_TABLES = 0, 1, 2, 3
-
 EXIT_REASON_EPT_VIOLATION = "EPT_VIOLATION"
 EXIT_REASON_EPT_MISCONFIG = "EPT_MISCONFIG"
 EXIT_REASON_EXTERNAL_INTERRUPT = "EXTERNAL_INTERRUPT"
 
 NEVER = 1 << 62
-# vcpu->requests bits (arch/x86/include/asm/kvm_host.h names)
-KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 31
 EXIT_REASON_IO_INSTRUCTION = "IO_INSTRUCTION"
 
 
@@ -74,7 +76,8 @@ class Vcpu(Actor):
         self.finished_at = -1
         self.last_used_slot = None
         self.last_used_slot_gen = 0
-        self.kick_at = NEVER  # when a pending kick's IPI arrives
+        self.ipis: list[int] = []  # arrival times of IPIs sent to this vCPU, in order
+        self.kick_at = NEVER  # the first of them
         self.mmio_gfn = -1  # the per-vCPU MMIO cache (vcpu->arch.mmio_gfn / mmio_gen)
         self.mmio_gen = -1
         # Span ids are per vCPU, so allocating one never touches state another vCPU can see.
@@ -112,6 +115,8 @@ class Vcpu(Actor):
         """
         yield At(self.env, 0, self.prio)
         self.now = self.env.now
+        if self.requests:  # made while KVM_RUN was not running (NO_WAKEUP: nobody woke it)
+            self.service_requests()
         if self.root is None or self.root.invalid:
             self.kvm_mmu_load()
         self.mode = IN_GUEST_MODE
@@ -128,9 +133,8 @@ class Vcpu(Actor):
         # KVM_RUN returns: the vCPU is out of guest mode, and a kick still in flight is taken by
         # the (now idle) CPU as soon as its IPI arrives.
         self.mode = OUTSIDE_GUEST_MODE
-        if self.kick_at != NEVER:
-            self.vm.ack_kick(self, max(self.now, self.kick_at))
-            self.kick_at = NEVER
+        self.ipis.clear()
+        self.kick_at = NEVER
         self._fold_counters()
         self.finished_at = self.now
 
@@ -138,6 +142,8 @@ class Vcpu(Actor):
         """``kvm_mmu_reload`` → ``kvm_mmu_load``: get the shared TDP root, flush the context."""
         self.root = self.vm.mmu.kvm_tdp_mmu_alloc_root()
         self.tlb.flush()  # flush_tlb_current, called directly: KVM does not count it in tlb_flush
+        if self.vm.checker is not None:
+            self.vm.checker.on_local_flush(self)
 
     def _run_batched(self, gfns: np.ndarray, writes: np.ndarray) -> Generator[object, object, None]:
         tlb = self.tlb
@@ -150,7 +156,7 @@ class Vcpu(Actor):
         while i < n:
             assert self.root is not None
             # Run no further than a kick could arrive (an IPI after the VMM's next possible action).
-            limit = min(vm.kick_horizon(), self.kick_at) - self.now
+            limit = min(vm.horizon(self), self.kick_at) - self.now
             j, dt, status, refs, present = run_accesses(
                 gfns, writes, i, n, limit, mmu.spt, self.root.table, guest_level,
                 tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
@@ -231,43 +237,54 @@ class Vcpu(Actor):
         exit_id = self._next_exit_id()
         if vm.sink.all:
             vm.sink.emit("kvm_exit", t_exit, self.id, exit_id, reason, gfn << 12)
-        if self.kick_at != NEVER:
-            # A kick's IPI still in flight reaches this CPU in the host, outside guest mode: it is
-            # acknowledged on arrival, with no exit of its own.
-            vm.ack_kick(self, max(t_exit, self.kick_at))
-            self.kick_at = NEVER
         # The read side covers the whole exit: its memslot reads are evaluated from the exit on.
         token = vm.srcu.read_lock(self.now)
         self.now = t_exit + vm.costs.vmexit
         return exit_id, t_exit, token
 
     def _reenter(self, exit_id: int, token: int) -> Generator[object, object, None]:
-        """``vcpu_enter_guest``: service pending requests, drop ``kvm->srcu``, enter the guest."""
-        if self.requests:
-            ev = self.sync()  # requests touch shared MMU state (roots)
+        """``vcpu_enter_guest``: service pending requests, drop ``kvm->srcu``, enter the guest.
+
+        Entry publishes ``IN_GUEST_MODE`` and then reads the requests, so it happens at a synced
+        instant whenever another actor could make a request or send an IPI before it."""
+        if self.requests or self.now >= self.vm.horizon(self):
+            ev = self.sync()
             if ev is not None:
                 yield ev
+        if self.requests:
             self.service_requests()
         self.vm.srcu.read_unlock(token, self.now)
         self.enter_guest(exit_id)
 
     def service_requests(self) -> None:
         """The ``KVM_REQ_*`` handled at the top of ``vcpu_enter_guest``, in the kernel's order."""
-        if self.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS:
-            self.requests &= ~KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
-            # kvm_mmu_free_obsolete_roots, then kvm_mmu_reload before entry.
-            if self.root is not None and self.root.invalid:
-                self.vm.mmu.kvm_tdp_mmu_put_root(self.root, self.id, self.now)
-                self.root = None
-                self.kvm_mmu_load()
+        req = self.requests
+        self.requests = 0
+        # kvm_mmu_free_obsolete_roots, then kvm_mmu_reload before entry.
+        if req & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and self.root is not None and self.root.invalid:
+            self.vm.mmu.kvm_tdp_mmu_put_root(self.root, self.id, self.now)
+            self.root = None
+            self.kvm_mmu_load()
+        if req & KVM_REQ_TLB_FLUSH:
+            self.kvm_vcpu_flush_tlb_all()
+        elif req & KVM_REQ_TLB_FLUSH_CURRENT:  # a flush of everything covers the current context
+            self.tlb.flush()
+            self.now += self.vm.costs.tlb_flush
 
-    def kick(self, t: int) -> bool:
-        """``kvm_vcpu_kick`` at ``t``: a vCPU in guest mode takes an IPI one latency later and
-        exits. Returns whether an IPI was sent (the vCPU was not outside guest mode)."""
-        if self.mode == OUTSIDE_GUEST_MODE:
-            return False
-        self.kick_at = min(self.kick_at, t + self.vm.costs.ipi_latency)
-        return True
+    def kvm_vcpu_flush_tlb_all(self) -> None:
+        """``kvm_vcpu_flush_tlb_all``: drop every translation of this vCPU (INVEPT all contexts)."""
+        self.stat.tlb_flush += 1
+        self.tlb.flush()
+        self.now += self.vm.costs.tlb_flush
+        if self.vm.checker is not None:
+            self.vm.checker.on_local_flush(self)
+
+    def post_ipi(self, arrival: int) -> None:
+        """An IPI sent to this vCPU's CPU arrives at ``arrival``: in guest mode it forces an exit."""
+        ipis = self.ipis
+        ipis.append(arrival)
+        ipis.sort()
+        self.kick_at = ipis[0]
 
     def handle_external_interrupt(self) -> Generator[object, object, None]:
         """The kick's IPI arrives: exit (``EXTERNAL_INTERRUPT``), acknowledge it, re-enter."""
@@ -342,8 +359,16 @@ class Vcpu(Actor):
     def enter_guest(self, exit_id: int) -> None:
         """VM entry (after ``vcpu_enter_guest`` serviced the requests)."""
         vm = self.vm
-        if vm.checker is not None and self.root is not None and self.root.invalid:
-            vm.checker.on_obsolete_entry(self)
+        if vm.checker is not None:
+            if self.root is not None and self.root.invalid:
+                vm.checker.on_obsolete_entry(self)
+            vm.checker.on_entry(self)
+        if self.ipis:
+            # IPIs that arrived while the vCPU was in the host ran their handler there.
+            ipis = self.ipis
+            while ipis and ipis[0] <= self.now:
+                ipis.pop(0)
+            self.kick_at = ipis[0] if ipis else NEVER
         self.now += vm.costs.vmentry
         self.mode = IN_GUEST_MODE
         if self.vm.sink.all:
