@@ -86,6 +86,16 @@ class CostModel(BaseModel):
         60,
         "row 3.8: ≈61 ns per 4K SPTE created by eager splitting; ASSUMPTION: zapping one SPTE costs the same",
     )
+    tdp_split_spte: Duration = _cost(
+        61, "row 3.8: eager splitting ≈16 ms/GiB ≈ 61 ns per 4K SPTE created (rows 3.6, 3.7)"
+    )
+    tdp_wrprot_spte: Duration = _cost(
+        72,
+        "row 3.3: 'Get dirty log' 5.468 s for 96 vCPUs × 3 GiB (75.5M 4K pages) ≈ 72 ns per page write-protected",
+    )
+    dirty_log_word: Duration = _cost(
+        10, "ASSUMPTION (no published figure): read or exchange one 64-page dirty-bitmap word and copy it out"
+    )
     guest_access: Duration = _cost(
         5, "§7.1 memstress guest loop (one 8-byte access per page plus loop work); ASSUMPTION, no published cost"
     )

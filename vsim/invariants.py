@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from vsim.mmu.mmio import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
 from vsim.mmu.spte import (
     PT_WRITABLE,
@@ -35,8 +37,10 @@ from vsim.mmu.spte import (
     spte_is_legal,
     spte_to_pfn,
 )
+from vsim.requests import KVM_REQ_TLB_FLUSH
 
 if TYPE_CHECKING:
+    from vsim.memslots import Memslot
     from vsim.vcpu.vcpu import Vcpu
     from vsim.vm import Vm
 
@@ -51,6 +55,9 @@ class InvariantChecker:
         # (done, latest restriction it covers) for every remote flush, in request order.
         self._flushes: list[tuple[int, int]] = []
         self._local_flush: dict[int, int] = {}  # vCPU id -> time of its last full TLB flush
+        # Test-region pages the guest wrote since the last harvest of their slot returned; the vCPUs
+        # set them as writes complete (the batch kernel included).
+        self.written = np.zeros(vm.cfg.vm.vcpus * vm.cfg.workload.per_vcpu_memory // 4096, dtype=np.uint8)
 
     def _violate(self, rule: str, detail: str, t: int | None = None, actor: int = -1) -> None:
         """Record a violation seen by ``actor`` at its time ``t`` (the global clock by default)."""
@@ -75,6 +82,23 @@ class InvariantChecker:
         """A remote flush requested at ``t`` covers every restriction made up to ``t``."""
         if self._last_restriction >= 0:
             self._flushes.append((done, self._last_restriction))
+
+    def on_harvest(self, slot: Memslot, snapshot: np.ndarray, t: int) -> None:
+        """§13.5: a harvest holds every page written since the previous one returned."""
+        a = slot.base_gfn - self.vm.region_base_gfn
+        if a < 0 or a + slot.npages > len(self.written):
+            return
+        missing = np.flatnonzero(self.written[a : a + slot.npages] & ~snapshot)
+        if missing.size:
+            gfn = slot.base_gfn + int(missing[0])
+            self._violate("dirty_log_incomplete", f"slot {slot.id}: {missing.size} written pages not harvested "
+                          f"(first gfn {gfn:#x})", t)  # fmt: skip
+
+    def on_harvest_returned(self, slot: Memslot, t: int) -> None:
+        """GET (without manual-protect), CLEAR or the enabling ioctl returned to userspace."""
+        a = slot.base_gfn - self.vm.region_base_gfn
+        if a >= 0:
+            self.written[a : a + slot.npages] = 0
 
     def on_local_flush(self, vcpu: Vcpu) -> None:
         self._local_flush[vcpu.id] = vcpu.now
@@ -115,7 +139,8 @@ class InvariantChecker:
     def check_tlbs(self) -> None:
         """Every cached translation is backed by the current SPTEs (no stale translation)."""
         for v in self.vm.vcpus:
-            self._check_tlb(v, "stale_tlb")
+            if not v.requests & KVM_REQ_TLB_FLUSH:  # else it flushes before it can use an entry
+                self._check_tlb(v, "stale_tlb")
 
     def _check_tlb(self, v: Vcpu, rule: str, t: int | None = None) -> None:
         # A vCPU on an invalidated root cannot enter without reloading, which flushes its TLB

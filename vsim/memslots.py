@@ -35,6 +35,8 @@ class Memslot:
     flags: int = 0
     # lpage_info[level - 2][index].disallow_lpage, for PG_LEVEL_2M and PG_LEVEL_1G.
     disallow_lpage: list[np.ndarray] = field(default_factory=list)
+    # dirty_bitmap, one byte per page, while KVM_MEM_LOG_DIRTY_PAGES is set.
+    dirty_bitmap: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.disallow_lpage:
@@ -69,8 +71,10 @@ class Memslot:
 
     def moved_to(self, base_gfn: int) -> Memslot:
         """The slot after ``KVM_MR_MOVE``: same host memory, new guest frames, fresh metadata."""
+        bitmap = None if self.dirty_bitmap is None else np.zeros_like(self.dirty_bitmap)
         return Memslot(id=self.id, base_gfn=base_gfn, npages=self.npages, host=self.host,
-                       host_offset=self.host_offset, flags=self.flags & ~KVM_MEMSLOT_INVALID)  # fmt: skip
+                       host_offset=self.host_offset, flags=self.flags & ~KVM_MEMSLOT_INVALID,
+                       dirty_bitmap=bitmap)  # fmt: skip
 
     def faultin(self, gfn: int) -> int:
         """The host side of ``kvm_faultin_pfn``: 4K pages the host zeroed to back ``gfn`` (0 if resident)."""

@@ -84,6 +84,8 @@ def collect_stats(vm: Vm, sim_time_ns: int) -> dict[str, Any]:
         },
         "vcpus": vcpus,
     }
+    if vm.program is not None:
+        stats["selftest"] = vm.program.results()
     if vm.checker is not None:
         stats["invariant_violations"] = [
             {"t_ns": t, "rule": rule, "detail": detail} for t, rule, detail in vm.checker.violations

@@ -37,6 +37,13 @@ def summary_table(stats: dict[str, Any], timing: dict[str, Any], title: str) -> 
         ("wall time", f"{timing['wall_s']:.2f} s"),
         ("accesses / faults per wall s", f"{timing['accesses_per_wall_s']:,} / {timing['faults_per_wall_s']:,}"),
     ]
+    if vm["remote_tlb_flush_requests"]:
+        rows.append(
+            ("remote_tlb_flush (requests)", f"{vm['remote_tlb_flush']:,} ({vm['remote_tlb_flush_requests']:,})")
+        )
+        rows.append(("tlb_flush", f"{tot['tlb_flush']:,}"))
+    for name, ns in stats.get("selftest", {}).get("phases_ns", {}).items():
+        rows.append((name, f"{ns / 1e9:.9f} s"))
     if "invariant_violations" in stats:
         rows.append(("invariant violations", str(len(stats["invariant_violations"]))))
     for k, v in rows:

@@ -21,6 +21,7 @@ from vsim.invariants import InvariantChecker
 from vsim.memslots import Memslot, Memslots, build_test_memslots
 from vsim.mmu.mmu_lock import MmuLock
 from vsim.mmu.tdp_mmu import TdpMmu
+from vsim.selftests.dirty_log_perf import DirtyLogPerf
 from vsim.srcu import Srcu
 from vsim.stats import VmStat
 from vsim.vcpu.vcpu import NEVER, Vcpu
@@ -74,7 +75,8 @@ class Vm:
         self.mmu_invalidate_range_end = 0
         self.mmu_lock = MmuLock(self.env, self.sink)
         self.mmu = TdpMmu(self, initial_tables=self._estimate_tables(nv * per))
-        self.vmm = Vmm(self) if cfg.vmm.ops or cfg.vmm.stress.iterations else None
+        self.program = DirtyLogPerf(self) if cfg.selftest.name == "dirty_log_perf" else None
+        self.vmm = Vmm(self) if cfg.vmm.ops or cfg.vmm.stress.iterations or self.program else None
         root_seq = np.random.SeedSequence(cfg.seed)
         streams = root_seq.spawn(2)[STREAM_VCPU_WORKLOADS].spawn(nv)
         self._vmm_started = False

@@ -22,9 +22,13 @@ from collections.abc import Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID, Memslots
+import numpy as np
+
+from vsim.dirty_log import kvm_mmu_slot_apply_flags
+from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID, Memslot, Memslots
 from vsim.mmu.fast_zap import kvm_mmu_zap_all_fast
 from vsim.mmu.mmio import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, MMIO_SPTE_GEN_MASK
+from vsim.mmu.spte import PG_LEVEL_4K
 from vsim.sched import ACTOR_PRIO_BASE, Actor, At
 
 if TYPE_CHECKING:
@@ -58,6 +62,8 @@ class Vmm(Actor):
 
     def run(self) -> Generator[object, object, None]:
         yield At(self.env, 0, self.prio)
+        if self.vm.program is not None:
+            yield from self.vm.program.run(self)
         for op in self.ops:
             self.now = max(self.now, op.at)
             ev = self.sync()
@@ -91,11 +97,14 @@ class Vmm(Actor):
         elif op.op == "move":
             slots = [*others, old.moved_to(op.to_gpa >> 12)]
         else:
-            slots = [replace(s, flags=s.flags | KVM_MEM_LOG_DIRTY_PAGES) if s.id == op.slot else s
-                     for s in vm.memslots.slots]  # fmt: skip
+            (old,) = [s for s in vm.memslots.slots if s.id == op.slot]
+            new = self._with_dirty_logging(old, op.log_dirty)
+            slots = [new if s.id == op.slot else s for s in vm.memslots.slots]
         srcu_ns += yield from self.kvm_swap_active_memslots(Memslots(slots))
-        # kvm_commit_memory_region: for FLAGS_ONLY, kvm_mmu_slot_apply_flags (its dirty-logging
-        # write protection belongs to the dirty-logging work; the flag already caps huge pages).
+        if op.op == "flags":  # kvm_commit_memory_region -> kvm_mmu_slot_apply_flags
+            yield from kvm_mmu_slot_apply_flags(self, old, new)
+            if vm.checker is not None and op.log_dirty:
+                vm.checker.on_harvest_returned(new, self.now)  # logging starts as the ioctl returns
         total = self.now - t0
         vm.stat.memslot_updates += 1
         vm.memslot_update_ns.append(total)
@@ -104,6 +113,37 @@ class Vmm(Actor):
         if vm.sink.faults:
             vm.sink.emit("vsim_set_memory_region_done", self.now, VMM_ACTOR_ID, self._op_id, change, op.slot,
                          total, srcu_ns, zap_ns)  # fmt: skip
+
+    def _with_dirty_logging(self, old: Memslot, on: bool) -> Memslot:
+        """The FLAGS_ONLY slot: ``KVM_MEM_LOG_DIRTY_PAGES`` set with a new bitmap (all ones with
+        manual-protect + ``INITIALLY_SET``), or cleared with the bitmap freed."""
+        vm = self.vm
+        if not on:
+            return replace(old, flags=old.flags & ~KVM_MEM_LOG_DIRTY_PAGES, dirty_bitmap=None)
+        dl = vm.cfg.dirty_log
+        fill = 1 if dl.manual_protect and dl.initially_set else 0
+        if old.host.page_level > PG_LEVEL_4K:
+            vm.lockstep = True  # vCPUs will split huge leaves on write faults (see Vm.horizon)
+        return replace(old, flags=old.flags | KVM_MEM_LOG_DIRTY_PAGES,
+                       dirty_bitmap=np.full(old.npages, fill, dtype=np.uint8))  # fmt: skip
+
+    def mmu_lock_acquire(self, write: bool) -> Generator[object, object, None]:
+        """``write_lock``/``read_lock(&kvm->mmu_lock)`` at the VMM's instant, waiting if contended."""
+        ev = self.sync()
+        if ev is not None:
+            yield ev
+        lock = self.vm.mmu_lock
+        ev = (lock.write_lock if write else lock.read_lock)(self.actor_id, self.now)
+        if ev is not None:
+            self.sleeping_until = None
+            self.now = yield ev  # type: ignore[assignment]
+
+    def mmu_lock_release(self, write: bool) -> Generator[object, object, None]:
+        ev = self.sync()
+        if ev is not None:
+            yield ev
+        lock = self.vm.mmu_lock
+        (lock.write_unlock if write else lock.read_unlock)(self.actor_id, self.now)
 
     def kvm_swap_active_memslots(self, new: Memslots) -> Generator[object, object, int]:
         """Publish ``new``, wait out the SRCU readers of the old set, settle the generation.

@@ -140,10 +140,8 @@ class MemslotOp(_Table):
     )
     slot: int = Field(ge=0, description="index of the test-region memslot")
     to_gpa: Size | None = Field(None, description="move: the slot's new guest physical address")
-    log_dirty: Literal[True] = Field(
-        True,
-        description="flags: set KVM_MEM_LOG_DIRTY_PAGES (disabling it recovers huge pages, which needs remote TLB "
-        "flushes: the dirty-logging work)",
+    log_dirty: bool = Field(
+        True, description="flags: set (true) or clear (false) KVM_MEM_LOG_DIRTY_PAGES; the other flags stay"
     )
 
 
@@ -160,6 +158,32 @@ class VmmConfig(_Table):
 
     ops: list[MemslotOp] = Field(default_factory=list)
     stress: StressConfig = StressConfig()
+
+
+class DirtyLogConfig(_Table):
+    """How KVM logs dirty pages (spec §10): the VM's capabilities and the module parameters."""
+
+    manual_protect: bool = Field(
+        True,
+        description="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET copies the bitmap, CLEAR re-protects "
+        "(dirty_log_perf_test -g turns it off)",
+    )
+    initially_set: bool = Field(
+        True, description="KVM_DIRTY_LOG_INITIALLY_SET (with manual_protect): enabling protects nothing"
+    )
+    eager_split: bool = Field(True, description="kvm.eager_page_split: split huge pages when protection starts")
+    pml: Literal[False] = Field(
+        False, description="Page Modification Logging is not modelled in this version (write protection only)"
+    )
+
+
+class SelftestConfig(_Table):
+    """A KVM selftest's host program, run by the VMM thread in place of ``vmm.ops``."""
+
+    name: Literal["none", "dirty_log_perf"] = Field(
+        "none", description="none, or dirty_log_perf (cost-anchors §7.2; vCPUs run the memstress loop)"
+    )
+    iterations: int = Field(2, ge=2, le=10_000, description="dirty_log_perf_test -i (one memstress pass each)")
 
 
 class EventsConfig(_Table):
@@ -189,6 +213,8 @@ class ScenarioConfig(_Table):
     mmu: MmuConfig = MmuConfig()
     memslots: MemslotsConfig = MemslotsConfig()
     vmm: VmmConfig = VmmConfig()
+    dirty_log: DirtyLogConfig = DirtyLogConfig()
+    selftest: SelftestConfig = SelftestConfig()
     costs: CostModel = CostModel()
     events: EventsConfig = EventsConfig()
     sim: SimConfig = SimConfig()
@@ -203,7 +229,23 @@ class ScenarioConfig(_Table):
         if self.vm.base_gpa + total_pages * 4096 > 1 << 52:
             raise ValueError("vm.base_gpa: the test region must end below 4PiB (52-bit guest physical)")
         self._check_schedule(total_pages)
+        self._check_selftest()
         return self
+
+    def _check_selftest(self) -> None:
+        st = self.selftest
+        if st.name == "none":
+            return
+        if self.workload.kind != "memstress":
+            raise ValueError(f"workload.kind: {st.name} runs the memstress guest loop, not {self.workload.kind!r}")
+        if self.workload.passes != st.iterations + 1:
+            raise ValueError(
+                f"workload.passes: {st.name} needs iterations + 1 = {st.iterations + 1} passes "
+                f"(the populate pass, then one per iteration), not {self.workload.passes}"
+            )
+        if self.vmm.ops or self.vmm.stress.iterations or self.vm.absent_memslots:
+            raise ValueError(f"selftest.name: {st.name} drives the memslots itself; drop vmm.ops, vmm.stress and "
+                             "vm.absent_memslots")  # fmt: skip
 
     def _check_schedule(self, total_pages: int) -> None:
         per = total_pages // self.vm.memslots
@@ -216,6 +258,7 @@ class ScenarioConfig(_Table):
         st = self.vmm.stress
         if st.iterations and any(o.at < st.start + 2 * st.iterations * st.interval for o in self.vmm.ops):
             raise ValueError("vmm.stress: the dummy-slot loop must not overlap vmm.ops in time")
+        logging: set[int] = set()
         for op in sorted(self.vmm.ops, key=lambda o: o.at):
             if op.slot >= self.vm.memslots:
                 raise ValueError(f"vmm.ops: slot {op.slot} is not a memslot index (0..{self.vm.memslots - 1})")
@@ -227,7 +270,13 @@ class ScenarioConfig(_Table):
                 continue
             if not exists:
                 raise ValueError(f"vmm.ops: {op.op} of slot {op.slot}, which does not exist then")
-            if op.op == "delete":
+            if op.op == "flags":
+                if op.log_dirty == (op.slot in logging):
+                    state = "already" if op.log_dirty else "not"
+                    raise ValueError(f"vmm.ops: flags on slot {op.slot}, which is {state} dirty-logging then")
+                (logging.add if op.log_dirty else logging.discard)(op.slot)
+            elif op.op == "delete":
+                logging.discard(op.slot)
                 del where[op.slot]
             elif op.op == "move":
                 if op.to_gpa is None or op.to_gpa % 4096:

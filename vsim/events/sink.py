@@ -24,7 +24,7 @@ Record = tuple[object, ...]
 class EventSink:
     """Collects event tuples at a level (``off``, ``faults`` or ``all``)."""
 
-    __slots__ = ("faults", "all", "level", "_buf", "_consumer", "_limit", "emitted", "kept", "clock")
+    __slots__ = ("faults", "all", "level", "_buf", "_consumer", "_limit", "_next", "emitted", "kept", "clock")
 
     def __init__(
         self, level: str = "off", consumer: Callable[[list[Record]], None] | None = None, limit: int = 1 << 14
@@ -38,13 +38,14 @@ class EventSink:
         self._buf: list[Record] = []
         self._consumer = consumer
         self._limit = limit
+        self._next = limit  # buffer length that triggers the next flush
         self.emitted = 0
 
     def emit(self, *record: object) -> None:
         """Append one ``(name, t_ns, vcpu, *fields)`` record."""
         buf = self._buf
         buf.append(record)
-        if len(buf) >= self._limit and self._consumer is not None:
+        if len(buf) >= self._next and self._consumer is not None:
             self.flush(final=False)
 
     def flush(self, final: bool = True) -> None:
@@ -65,6 +66,9 @@ class EventSink:
         if self._consumer is not None and buf:
             self._consumer(buf)
         self._buf = keep
+        # Records ahead of the clock stay; wait for a full buffer's worth of new ones before sorting
+        # again (an actor far ahead of the clock would otherwise make every emit re-sort them).
+        self._next = len(keep) + self._limit
 
     def records(self) -> list[Record]:
         """The records still buffered (all of them when no consumer is attached)."""

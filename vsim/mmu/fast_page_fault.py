@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vsim.dirty_log import mark_page_dirty_in_slot
 from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES
 from vsim.mmu.page_fault import (
     RET_PF_FIXED,
@@ -56,6 +57,7 @@ def fast_page_fault(mmu: TdpMmu, vcpu: Vcpu, fault: KvmPageFault) -> int:
     ret = RET_PF_INVALID
     old = new = 0
     retries = 0
+    slot = vcpu.gfn_to_memslot(fault.gfn)
     while True:
         table, idx, level, old = mmu.fast_pf_get_last_sptep(root, fault.gfn)
         new = old
@@ -66,7 +68,6 @@ def fast_page_fault(mmu: TdpMmu, vcpu: Vcpu, fault: KvmPageFault) -> int:
             break
         if fault.write and is_mmu_writable_spte(old):
             new = old | PT_WRITABLE
-            slot = mmu.vm.memslots.gfn_to_memslot(fault.gfn)
             # A huge leaf in a dirty-logged slot must be remapped at 4K by the slow path.
             if level > PG_LEVEL_4K and slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
                 break
@@ -76,6 +77,8 @@ def fast_page_fault(mmu: TdpMmu, vcpu: Vcpu, fault: KvmPageFault) -> int:
         if mmu.try_cmpxchg(table, idx, level, base, old, new, vid, t):
             ret = RET_PF_FIXED
             vcpu.stat.pf_fast += 1
+            if new & PT_WRITABLE and not old & PT_WRITABLE:
+                mark_page_dirty_in_slot(slot, fault.gfn)
             break
         retries += 1
         if retries > FAST_PF_MAX_RETRIES:

@@ -31,34 +31,19 @@ def kvm_mmu_zap_all_fast(vmm: Vmm) -> Generator[object, object, int]:
     c = vm.costs
     t0 = vmm.now
     actor = vmm.actor_id
-    ev = vmm.sync()
-    if ev is not None:
-        yield ev
-    ev = vm.mmu_lock.write_lock(actor, vmm.now)
-    if ev is not None:
-        vmm.sleeping_until = None
-        vmm.now = yield ev
+    yield from vmm.mmu_lock_acquire(write=True)
     vm.mmu_valid_gen ^= 1
     invalid = vm.mmu.kvm_tdp_mmu_invalidate_all_roots()
     _, vmm.now = kvm_make_all_cpus_request(vm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, vmm.now)
-    ev = vmm.sync()
-    if ev is not None:
-        yield ev
-    vm.mmu_lock.write_unlock(actor, vmm.now)
+    yield from vmm.mmu_lock_release(write=True)
     # kvm_tdp_mmu_zap_invalidated_roots, under the read lock.
-    ev = vm.mmu_lock.read_lock(actor, vmm.now)
-    if ev is not None:
-        vmm.sleeping_until = None
-        vmm.now = yield ev
+    yield from vmm.mmu_lock_acquire(write=False)
     visited = 0
     for root in invalid:
         visited += vm.mmu.zap_root(root, actor, vmm.now)
         vm.mmu.kvm_tdp_mmu_put_root(root, actor, vmm.now)  # the TDP MMU's own reference
     vm.stat.tdp_sptes_zapped += visited
     vmm.now += c.tdp_zap_spte * visited
-    ev = vmm.sync()
-    if ev is not None:
-        yield ev
-    vm.mmu_lock.read_unlock(actor, vmm.now)
+    yield from vmm.mmu_lock_release(write=False)
     vm.stat.mmu_fast_zaps += 1
     return vmm.now - t0

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vsim.dirty_log import mark_page_dirty_in_slot
 from vsim.memslots import KVM_MEMSLOT_INVALID
 from vsim.mmu.fast_page_fault import fast_page_fault, page_fault_can_be_fast
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
@@ -85,6 +86,7 @@ class TdpMmu:
         self._c_zero = c.zero_4k
         self._c_map = c.tdp_mmu_map
         self._c_sp = c.sp_alloc
+        self._c_split = c.tdp_split_spte
 
     # -- page-table pool -------------------------------------------------------------------------
     def alloc_sp(self, level: int, gfn: int) -> int:
@@ -188,6 +190,11 @@ class TdpMmu:
         self.handle_changed_spte(gfn, old, new, level, vcpu_id, t)
         return True
 
+    def set_spte(self, table: int, idx: int, level: int, gfn: int, old: int, new: int, actor: int, t: int) -> None:
+        """``tdp_mmu_set_spte`` / a successful ``tdp_mmu_set_spte_atomic`` by an ``mmu_lock`` holder."""
+        self.spt[table, idx] = new
+        self.handle_changed_spte(gfn, old, new, level, actor, t)
+
     # -- SPTE changes ----------------------------------------------------------------------------
     def handle_changed_spte(self, gfn: int, old: int, new: int, level: int, vcpu_id: int, t: int) -> None:
         """``handle_changed_spte``: page stats, the tracepoint and the invariant checks."""
@@ -251,6 +258,8 @@ class TdpMmu:
         level = last[2]
         new_tables = level - fault.goal_level if level > fault.goal_level and last[3] != REMOVED_SPTE else 0
         v.now += self._c_map + self._c_sp * new_tables
+        if new_tables and last[3] & SPTE_MMU_PRESENT:  # splitting a huge leaf fills each new table
+            v.now += self._c_split * SPTE_ENT_PER_PAGE * new_tables
         ev = v.sync()
         if ev is not None:
             yield ev
@@ -294,6 +303,8 @@ class TdpMmu:
             new = make_mmio_spte(gfn, self.vm.memslots.generation)
         else:
             new = make_spte(slot.gfn_to_pfn(base), goal, fault.map_writable)
+            if fault.map_writable:  # make_spte marks a writable 4K SPTE of a logged slot dirty
+                mark_page_dirty_in_slot(slot, gfn)
         if new == old:
             return RET_PF_SPURIOUS
         if not self.try_cmpxchg(table, idx, goal, base, old, new, vid, t):

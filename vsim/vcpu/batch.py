@@ -88,12 +88,15 @@ def run_accesses(
     c_hit,
     c_ref,
     counters,
+    written,
+    wbase,
 ):  # type: ignore[no-untyped-def]
     """Run accesses ``start..stop``; returns ``(index, elapsed_ns, status, fault_refs, present)``.
 
     ``status`` is ``STOP_DONE`` (all ran), or ``STOP_EPT_VIOLATION`` / ``STOP_EPT_MISCONFIG`` at
     ``index``, whose walk made ``fault_refs`` references and found an EPT leaf (``present``) or
     none. The faulting access is not counted; the caller accounts it when it takes the exit.
+    Completed writes are noted in ``written[gfn - wbase]`` where that index exists.
     ``STOP_HORIZON`` stops before the first access that would start ``limit`` ns or more into the
     stretch (a kick could arrive by then).
     """
@@ -119,6 +122,8 @@ def run_accesses(
             if r != 0:
                 break
         if hit:
+            if w:
+                _note_write(written, g - wbase)
             t += c_guest + c_hit
             hits += 1
             i += 1
@@ -147,12 +152,21 @@ def run_accesses(
             return i, t, STOP_EPT_VIOLATION, refs, leaf != 0
         eff = min(guest_level, leaf) - 1
         _insert(tags, wr, sets, ways, count, eff, g >> (9 * eff), 1 if writable else 0)
+        if w:
+            _note_write(written, g - wbase)
         t += c_guest + refs * c_ref
         walks += 1
         walk_refs += refs
         i += 1
     _add_counters(counters, i - start, hits, walks, walk_refs)
     return i, t, STOP_DONE, 0, False
+
+
+@njit(cache=True, inline="always")
+def _note_write(written, k):  # type: ignore[no-untyped-def]
+    """The invariant checker's record of completed writes (an empty array when it is off)."""
+    if 0 <= k < written.shape[0]:
+        written[k] = 1
 
 
 @njit(cache=True, inline="always")

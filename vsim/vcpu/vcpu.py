@@ -72,6 +72,9 @@ class Vcpu(Actor):
         t = vm.cfg.tlb
         self.tlb: Tlb | RefTlb = (RefTlb if self.reference else Tlb)(t.entries, t.ways)
         self.counters = np.zeros(4, dtype=np.int64)
+        # Completed writes for the invariant checker's dirty-log check (empty when it is off).
+        self.written = vm.checker.written if vm.checker is not None else np.zeros(0, dtype=np.uint8)
+        self.wbase = vm.region_base_gfn
         self.guest_level = vm.guest_level
         self.finished_at = -1
         self.last_used_slot = None
@@ -160,7 +163,7 @@ class Vcpu(Actor):
             j, dt, status, refs, present = run_accesses(
                 gfns, writes, i, n, limit, mmu.spt, self.root.table, guest_level,
                 tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
-                c.guest_access, c.tlb_hit, c.walk_ref, self.counters,
+                c.guest_access, c.tlb_hit, c.walk_ref, self.counters, self.written, self.wbase,
             )  # fmt: skip
             self.now += dt
             i = j
@@ -202,6 +205,7 @@ class Vcpu(Actor):
                 continue
             g, w = int(gfns[i]), bool(writes[i])
             if tlb.lookup(g, w):
+                self._note_write(g, w)
                 self.now += c.guest_access + c.tlb_hit
                 st[0] += 1
                 st[1] += 1
@@ -217,11 +221,17 @@ class Vcpu(Actor):
                     i += 1
                 continue
             tlb.insert(min(self.guest_level, leaf) - 1, g, writable)
+            self._note_write(g, w)
             self.now += c.guest_access + refs * c.walk_ref
             st[0] += 1
             st[2] += 1
             st[3] += refs
             i += 1
+
+    def _note_write(self, gfn: int, write: bool) -> None:
+        k = gfn - self.wbase
+        if write and 0 <= k < len(self.written):
+            self.written[k] = 1
 
     # -- exits -----------------------------------------------------------------------------------
     def _exit(self, reason: str, gfn: int, refs: int) -> tuple[int, int, int]:
@@ -388,6 +398,8 @@ class Vcpu(Actor):
             vm.sink.emit("kvm_userspace_exit", self.now, self.id, exit_id, "KVM_EXIT_IO")
         vm.srcu.read_unlock(token, self.now)  # KVM_RUN returns to the VMM
         self.now += vm.costs.userspace_exit
+        if vm.program is not None:  # the test's vCPU thread reports the pass and may wait
+            yield from vm.program.vcpu_sync(self)
         token = vm.srcu.read_lock(self.now)  # and is called again: vcpu_enter_guest
         yield from self._reenter(exit_id, token)
 

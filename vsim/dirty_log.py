@@ -1,0 +1,193 @@
+"""Dirty logging (spec §10): the per-slot bitmap, enabling and disabling, GET and CLEAR.
+
+``mark_page_dirty_in_slot`` sets a page's byte in ``slot.dirty_bitmap``. The rest are the VMM
+thread's ioctls, run as generators on the ``Vmm`` actor because they take ``mmu_lock``, walk the TDP
+MMU for a time proportional to what they visit, and flush remote TLBs:
+
+* ``kvm_mmu_slot_apply_flags`` (from ``kvm_commit_memory_region``): on enable, nothing with
+  manual-protect + ``INITIALLY_SET``; otherwise eager splitting (if on) and write protection of
+  every leaf under the read lock, then an unconditional flush. On disable, huge pages are recovered
+  in place (6.13+), with a flush if any were.
+* ``kvm_get_dirty_log_protect``: with manual-protect a copy of the bitmap; otherwise, under the write
+  lock, each dirty word is exchanged for zero and its 4K leaves are write-protected, then one flush.
+* ``kvm_clear_dirty_log_protect``: under the write lock, clear the bits given, re-protect exactly
+  those (``kvm_arch_mmu_enable_log_dirty_pt_masked``: with ``INITIALLY_SET`` first split and
+  write-protect the huge pages around them), then one flush.
+
+Slots are walked one page table (512 gfns) at a time; each piece lands at its own instant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
+from vsim.mmu import tdp_dirty_log as tdp
+from vsim.mmu.spte import PG_LEVEL_2M, PG_LEVEL_4K, SPTE_ENT_PER_PAGE, pages_per_level
+from vsim.requests import kvm_flush_remote_tlbs
+
+if TYPE_CHECKING:
+    from vsim.vmm import Vmm
+
+WORD = 64  # gfns per dirty-bitmap word
+
+
+def mark_page_dirty_in_slot(slot: Memslot | None, gfn: int) -> None:
+    """``mark_page_dirty_in_slot``: set ``gfn``'s bit if the slot is dirty-logged."""
+    if slot is not None and slot.dirty_bitmap is not None:
+        slot.dirty_bitmap[gfn - slot.base_gfn] = 1
+
+
+def _words(n: int) -> int:
+    return -(-n // WORD)
+
+
+def _pieces(slot: Memslot) -> range:
+    return range(slot.base_gfn, slot.end_gfn, SPTE_ENT_PER_PAGE)
+
+
+def _walk_slot(
+    vmm: Vmm, slot: Memslot, write: bool, piece: Callable[[int, int], tuple[int, bool]]
+) -> Generator[object, object, bool]:
+    """Hold ``mmu_lock`` (write or read) over a walk of ``slot``; ``piece(lo, hi)`` does one page
+    table's range and returns ``(ns spent, flush needed)``. Returns whether any piece needs a flush."""
+    yield from vmm.mmu_lock_acquire(write)
+    flush = False
+    for lo in _pieces(slot):
+        ev = vmm.sync()
+        if ev is not None:
+            yield ev
+        ns, f = piece(lo, min(lo + SPTE_ENT_PER_PAGE, slot.end_gfn))
+        vmm.now += ns
+        flush = flush or f
+    yield from vmm.mmu_lock_release(write)
+    return flush
+
+
+def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[object, object, None]:
+    """x86 ``kvm_mmu_slot_apply_flags`` for a dirty-logging change of ``new``."""
+    vm = vmm.vm
+    c = vm.costs
+    mmu = vm.mmu
+    actor = vmm.actor_id
+    dl = vm.cfg.dirty_log
+    if new.flags & KVM_MEM_LOG_DIRTY_PAGES and not old.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        if dl.manual_protect and dl.initially_set:
+            return
+        if dl.eager_split and new.host.page_level > PG_LEVEL_4K:
+            # kvm_mmu_slot_try_split_huge_pages, read lock for the TDP MMU.
+            def split(lo: int, hi: int) -> tuple[int, bool]:
+                return tdp.try_split_huge_pages(mmu, lo, hi, PG_LEVEL_4K, actor, vmm.now) * c.tdp_split_spte, False
+
+            yield from _walk_slot(vmm, new, False, split)
+
+        # kvm_mmu_slot_remove_write_access(new, PG_LEVEL_4K), read lock + atomics.
+        def wrprot(lo: int, hi: int) -> tuple[int, bool]:
+            visited, f = tdp.wrprot_range(mmu, lo, hi, PG_LEVEL_4K, False, actor, vmm.now)
+            return visited * c.tdp_wrprot_spte, f
+
+        yield from _walk_slot(vmm, new, False, wrprot)
+        vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)  # unconditional, after the unlock
+    elif old.flags & KVM_MEM_LOG_DIRTY_PAGES and not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+
+        def recover(lo: int, hi: int) -> tuple[int, bool]:
+            visited, f = tdp.recover_huge_pages(mmu, new, lo, hi, actor, vmm.now)
+            return visited * c.tdp_zap_spte, f
+
+        if new.host.page_level > PG_LEVEL_4K and (yield from _walk_slot(vmm, new, False, recover)):
+            vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)
+
+
+def kvm_get_dirty_log(vmm: Vmm, slot: Memslot) -> Generator[object, object, np.ndarray]:
+    """``KVM_GET_DIRTY_LOG`` (``kvm_get_dirty_log_protect``): returns the harvested bitmap."""
+    vm = vmm.vm
+    c = vm.costs
+    bitmap = slot.dirty_bitmap
+    assert bitmap is not None, "GET_DIRTY_LOG on a slot that is not dirty-logged"
+    if vm.cfg.dirty_log.manual_protect:
+        ev = vmm.sync()
+        if ev is not None:
+            yield ev
+        snapshot = bitmap.copy()
+        if vm.checker is not None:
+            vm.checker.on_harvest(slot, snapshot, vmm.now)
+        vmm.now += _words(slot.npages) * c.dirty_log_word
+        return snapshot
+    snapshot = np.zeros_like(bitmap)
+
+    def xchg_and_protect(lo: int, hi: int) -> tuple[int, bool]:
+        a, b = lo - slot.base_gfn, hi - slot.base_gfn
+        snapshot[a:b] = bitmap[a:b]  # xchg(word, 0) for every word of the piece
+        bitmap[a:b] = 0
+        visited, f = tdp.clear_dirty_pt_masked(vm.mmu, np.flatnonzero(snapshot[a:b]) + lo, vmm.actor_id, vmm.now)
+        return _words(hi - lo) * c.dirty_log_word + visited * c.tdp_wrprot_spte, f
+
+    yield from _walk_slot(vmm, slot, True, xchg_and_protect)
+    if vm.checker is not None:
+        vm.checker.on_harvest(slot, snapshot, vmm.now)
+    if snapshot.any():
+        vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)  # kvm_flush_remote_tlbs_memslot
+    yield from _returned(vmm, slot)
+    return snapshot
+
+
+def kvm_clear_dirty_log(vmm: Vmm, slot: Memslot, mask: np.ndarray) -> Generator[object, object, int]:
+    """``KVM_CLEAR_DIRTY_LOG`` over the whole slot with ``mask`` (what GET returned); returns the
+    pages re-protected."""
+    vm = vmm.vm
+    c = vm.costs
+    bitmap = slot.dirty_bitmap
+    assert bitmap is not None, "CLEAR_DIRTY_LOG on a slot that is not dirty-logged"
+    cleared_total = 0
+    any_cleared = False
+
+    def clear(lo: int, hi: int) -> tuple[int, bool]:
+        nonlocal cleared_total, any_cleared
+        a, b = lo - slot.base_gfn, hi - slot.base_gfn
+        cleared = bitmap[a:b] & mask[a:b]  # atomic fetch_andnot on each word
+        bitmap[a:b] &= ~mask[a:b]
+        gfns = np.flatnonzero(cleared) + lo
+        ns = _words(hi - lo) * c.dirty_log_word
+        if len(gfns):
+            cleared_total += len(gfns)
+            any_cleared = True
+            ns += _enable_log_dirty_pt_masked(vmm, slot, gfns)
+        return ns, False
+
+    yield from _walk_slot(vmm, slot, True, clear)
+    if any_cleared:
+        vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)  # kvm_flush_remote_tlbs_memslot
+    yield from _returned(vmm, slot)
+    return cleared_total
+
+
+def _enable_log_dirty_pt_masked(vmm: Vmm, slot: Memslot, gfns: np.ndarray) -> int:
+    """``kvm_arch_mmu_enable_log_dirty_pt_masked`` for sorted ``gfns``; returns the ns spent."""
+    vm = vmm.vm
+    c = vm.costs
+    mmu = vm.mmu
+    actor = vmm.actor_id
+    ns = 0
+    dl = vm.cfg.dirty_log
+    if dl.manual_protect and dl.initially_set and slot.host.page_level > PG_LEVEL_4K:
+        start, end = int(gfns[0]), int(gfns[-1])
+        if dl.eager_split:
+            ns += tdp.try_split_huge_pages(mmu, start, end + 1, PG_LEVEL_4K, actor, vmm.now) * c.tdp_split_spte
+        # kvm_mmu_slot_gfn_write_protect(PG_LEVEL_2M) on the huge pages holding the first and last gfn.
+        for g in {start, end} if start // pages_per_level(2) != end // pages_per_level(2) else {start}:
+            visited, _ = tdp.wrprot_range(mmu, g, g + 1, PG_LEVEL_2M, True, actor, vmm.now)
+            ns += visited * c.tdp_wrprot_spte
+    visited, _ = tdp.clear_dirty_pt_masked(mmu, gfns, actor, vmm.now)
+    return ns + visited * c.tdp_wrprot_spte
+
+
+def _returned(vmm: Vmm, slot: Memslot) -> Generator[object, object, None]:
+    """The ioctl returns to userspace: writes from now on must show up in a later harvest."""
+    ev = vmm.sync()
+    if ev is not None:
+        yield ev
+    if vmm.vm.checker is not None:
+        vmm.vm.checker.on_harvest_returned(slot, vmm.now)

@@ -1,0 +1,180 @@
+"""The TDP MMU's dirty-log, write-protect and split helpers (``tdp_mmu.c``, spec §8.6).
+
+Each helper walks every valid root over a gfn range and changes SPTEs in place; the caller holds
+``mmu_lock`` in the kernel's mode, charges the time for the entries visited and issues any TLB
+flush (the helpers return whether one is needed, as KVM's return ``flush``). The changes of one
+call land at the caller's instant; callers walk a slot one page table (512 gfns) at a time so that
+time passes between the pieces as it does in the kernel.
+
+* ``kvm_tdp_mmu_wrprot_slot``: clear W on leaves at or above a level (enable dirty logging).
+* ``kvm_tdp_mmu_clear_dirty_pt_masked`` with ``wrprot``: clear W on the 4K leaves of a bitmap mask.
+* ``kvm_tdp_mmu_write_protect_gfn``: clear W and MMU-writable on the leaves mapping one gfn.
+* ``kvm_tdp_mmu_try_split_huge_pages``: eager splitting, each huge leaf replaced by a page table of
+  leaves with the same translation (no flush needed).
+* ``kvm_tdp_mmu_recover_huge_pages`` (6.13+): a page table under a level the slot may now map huge
+  becomes a huge leaf again (a flush is needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vsim.mmu.hugepage import kvm_mmu_max_mapping_level
+from vsim.mmu.spte import (
+    PFN_MASK,
+    PFN_SHIFT,
+    PG_LEVEL_4K,
+    PT_PAGE_SIZE,
+    PT_WRITABLE,
+    REMOVED_SPTE,
+    SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT,
+    SPTE_MMU_WRITABLE,
+    TDP_ROOT_LEVEL,
+    make_huge_page_split_spte,
+    make_nonleaf_spte,
+    pages_per_level,
+)
+
+if TYPE_CHECKING:
+    from vsim.memslots import Memslot
+    from vsim.mmu.tdp_mmu import TdpMmu
+
+
+def _entries(mmu: TdpMmu, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(table, index, level, gfn, spte)`` of every present entry overlapping ``[start, end)``
+    in every valid root, parents before children (``for_each_tdp_pte``)."""
+    for root in mmu.roots:
+        if not root.invalid:
+            yield from _walk(mmu, root.table, TDP_ROOT_LEVEL, 0, start, end)
+
+
+def _walk(
+    mmu: TdpMmu, table: int, level: int, base: int, start: int, end: int
+) -> Iterator[tuple[int, int, int, int, int]]:
+    span = pages_per_level(level)
+    lo = max(0, (start - base) // span)
+    hi = min(SPTE_ENT_PER_PAGE, -(-(end - base) // span))
+    row = mmu.spt[table]
+    for i in (np.flatnonzero(row[lo:hi]) + lo).tolist():
+        spte = int(row[i])
+        if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
+            continue
+        gfn = base + i * span
+        yield table, i, level, gfn, spte
+        if level > PG_LEVEL_4K and not spte & PT_PAGE_SIZE:
+            yield from _walk(mmu, (spte & PFN_MASK) >> PFN_SHIFT, level - 1, gfn, start, end)
+
+
+def _is_leaf(spte: int, level: int) -> bool:
+    return level == PG_LEVEL_4K or bool(spte & PT_PAGE_SIZE)
+
+
+def wrprot_range(
+    mmu: TdpMmu, start: int, end: int, min_level: int, clear_mmu_writable: bool, actor: int, t: int
+) -> tuple[int, bool]:
+    """``kvm_tdp_mmu_wrprot_slot`` (and, with ``clear_mmu_writable``, ``write_protect_gfn``):
+    clear W on leaves at or above ``min_level``. Returns ``(entries visited, flush needed)``."""
+    mask = PT_WRITABLE | (SPTE_MMU_WRITABLE if clear_mmu_writable else 0)
+    visited = 0
+    flush = False
+    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
+        visited += 1
+        if level < min_level or not _is_leaf(spte, level) or not spte & mask:
+            continue
+        # Dirty logging leaves MMU-writable set, so the next write is fixed by fast_page_fault.
+        mmu.set_spte(table, i, level, gfn, spte, spte & ~mask, actor, t)
+        flush = flush or bool(spte & PT_WRITABLE) or clear_mmu_writable
+    return visited, flush
+
+
+def clear_dirty_pt_masked(mmu: TdpMmu, gfns: np.ndarray, actor: int, t: int) -> tuple[int, bool]:
+    """``kvm_tdp_mmu_clear_dirty_pt_masked`` with ``wrprot`` (no PML): clear W on the 4K leaves
+    mapping ``gfns`` (sorted). Huge leaves are left to the caller's 2M write protection."""
+    visited = 0
+    flush = False
+    if not len(gfns):
+        return 0, False
+    wanted = set(gfns.tolist())
+    for table, i, level, gfn, spte in list(_entries(mmu, int(gfns[0]), int(gfns[-1]) + 1)):
+        if level != PG_LEVEL_4K or gfn not in wanted:
+            continue
+        visited += 1
+        if spte & PT_WRITABLE:
+            mmu.set_spte(table, i, level, gfn, spte, spte & ~PT_WRITABLE, actor, t)
+            flush = True
+    return visited, flush
+
+
+def try_split_huge_pages(mmu: TdpMmu, start: int, end: int, target_level: int, actor: int, t: int) -> int:
+    """``kvm_tdp_mmu_try_split_huge_pages``: split every huge leaf above ``target_level`` in the
+    range, recursively (1G → 2M → 4K), filling each child table before linking it. Returns the
+    SPTEs created."""
+    created = 0
+    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
+        if level > target_level and _is_leaf(spte, level):
+            created += _split(mmu, table, i, level, gfn, spte, (start, end, target_level), actor, t)
+    return created
+
+
+def _split(
+    mmu: TdpMmu, table: int, i: int, level: int, gfn: int, spte: int, goal: tuple[int, int, int], actor: int, t: int
+) -> int:
+    """Split one huge leaf; then its children that overlap ``[start, end)`` above the target."""
+    start, end, target = goal
+    child = mmu.alloc_sp(level - 1, gfn)
+    row = mmu.spt[child]
+    for k in range(SPTE_ENT_PER_PAGE):
+        row[k] = make_huge_page_split_spte(spte, level, k)
+    mmu.vm.stat.add_pages(level - 1, SPTE_ENT_PER_PAGE)
+    mmu.set_spte(table, i, level, gfn, spte, make_nonleaf_spte(child), actor, t)
+    created = SPTE_ENT_PER_PAGE
+    if level - 1 > target:
+        span = pages_per_level(level - 1)
+        for k in range(max(0, (start - gfn) // span), min(SPTE_ENT_PER_PAGE, -(-(end - gfn) // span))):
+            created += _split(mmu, child, k, level - 1, gfn + k * span, int(mmu.spt[child, k]), goal, actor, t)
+    return created
+
+
+def recover_huge_pages(mmu: TdpMmu, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+    """``kvm_tdp_mmu_recover_huge_pages``: replace each page table whose range the slot may map
+    huge (``kvm_mmu_max_mapping_level``) by a huge leaf built from its first present leaf
+    (``make_huge_spte``). Returns ``(entries visited, flush needed)``."""
+    visited = 0
+    flush = False
+    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
+        visited += 1
+        if level == PG_LEVEL_4K or level > 3 or _is_leaf(spte, level):
+            continue
+        if mmu.spt.item(table, i) != spte:
+            continue  # replaced while recovering a parent
+        if gfn < slot.base_gfn or gfn + pages_per_level(level) > slot.end_gfn:
+            continue
+        if kvm_mmu_max_mapping_level(slot, gfn, level) < level:
+            continue
+        small = _first_leaf(mmu, (spte & PFN_MASK) >> PFN_SHIFT, level - 1)
+        if small is None:
+            continue
+        span_mask = pages_per_level(level) - 1
+        pfn = ((small & PFN_MASK) >> PFN_SHIFT) & ~span_mask
+        huge = (small & ~PFN_MASK) | (pfn << PFN_SHIFT) | PT_PAGE_SIZE
+        mmu.set_spte(table, i, level, gfn, spte, huge, actor, t)
+        mmu.handle_removed_pt((spte & PFN_MASK) >> PFN_SHIFT, gfn, actor, t)
+        flush = True
+    return visited, flush
+
+
+def _first_leaf(mmu: TdpMmu, table: int, level: int) -> int | None:
+    for i in np.flatnonzero(mmu.spt[table]).tolist():
+        spte = int(mmu.spt[table, i])
+        if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
+            continue
+        if _is_leaf(spte, level):
+            return spte
+        found = _first_leaf(mmu, (spte & PFN_MASK) >> PFN_SHIFT, level - 1)
+        if found is not None:
+            return found
+    return None

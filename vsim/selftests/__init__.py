@@ -1,0 +1,1 @@
+"""Host programs of KVM selftests (``tools/testing/selftests/kvm/``), run by the VMM thread."""
