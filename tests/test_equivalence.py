@@ -50,9 +50,25 @@ def _random_config(seed: int) -> list[str]:
         sets += ["vm.memslots=2", scheme,
                  f'vmm.ops=[{{at="{t}us", op="delete", slot=1}}, {{at="{t + r.randint(1, 200)}us", op="create", '
                  f'slot=1}}, {{at="{t + r.randint(201, 400)}us", op="move", slot=1, to_gpa="64GiB"}}]']  # fmt: skip
-    elif story < 0.8:
+    elif story < 0.7:
         sets += [f"vmm.stress.iterations={r.randint(1, 12)}", f"vmm.stress.interval={r.randint(1, 40)}us"]
+    elif story < 0.85:
+        # Dirty logging switched on and off while the vCPUs run: write protection, splits on
+        # write faults, huge-page recovery and remote flushes that kick running vCPUs.
+        t = r.randint(5, 300)
+        sets += [_dirty_log_setting(r), "vm.memslots=2", "vm.backing_page_size=2M",
+                 f'vmm.ops=[{{at="{t}us", op="flags", slot=0, log_dirty=true}}, '
+                 f'{{at="{t + r.randint(1, 300)}us", op="flags", slot=0, log_dirty=false}}]']  # fmt: skip
+    else:
+        it = r.randint(2, 3)
+        sets += [_dirty_log_setting(r), "workload.kind=memstress", f"workload.passes={it + 1}",
+                 "selftest.name=dirty_log_perf", f"selftest.iterations={it}"]  # fmt: skip
     return sets
+
+
+def _dirty_log_setting(r: random.Random) -> str:
+    return r.choice(["dirty_log.eager_split=false", "dirty_log.manual_protect=false", "dirty_log.initially_set=false",
+                     "dirty_log.eager_split=true"])  # fmt: skip
 
 
 def _outputs(sets: list[str], mode: str, out: Path) -> tuple[str, bytes]:
@@ -63,7 +79,7 @@ def _outputs(sets: list[str], mode: str, out: Path) -> tuple[str, bytes]:
     return json.dumps(res.stats), (out / "events.jsonl").read_bytes()
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", range(24))
 def test_batched_equals_reference(tmp_path: Path, seed: int) -> None:
     sets = _random_config(seed)
     stats_b, events_b = _outputs(sets, "batched", tmp_path / "b")

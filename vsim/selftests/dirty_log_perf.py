@@ -26,7 +26,7 @@ from simpy.events import Event
 
 from vsim.config.schema import MemslotOp
 from vsim.dirty_log import kvm_clear_dirty_log, kvm_get_dirty_log
-from vsim.sched import GRANT_PRIO
+from vsim.sched import GRANT_PRIO, At
 from vsim.vcpu.vcpu import NEVER
 
 if TYPE_CHECKING:
@@ -69,6 +69,9 @@ class DirtyLogPerf:
         if k < self.iterations:
             t = yield self._go[k + 1]
             v.now = max(v.now, t)  # type: ignore[call-overload]
+            # Every parked vCPU resumes from the one event, in the order they parked; re-queue at
+            # the vCPU's own priority so they go on in vCPU order, as after any other wait.
+            yield At(v.env, v.now - v.env.now, v.prio)
 
     # -- main thread -------------------------------------------------------------------------------
     def _wait_all(self, vmm: Vmm, k: int) -> Generator[object, object, None]:

@@ -1,0 +1,110 @@
+"""Dirty logging on the TDP MMU, driven by dirty_log_perf_test's main thread."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import make_config, simulate
+
+from vsim.mmu import fast_page_fault as fpf
+from vsim.runner import collect_stats
+from vsim.vcpu.vcpu import Vcpu
+from vsim.vm import Vm
+
+VCPUS, PAGES = 3, 1024  # 4 MiB per vCPU
+
+
+def _perf(*sets: str) -> dict[str, Any]:
+    _, stats, _ = simulate(
+        f"vm.vcpus={VCPUS}", f"workload.per_vcpu_memory={PAGES * 4}KiB", "workload.passes=3",
+        "selftest.name=dirty_log_perf", "selftest.iterations=2", *sets,
+    )  # fmt: skip
+    return stats
+
+
+MODES = {
+    "manual+initially_set": [],
+    "manual": ["dirty_log.initially_set=false"],
+    "get_protects": ["dirty_log.manual_protect=false"],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backing", ["4K", "2M"])
+def test_every_page_written_is_harvested(mode: str, backing: str) -> None:
+    """Each iteration writes every page once; every harvest reports all of them, and the checker
+    (§13.5, on in tests) finds no write after a harvest returned that the next one misses."""
+    stats = _perf(f"vm.backing_page_size={backing}", *MODES[mode])
+    st = stats["selftest"]
+    assert st["dirty_pages"] == [VCPUS * PAGES] * 2
+    if mode.startswith("manual"):
+        assert st["cleared_pages"] == [VCPUS * PAGES] * 2
+    tot = stats["vcpu_total"]
+    # Iteration 2 always starts write-protected: every page takes one lockless fast fault then.
+    assert tot["pf_fast"] >= VCPUS * PAGES
+
+
+def test_random_partial_writes_are_harvested_completely() -> None:
+    stats = _perf("workload.access=random", "workload.write_percent=40", "vm.backing_page_size=2M",
+                  "dirty_log.eager_split=false")  # fmt: skip
+    assert 0 < stats["selftest"]["dirty_pages"][1] < VCPUS * PAGES
+
+
+def test_missed_dirty_mark_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast fault that forgets ``mark_page_dirty_in_slot`` (the class of R12) loses pages."""
+    monkeypatch.setattr(fpf, "mark_page_dirty_in_slot", lambda slot, gfn: None)
+    vm = Vm(make_config(f"vm.vcpus={VCPUS}", "workload.per_vcpu_memory=256KiB", "workload.passes=3",
+                        "selftest.name=dirty_log_perf", "selftest.iterations=2"))  # fmt: skip
+    vm.run()
+    assert {rule for _, rule, _ in vm.checker.violations} == {"dirty_log_incomplete"}  # type: ignore[union-attr]
+
+
+def test_skipped_local_flush_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """§13.1: a vCPU that enters after a completed remote flush without flushing its TLB keeps
+    writable translations of write-protected pages."""
+
+    def count_only(self: Vcpu) -> None:
+        self.stat.tlb_flush += 1
+
+    monkeypatch.setattr(Vcpu, "kvm_vcpu_flush_tlb_all", count_only)
+    vm = Vm(make_config("vm.vcpus=1", "workload.per_vcpu_memory=256KiB", "workload.passes=3",
+                        "selftest.name=dirty_log_perf", "selftest.iterations=2"))  # fmt: skip
+    end = vm.run()
+    rules = {v["rule"] for v in collect_stats(vm, end)["invariant_violations"]}
+    assert "stale_tlb_after_flush_write" in rules
+
+
+def _phases(*sets: str) -> dict[str, int]:
+    return _perf("vm.backing_page_size=2M", *sets)["selftest"]["phases_ns"]  # type: ignore[no-any-return]
+
+
+def test_eager_splitting_moves_work_from_iteration_1_into_enabling() -> None:
+    eager = _phases("dirty_log.initially_set=false", "dirty_log.eager_split=true")
+    lazy = _phases("dirty_log.initially_set=false", "dirty_log.eager_split=false")
+    split_work = VCPUS * PAGES * make_config().costs.tdp_split_spte  # every 4K SPTE created once
+    assert eager["Enabling dirty logging time"] - lazy["Enabling dirty logging time"] >= split_work
+    assert lazy["Iteration 1 dirty memory time"] > eager["Iteration 1 dirty memory time"]
+    # Iteration 2 finds everything split either way.
+    assert lazy["Iteration 2 dirty memory time"] == eager["Iteration 2 dirty memory time"]
+
+
+def test_initially_set_moves_protection_into_the_first_clear() -> None:
+    """With INITIALLY_SET, enabling protects nothing and Iteration 1 takes no write faults; the
+    first CLEAR splits and write-protects, and Iteration 2 takes the faults (cost-anchors 6.6)."""
+    init = _phases()
+    assert init["Enabling dirty logging time"] < init["Iteration 1 clear dirty log time"]
+    assert init["Iteration 1 dirty memory time"] < init["Iteration 2 dirty memory time"]
+
+
+def test_disabling_recovers_huge_pages_and_flushes() -> None:
+    stats = _perf("vm.backing_page_size=2M")
+    vm = stats["vm"]
+    assert vm["pages_4k"] == 0 and vm["pages_2m"] == VCPUS * PAGES // 512
+    # Two CLEARs and the recovery each request one flush; the vCPUs are parked in userspace,
+    # so no IPI is sent (remote_tlb_flush counts only flushes that kicked someone).
+    assert vm["remote_tlb_flush_requests"] == 3
+    assert vm["remote_tlb_flush"] == 0
+    # Each vCPU flushes at its entry into iteration 2; the second CLEAR and the recovery come after
+    # its last pass, and their requests stay pending.
+    assert [v["tlb_flush"] for v in stats["vcpus"]] == [1] * VCPUS
