@@ -1,8 +1,8 @@
 """Typed scenario configuration: what a TOML file under ``configs/`` may say.
 
 Every table forbids unknown keys, every number has a range and every enumerated setting lists what is
-allowed, so a typo fails before the simulation starts. Mechanisms that later work will add (other MMU
-modes, memslot churn, dirty logging) are rejected here with a message naming the allowed values.
+allowed, so a typo fails before the simulation starts. Mechanisms not built yet (other MMU modes,
+PML) are rejected here with a message naming the allowed values.
 """
 
 from __future__ import annotations
