@@ -86,6 +86,9 @@ class CostModel(BaseModel):
         60,
         "row 3.8: ≈61 ns per 4K SPTE created by eager splitting; ASSUMPTION: zapping one SPTE costs the same",
     )
+    mmu_notifier_invalidate: Duration = _cost(
+        1000, "§8 / row 4.2: an mmu_notifier invalidation of one 4K page ≈1 µs with tree memslots"
+    )
     tdp_split_spte: Duration = _cost(
         61, "row 3.8: eager splitting ≈16 ms/GiB ≈ 61 ns per 4K SPTE created (rows 3.6, 3.7)"
     )

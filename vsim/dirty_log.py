@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
-from vsim.mmu import tdp_dirty_log as tdp
+from vsim.mmu import tdp_range_ops as tdp
 from vsim.mmu.spte import PG_LEVEL_2M, PG_LEVEL_4K, SPTE_ENT_PER_PAGE, pages_per_level
 from vsim.requests import kvm_flush_remote_tlbs
 

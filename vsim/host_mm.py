@@ -2,13 +2,16 @@
 
 A mapping has a page size (4K anonymous/shmem, 2M or 1G hugetlb/THP) and remembers which of its
 pages the host has populated. The first touch of a host page allocates and zeroes the whole page;
-later faults on it find it resident. Host pages are never reclaimed in this version (host-MM
-invalidations come with the MMU-notifier work).
+later faults on it find it resident. The host may move a page to a new pfn (NUMA balancing, KSM,
+compaction) or free it (``MADV_DONTNEED``; the next touch allocates a new zeroed page): both change
+the pfn behind the address, after the MMU notifiers have told KVM (``vsim.mmu_notifier``).
 """
 
 from __future__ import annotations
 
 from vsim.mmu.spte import pages_per_level
+
+FRESH_PFN_BASE = 1 << 37  # replacement pages, far from every mapping's own pfns (52-bit physical)
 
 
 class HostMapping:
@@ -24,6 +27,25 @@ class HostMapping:
         self._span_shift = 9 * (page_level - 1)
         self.resident = bytearray(-(-npages // span))
         self.populated_pages = 0
+        self._moved: dict[int, int] = {}  # host page index -> its new first pfn
+        self._next_free = FRESH_PFN_BASE  # where replacement pages come from (aligned)
+
+    def pfn(self, offset: int) -> int:
+        """The host pfn now backing the 4K page at ``offset`` (the primary MMU's PTE)."""
+        idx = offset >> self._span_shift
+        new = self._moved.get(idx)
+        if new is None:
+            return self.pfn_base + offset
+        return new + (offset & ((1 << self._span_shift) - 1))
+
+    def replace_page(self, idx: int, free: bool) -> None:
+        """Host page ``idx`` moves to a new pfn (migration keeps its contents; ``free`` drops it, so
+        the next touch allocates and zeroes)."""
+        self._moved[idx] = self._next_free
+        self._next_free += 1 << self._span_shift
+        if free and self.resident[idx]:
+            self.resident[idx] = 0
+            self.populated_pages -= 1
 
     def faultin(self, offset: int) -> int:
         """``get_user_pages`` for the 4K page at ``offset``: the number of 4K pages the host had to

@@ -74,6 +74,11 @@ class InvariantChecker:
         if old_leaf and (not (new & SPTE_MMU_PRESENT) or new == REMOVED_SPTE or
                          (new_leaf and old & PT_WRITABLE and not new & PT_WRITABLE)):  # fmt: skip
             self._last_restriction = max(self._last_restriction, t)
+        if new_leaf and self.vm.host_mm is not None:
+            slot = self.vm.memslots.gfn_to_memslot(gfn)
+            if slot is not None and spte_to_pfn(new) != slot.gfn_to_pfn(gfn):
+                self._violate("stale_pfn", f"gfn {gfn:#x} mapped to pfn {spte_to_pfn(new):#x}, the host has "
+                              f"{slot.gfn_to_pfn(gfn):#x}", t, actor)  # fmt: skip
         if old_leaf and new_leaf and spte_to_pfn(old) != spte_to_pfn(new):
             self._violate("leaf_pfn_changed_in_place", f"gfn {gfn:#x} pfn {spte_to_pfn(old):#x}->{spte_to_pfn(new):#x}",
                           t, actor)  # fmt: skip

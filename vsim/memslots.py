@@ -67,7 +67,7 @@ class Memslot:
 
     def gfn_to_pfn(self, gfn: int) -> int:
         """The host pfn backing ``gfn`` (``__gfn_to_hva_memslot`` plus the host page tables)."""
-        return self.host.pfn_base + self.host_offset + (gfn - self.base_gfn)
+        return self.host.pfn(self.host_offset + gfn - self.base_gfn)
 
     def moved_to(self, base_gfn: int) -> Memslot:
         """The slot after ``KVM_MR_MOVE``: same host memory, new guest frames, fresh metadata."""

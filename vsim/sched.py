@@ -14,6 +14,8 @@ exactly the state it would see after yielding.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import simpy
 from simpy.events import Event
 
@@ -64,3 +66,43 @@ class Actor:
 def events_scheduled(env: simpy.Environment) -> int:
     """How many events SimPy has scheduled so far (its insertion counter)."""
     return int(repr(env._eid)[6:-1])  # noqa: SLF001 - itertools.count repr is 'count(N)'
+
+
+class VmWideActor(Actor):
+    """An actor outside the vCPUs: the VMM thread or the host MM.
+
+    ``sleeping_until`` is when it next acts while it waits for a timer (``None`` while it waits on
+    another actor); batched vCPUs never run past it (``Vm.horizon``). ``done`` once its schedule
+    has ended. ``lock`` is the VM's ``mmu_lock``.
+    """
+
+    actor_id = -1  # the "vcpu" field of the events it logs
+
+    def __init__(self, env: simpy.Environment, prio: int, reference: bool, lock: object) -> None:
+        super().__init__(env, prio, reference)
+        self.lock = lock
+        self.done = False
+        self.sleeping_until: int | None = 0
+
+    def sync(self) -> At | None:
+        ev = super().sync()
+        self.sleeping_until = self.now if ev is not None else None
+        return ev
+
+    def mmu_lock_acquire(self, write: bool) -> Generator[object, object, None]:
+        """``write_lock``/``read_lock(&kvm->mmu_lock)`` at the actor's instant, waiting if contended."""
+        ev = self.sync()
+        if ev is not None:
+            yield ev
+        lock = self.lock
+        ev = (lock.write_lock if write else lock.read_lock)(self.actor_id, self.now)  # type: ignore[attr-defined]
+        if ev is not None:
+            self.sleeping_until = None
+            self.now = yield ev
+
+    def mmu_lock_release(self, write: bool) -> Generator[object, object, None]:
+        ev = self.sync()
+        if ev is not None:
+            yield ev
+        lock = self.lock
+        (lock.write_unlock if write else lock.read_unlock)(self.actor_id, self.now)  # type: ignore[attr-defined]

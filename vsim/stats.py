@@ -46,6 +46,7 @@ VM_STATS = (
     "mmio_generation_wraps",  # vsim: MMIO generation wraps (each zaps all)
     "tdp_sptes_zapped",  # vsim: SPTEs cleared while zapping invalidated TDP roots
     "refaults",  # vsim: faults that re-mapped a gfn a zap had unmapped
+    "mmu_notifier_invalidations",  # vsim: invalidate_range_start/end pairs from the host MM
     "mmio_on_backed_gfn",  # vsim: MMIO emulations of a gfn that had a memslot, after the update settled
 )
 

@@ -21,6 +21,8 @@ from vsim.invariants import InvariantChecker
 from vsim.memslots import Memslot, Memslots, build_test_memslots
 from vsim.mmu.mmu_lock import MmuLock
 from vsim.mmu.tdp_mmu import TdpMmu
+from vsim.mmu_notifier import HostMm
+from vsim.sched import VmWideActor
 from vsim.selftests.dirty_log_perf import DirtyLogPerf
 from vsim.srcu import Srcu
 from vsim.stats import VmStat
@@ -36,6 +38,7 @@ class WallClockTimeout(Exception):
 # Streams spawned from the root SeedSequence, one per component; new components append here.
 STREAM_VCPU_WORKLOADS = 0
 STREAM_LATER_WORKLOADS = 1
+STREAM_HOST_MM = 2
 
 
 class Vm:
@@ -65,9 +68,10 @@ class Vm:
         self.memslot_zap_ns = array("q")
         self.region_base_gfn = base_gfn
         self._zapped = np.zeros(nv * per, dtype=np.bool_)  # test-region gfns a zap unmapped
+        self._any_zapped = False
         if cfg.vmm.stress.iterations:
             # The dummy slot: one page just below the test region, with its own host page.
-            dummy = HostMapping(pfn_base=1 << 40, npages=1, page_level=1)
+            dummy = HostMapping(pfn_base=1 << 36, npages=1, page_level=1)
             self.absent_slots[DUMMY_SLOT_ID] = Memslot(id=DUMMY_SLOT_ID, base_gfn=base_gfn - 1, npages=1, host=dummy)
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
@@ -78,7 +82,13 @@ class Vm:
         self.program = DirtyLogPerf(self) if cfg.selftest.name == "dirty_log_perf" else None
         self.vmm = Vmm(self) if cfg.vmm.ops or cfg.vmm.stress.iterations or self.program else None
         root_seq = np.random.SeedSequence(cfg.seed)
-        streams = root_seq.spawn(2)[STREAM_VCPU_WORKLOADS].spawn(nv)
+        children = root_seq.spawn(3)
+        streams = children[STREAM_VCPU_WORKLOADS].spawn(nv)
+        self.host_mm = (
+            HostMm(self, np.random.default_rng(children[STREAM_HOST_MM])) if cfg.host_mm.invalidations else None
+        )
+        # The actors outside the vCPUs that may restrict SPTEs or send IPIs (see horizon).
+        self.actors: list[VmWideActor] = [a for a in (self.vmm, self.host_mm) if a is not None]
         self._vmm_started = False
         self.lockstep = False  # set once vCPUs can restrict SPTEs (see horizon)
         self.mmu_valid_gen = 0
@@ -95,13 +105,14 @@ class Vm:
     # -- requests and kicks (kvm_make_all_cpus_request) ------------------------------------------
     def note_zapped(self, gfn: int, level: int) -> None:
         """A zap unmapped a leaf: a later fault that maps these gfns again is a refault."""
+        self._any_zapped = True
         lo = gfn - self.region_base_gfn
         n = 1 << (9 * (level - 1))
         if lo + n > 0 and lo < len(self._zapped):
             self._zapped[max(lo, 0) : lo + n] = True
 
     def note_mapped(self, gfn: int, level: int) -> None:
-        if not self.stat.mmu_fast_zaps:
+        if not self._any_zapped:
             return  # nothing was ever unmapped: no fault can be a refault
         lo = gfn - self.region_base_gfn
         n = 1 << (9 * (level - 1))
@@ -137,12 +148,26 @@ class Vm:
         """
         if self.lockstep:
             return self._queue_head_limit(v.prio)
-        vmm = self.vmm
-        if vmm is None or vmm.done:
-            return NEVER
-        if vmm.sleeping_until is not None:
-            return vmm.sleeping_until
-        return self._queue_head_limit(v.prio)
+        h = NEVER
+        for a in self.actors:
+            if not a.done:
+                h = min(h, a.sleeping_until if a.sleeping_until is not None else self._queue_head_limit(v.prio))
+        return h
+
+    def kvm_mmu_invalidate_begin(self, start: int, end: int) -> None:
+        """``kvm_mmu_invalidate_begin`` + ``_range_add``: the first invalidation resets the range,
+        overlapping ones grow it to the union (under the write lock)."""
+        self.mmu_invalidate_in_progress += 1
+        if self.mmu_invalidate_in_progress == 1:
+            self.mmu_invalidate_range_start, self.mmu_invalidate_range_end = start, end
+        else:
+            self.mmu_invalidate_range_start = min(self.mmu_invalidate_range_start, start)
+            self.mmu_invalidate_range_end = max(self.mmu_invalidate_range_end, end)
+
+    def kvm_mmu_invalidate_end(self) -> None:
+        """``kvm_mmu_invalidate_end``: bump the sequence, then drop the in-progress count."""
+        self.mmu_invalidate_seq += 1
+        self.mmu_invalidate_in_progress -= 1
 
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn``: an invalidation covers ``gfn`` or finished since the snapshot."""
@@ -165,9 +190,10 @@ class Vm:
     def start(self) -> None:
         """Start a ``KVM_RUN`` session on every vCPU (they first act now, in vCPU order), and the
         VMM's schedule of memslot updates on the first run."""
-        if self.vmm is not None and not self._vmm_started:
+        if not self._vmm_started:
             self._vmm_started = True
-            self.env.process(self.vmm.run())
+            for a in self.actors:
+                self.env.process(a.run())
         for v in self.vcpus:
             self.env.process(v.run())
 

@@ -29,7 +29,7 @@ from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID, Memslot,
 from vsim.mmu.fast_zap import kvm_mmu_zap_all_fast
 from vsim.mmu.mmio import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, MMIO_SPTE_GEN_MASK
 from vsim.mmu.spte import PG_LEVEL_4K
-from vsim.sched import ACTOR_PRIO_BASE, Actor, At
+from vsim.sched import ACTOR_PRIO_BASE, At, VmWideActor
 
 if TYPE_CHECKING:
     from vsim.config.schema import MemslotOp
@@ -41,24 +41,16 @@ CHANGE_NAMES = {"create": "KVM_MR_CREATE", "flags": "KVM_MR_FLAGS_ONLY", "delete
 DUMMY_SLOT_ID = 1 << 15  # memslot_modification_stress_test uses a slot outside the test's
 
 
-class Vmm(Actor):
+class Vmm(VmWideActor):
     """The VMM's memslot-update thread."""
 
     actor_id = VMM_ACTOR_ID
 
     def __init__(self, vm: Vm) -> None:
-        super().__init__(vm.env, ACTOR_PRIO_BASE, vm.cfg.sim.mode == "reference")
+        super().__init__(vm.env, ACTOR_PRIO_BASE, vm.cfg.sim.mode == "reference", vm.mmu_lock)
         self.vm = vm
         self.ops = schedule(vm)
         self._op_id = 0
-        self.done = False
-        # When the VMM next acts, if it is waiting for a timer (None while it waits on others).
-        self.sleeping_until: int | None = 0
-
-    def sync(self) -> At | None:
-        ev = super().sync()
-        self.sleeping_until = self.now if ev is not None else None
-        return ev
 
     def run(self) -> Generator[object, object, None]:
         yield At(self.env, 0, self.prio)
@@ -126,24 +118,6 @@ class Vmm(Actor):
             vm.lockstep = True  # vCPUs will split huge leaves on write faults (see Vm.horizon)
         return replace(old, flags=old.flags | KVM_MEM_LOG_DIRTY_PAGES,
                        dirty_bitmap=np.full(old.npages, fill, dtype=np.uint8))  # fmt: skip
-
-    def mmu_lock_acquire(self, write: bool) -> Generator[object, object, None]:
-        """``write_lock``/``read_lock(&kvm->mmu_lock)`` at the VMM's instant, waiting if contended."""
-        ev = self.sync()
-        if ev is not None:
-            yield ev
-        lock = self.vm.mmu_lock
-        ev = (lock.write_lock if write else lock.read_lock)(self.actor_id, self.now)
-        if ev is not None:
-            self.sleeping_until = None
-            self.now = yield ev  # type: ignore[assignment]
-
-    def mmu_lock_release(self, write: bool) -> Generator[object, object, None]:
-        ev = self.sync()
-        if ev is not None:
-            yield ev
-        lock = self.vm.mmu_lock
-        (lock.write_unlock if write else lock.read_unlock)(self.actor_id, self.now)
 
     def kvm_swap_active_memslots(self, new: Memslots) -> Generator[object, object, int]:
         """Publish ``new``, wait out the SRCU readers of the old set, settle the generation.

@@ -186,6 +186,30 @@ class SelftestConfig(_Table):
     iterations: int = Field(2, ge=2, le=10_000, description="dirty_log_perf_test -i (one memstress pass each)")
 
 
+class HostMmConfig(_Table):
+    """A host-MM thread that invalidates guest memory through the MMU notifiers (spec §1.6)."""
+
+    invalidations: int = Field(0, ge=0, le=10_000_000, description="invalidate_range_start/end pairs (0: off)")
+    start: Duration = Field(0, description="time of the first invalidation")
+    interval: Duration = Field(100_000, ge=1, description="from one invalidation's start to the next one's")
+    pages: int = Field(512, ge=1, le=1 << 30, description="4K pages per invalidation (whole host pages)")
+    pattern: Literal["sequential", "random"] = Field(
+        "sequential", description="sequential sweeps the test region (NUMA balancing); random picks ranges (KSM)"
+    )
+    action: Literal["migrate", "dontneed"] = Field(
+        "migrate", description="migrate moves the pages to new pfns; dontneed frees them (the next touch zeroes)"
+    )
+    work: Duration = Field(1000, description="host time between invalidate_range_start returning and _end")
+    pre_lock_retry: bool = Field(
+        True,
+        description="retry a fault before GUP and before taking mmu_lock if the gfn is being invalidated "
+        "(v6.8, R8's fix; false: vCPUs contend on mmu_lock instead)",
+    )
+    locked_retry_check: bool = Field(
+        True, description="mmu_invalidate_retry_gfn under mmu_lock (false brings back R8: stale pfns get mapped)"
+    )
+
+
 class EventsConfig(_Table):
     """How much of the event log to write to events.jsonl."""
 
@@ -215,6 +239,7 @@ class ScenarioConfig(_Table):
     vmm: VmmConfig = VmmConfig()
     dirty_log: DirtyLogConfig = DirtyLogConfig()
     selftest: SelftestConfig = SelftestConfig()
+    host_mm: HostMmConfig = HostMmConfig()
     costs: CostModel = CostModel()
     events: EventsConfig = EventsConfig()
     sim: SimConfig = SimConfig()

@@ -52,6 +52,7 @@ KINDS: tuple[EventKind, ...] = (
     EventKind("vsim_synchronize_srcu", "faults", ("readers",)),
     EventKind("vsim_synchronize_srcu_done", "faults", ("grace_ns",)),
     EventKind("vsim_memslots_generation", "faults", ("as_id", "generation", "in_progress")),
+    EventKind("vsim_mmu_notifier_invalidate", "faults", ("gfn", "npages", "total_ns")),
     EventKind("vsim_remote_tlb_flush", "faults", ("ipis", "wait_ns")),
     EventKind("vsim_invariant_violation", "faults", ("rule", "detail"), ("rule", "detail")),
 )

@@ -87,6 +87,7 @@ class TdpMmu:
         self._c_map = c.tdp_mmu_map
         self._c_sp = c.sp_alloc
         self._c_split = c.tdp_split_spte
+        self._locked_check = vm.cfg.host_mm.locked_retry_check
 
     # -- page-table pool -------------------------------------------------------------------------
     def alloc_sp(self, level: int, gfn: int) -> int:
@@ -233,12 +234,18 @@ class TdpMmu:
         elif slot.flags & KVM_MEMSLOT_INVALID:
             return RET_PF_RETRY  # the slot is being deleted or moved (R2)
         else:
+            # Before GUP and before mmu_lock: an invalidation of this gfn is pending (v6.8, R8).
+            pre = vm.cfg.host_mm.pre_lock_retry
+            if pre and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
+                return RET_PF_RETRY
             zeroed = slot.faultin(gfn)
             if zeroed:  # first touch: the host allocates and zeroes the backing page
                 v.now += self._c_host + self._c_zero * zeroed
                 v.stat.host_page_allocs += 1
             fault.pfn = slot.gfn_to_pfn(gfn)
             fault.map_writable = True
+            if pre and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
+                return RET_PF_RETRY
         # 5. read_lock(mmu_lock).
         ev = v.sync()
         if ev is not None:
@@ -249,7 +256,7 @@ class TdpMmu:
             v.now = yield ev
         # 6. is_page_fault_stale.
         root = v.root
-        if root.invalid or vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
+        if root.invalid or (self._locked_check and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn)):
             lock.read_unlock(v.id, v.now)
             return RET_PF_RETRY
         # 8. kvm_tdp_mmu_map: read the path now, install after the map work.
@@ -302,7 +309,8 @@ class TdpMmu:
             # The generation is read now, at install: later than the memslot lookup (R1's window).
             new = make_mmio_spte(gfn, self.vm.memslots.generation)
         else:
-            new = make_spte(slot.gfn_to_pfn(base), goal, fault.map_writable)
+            # The pfn resolved before the lock: only the locked retry check makes it safe to use.
+            new = make_spte(fault.pfn & ~(pages_per_level(goal) - 1), goal, fault.map_writable)
             if fault.map_writable:  # make_spte marks a writable 4K SPTE of a logged slot dirty
                 mark_page_dirty_in_slot(slot, gfn)
         if new == old:

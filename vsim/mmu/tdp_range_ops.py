@@ -1,4 +1,4 @@
-"""The TDP MMU's dirty-log, write-protect and split helpers (``tdp_mmu.c``, spec §8.6).
+"""The TDP MMU's operations on gfn ranges (``tdp_mmu.c``, spec §8.5–8.6).
 
 Each helper walks every valid root over a gfn range and changes SPTEs in place; the caller holds
 ``mmu_lock`` in the kernel's mode, charges the time for the entries visited and issues any TLB
@@ -6,6 +6,7 @@ flush (the helpers return whether one is needed, as KVM's return ``flush``). The
 call land at the caller's instant; callers walk a slot one page table (512 gfns) at a time so that
 time passes between the pieces as it does in the kernel.
 
+* ``tdp_mmu_zap_leafs`` (MMU-notifier unmap): clear the leaves in the range.
 * ``kvm_tdp_mmu_wrprot_slot``: clear W on leaves at or above a level (enable dirty logging).
 * ``kvm_tdp_mmu_clear_dirty_pt_masked`` with ``wrprot``: clear W on the 4K leaves of a bitmap mask.
 * ``kvm_tdp_mmu_write_protect_gfn``: clear W and MMU-writable on the leaves mapping one gfn.
@@ -71,6 +72,20 @@ def _walk(
 
 def _is_leaf(spte: int, level: int) -> bool:
     return level == PG_LEVEL_4K or bool(spte & PT_PAGE_SIZE)
+
+
+def zap_leafs(mmu: TdpMmu, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+    """``tdp_mmu_zap_leafs``: clear every leaf overlapping ``[start, end)`` (page tables stay).
+    Returns ``(entries visited, flush needed)``."""
+    visited = 0
+    flush = False
+    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
+        visited += 1
+        if _is_leaf(spte, level):
+            mmu.set_spte(table, i, level, gfn, spte, 0, actor, t)
+            mmu.vm.note_zapped(gfn, level)
+            flush = True
+    return visited, flush
 
 
 def wrprot_range(
