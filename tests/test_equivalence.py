@@ -74,7 +74,7 @@ def _random_config(seed: int) -> list[str]:
 
 def _dirty_log_setting(r: random.Random) -> str:
     return r.choice(["dirty_log.eager_split=false", "dirty_log.manual_protect=false", "dirty_log.initially_set=false",
-                     "dirty_log.eager_split=true"])  # fmt: skip
+                     "dirty_log.eager_split=true", "dirty_log.pml=true"])  # fmt: skip
 
 
 def _outputs(sets: list[str], mode: str, out: Path) -> tuple[str, bytes]:

@@ -89,6 +89,9 @@ class CostModel(BaseModel):
     mmu_notifier_invalidate: Duration = _cost(
         1000, "§8 / row 4.2: an mmu_notifier invalidation of one 4K page ≈1 µs with tree memslots"
     )
+    pml_drain_entry: Duration = _cost(
+        20, "row 6.1 (the buffer is drained at every exit); ASSUMPTION ≈20 ns to mark one logged gpa dirty"
+    )
     tdp_split_spte: Duration = _cost(
         61, "row 3.8: eager splitting ≈16 ms/GiB ≈ 61 ns per 4K SPTE created (rows 3.6, 3.7)"
     )

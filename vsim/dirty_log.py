@@ -8,6 +8,10 @@ MMU for a time proportional to what they visit, and flush remote TLBs:
   manual-protect + ``INITIALLY_SET``; otherwise eager splitting (if on) and write protection of
   every leaf under the read lock, then an unconditional flush. On disable, huge pages are recovered
   in place (6.13+), with a flush if any were.
+* With PML (``dirty_log.pml``) SPTEs stay writable: enabling clears D on the 4K leaves (and
+  write-protects the huge ones), harvesting clears D instead of W, and GET first kicks every vCPU
+  so that it drains its PML buffer. ``KVM_REQ_UPDATE_CPU_DIRTY_LOGGING`` switches each vCPU's PML
+  on or off before anything else.
 * ``kvm_get_dirty_log_protect``: with manual-protect a copy of the bitmap; otherwise, under the write
   lock, each dirty word is exchanged for zero and its 4K leaves are write-protected, then one flush.
 * ``kvm_clear_dirty_log_protect``: under the write lock, clear the bits given, re-protect exactly
@@ -27,7 +31,7 @@ import numpy as np
 from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
 from vsim.mmu import tdp_range_ops as tdp
 from vsim.mmu.spte import PG_LEVEL_2M, PG_LEVEL_4K, SPTE_ENT_PER_PAGE, pages_per_level
-from vsim.requests import kvm_flush_remote_tlbs
+from vsim.requests import KVM_REQ_UPDATE_CPU_DIRTY_LOGGING, kvm_flush_remote_tlbs, kvm_make_all_cpus_request
 
 if TYPE_CHECKING:
     from vsim.vmm import Vmm
@@ -74,7 +78,12 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
     mmu = vm.mmu
     actor = vmm.actor_id
     dl = vm.cfg.dirty_log
-    if new.flags & KVM_MEM_LOG_DIRTY_PAGES and not old.flags & KVM_MEM_LOG_DIRTY_PAGES:
+    enabling = bool(new.flags & KVM_MEM_LOG_DIRTY_PAGES and not old.flags & KVM_MEM_LOG_DIRTY_PAGES)
+    if dl.pml and enabling != bool(old.flags & KVM_MEM_LOG_DIRTY_PAGES):
+        # kvm_mmu_update_cpu_dirty_logging: switch PML on in every VMCS (or off) before anything.
+        vm.nr_memslots_dirty_logging += 1 if enabling else -1
+        _, vmm.now = kvm_make_all_cpus_request(vm, KVM_REQ_UPDATE_CPU_DIRTY_LOGGING, vmm.now)
+    if enabling:
         if dl.manual_protect and dl.initially_set:
             return
         if dl.eager_split and new.host.page_level > PG_LEVEL_4K:
@@ -84,8 +93,13 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
 
             yield from _walk_slot(vmm, new, False, split)
 
-        # kvm_mmu_slot_remove_write_access(new, PG_LEVEL_4K), read lock + atomics.
+        # Without PML kvm_mmu_slot_remove_write_access(new, PG_LEVEL_4K); with PML clear D on the
+        # 4K leaves (kvm_mmu_slot_leaf_clear_dirty) and write-protect the huge ones.
         def wrprot(lo: int, hi: int) -> tuple[int, bool]:
+            if dl.pml:
+                visited, f = tdp.clear_dirty_range(mmu, lo, hi, actor, vmm.now)
+                v2, f2 = tdp.wrprot_range(mmu, lo, hi, PG_LEVEL_2M, False, actor, vmm.now)
+                return (visited + v2) * c.tdp_wrprot_spte, f or f2
             visited, f = tdp.wrprot_range(mmu, lo, hi, PG_LEVEL_4K, False, actor, vmm.now)
             return visited * c.tdp_wrprot_spte, f
 
@@ -107,6 +121,13 @@ def kvm_get_dirty_log(vmm: Vmm, slot: Memslot) -> Generator[object, object, np.n
     c = vm.costs
     bitmap = slot.dirty_bitmap
     assert bitmap is not None, "GET_DIRTY_LOG on a slot that is not dirty-logged"
+    if vm.cfg.dirty_log.pml:
+        # kvm_arch_sync_dirty_log: kick every vCPU so that it drains its PML buffer on the exit
+        # (a plain kick: nobody waits for it).
+        ev = vmm.sync()
+        if ev is not None:
+            yield ev
+        kvm_make_all_cpus_request(vm, 0, vmm.now, wait=False)
     if vm.cfg.dirty_log.manual_protect:
         ev = vmm.sync()
         if ev is not None:
@@ -122,7 +143,8 @@ def kvm_get_dirty_log(vmm: Vmm, slot: Memslot) -> Generator[object, object, np.n
         a, b = lo - slot.base_gfn, hi - slot.base_gfn
         snapshot[a:b] = bitmap[a:b]  # xchg(word, 0) for every word of the piece
         bitmap[a:b] = 0
-        visited, f = tdp.clear_dirty_pt_masked(vm.mmu, np.flatnonzero(snapshot[a:b]) + lo, vmm.actor_id, vmm.now)
+        gfns = np.flatnonzero(snapshot[a:b]) + lo
+        visited, f = tdp.clear_dirty_pt_masked(vm.mmu, gfns, vm.cfg.dirty_log.pml, vmm.actor_id, vmm.now)
         return _words(hi - lo) * c.dirty_log_word + visited * c.tdp_wrprot_spte, f
 
     yield from _walk_slot(vmm, slot, True, xchg_and_protect)
@@ -180,7 +202,7 @@ def _enable_log_dirty_pt_masked(vmm: Vmm, slot: Memslot, gfns: np.ndarray) -> in
         for g in {start, end} if start // pages_per_level(2) != end // pages_per_level(2) else {start}:
             visited, _ = tdp.wrprot_range(mmu, g, g + 1, PG_LEVEL_2M, True, actor, vmm.now)
             ns += visited * c.tdp_wrprot_spte
-    visited, _ = tdp.clear_dirty_pt_masked(mmu, gfns, actor, vmm.now)
+    visited, _ = tdp.clear_dirty_pt_masked(mmu, gfns, dl.pml, actor, vmm.now)
     return ns + visited * c.tdp_wrprot_spte
 
 

@@ -16,6 +16,7 @@ import numpy as np
 VCPU_STATS = (
     "exits",  # every VM exit
     "io_exits",  # KVM_EXIT_IO exits to userspace (memstress GUEST_SYNC)
+    "pml_full_exits",  # vsim: PML-full exits (KVM counts them only among all exits)
     "irq_exits",  # external-interrupt exits (kick IPIs)
     "pf_taken",  # faults that entered kvm_mmu_do_page_fault
     "pf_fixed",  # RET_PF_FIXED

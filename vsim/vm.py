@@ -91,6 +91,7 @@ class Vm:
         self.actors: list[VmWideActor] = [a for a in (self.vmm, self.host_mm) if a is not None]
         self._vmm_started = False
         self.lockstep = False  # set once vCPUs can restrict SPTEs (see horizon)
+        self.nr_memslots_dirty_logging = 0  # with PML: memslots whose logging turned PML on
         self.mmu_valid_gen = 0
         self.vcpus = []
         for i in range(nv):

@@ -114,8 +114,10 @@ class Vmm(VmWideActor):
             return replace(old, flags=old.flags & ~KVM_MEM_LOG_DIRTY_PAGES, dirty_bitmap=None)
         dl = vm.cfg.dirty_log
         fill = 1 if dl.manual_protect and dl.initially_set else 0
-        if old.host.page_level > PG_LEVEL_4K:
-            vm.lockstep = True  # vCPUs will split huge leaves on write faults (see Vm.horizon)
+        if old.host.page_level > PG_LEVEL_4K or dl.pml:
+            # vCPUs will split huge leaves on write faults, or set D bits that harvesting clears
+            # and other vCPUs' walks read (see Vm.horizon).
+            vm.lockstep = True
         return replace(old, flags=old.flags | KVM_MEM_LOG_DIRTY_PAGES,
                        dirty_bitmap=np.full(old.npages, fill, dtype=np.uint8))  # fmt: skip
 

@@ -172,8 +172,10 @@ class DirtyLogConfig(_Table):
         True, description="KVM_DIRTY_LOG_INITIALLY_SET (with manual_protect): enabling protects nothing"
     )
     eager_split: bool = Field(True, description="kvm.eager_page_split: split huge pages when protection starts")
-    pml: Literal[False] = Field(
-        False, description="Page Modification Logging is not modelled in this version (write protection only)"
+    pml: bool = Field(
+        False,
+        description="Page Modification Logging: SPTEs stay writable, the CPU logs each newly dirtied 4K gpa "
+        "to a 512-entry buffer drained at every exit; harvesting clears D instead of W",
     )
 
 

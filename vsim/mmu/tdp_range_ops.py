@@ -31,6 +31,7 @@ from vsim.mmu.spte import (
     PT_PAGE_SIZE,
     PT_WRITABLE,
     REMOVED_SPTE,
+    SPTE_DIRTY,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT,
     SPTE_MMU_WRITABLE,
@@ -106,20 +107,33 @@ def wrprot_range(
     return visited, flush
 
 
-def clear_dirty_pt_masked(mmu: TdpMmu, gfns: np.ndarray, actor: int, t: int) -> tuple[int, bool]:
-    """``kvm_tdp_mmu_clear_dirty_pt_masked`` with ``wrprot`` (no PML): clear W on the 4K leaves
-    mapping ``gfns`` (sorted). Huge leaves are left to the caller's 2M write protection."""
+def clear_dirty_pt_masked(mmu: TdpMmu, gfns: np.ndarray, pml: bool, actor: int, t: int) -> tuple[int, bool]:
+    """``kvm_tdp_mmu_clear_dirty_pt_masked``: clear W (``wrprot``, no PML) or D (PML) on the 4K
+    leaves mapping ``gfns`` (sorted). Huge leaves are left to the caller's 2M write protection."""
     visited = 0
     flush = False
     if not len(gfns):
         return 0, False
+    bit = SPTE_DIRTY if pml else PT_WRITABLE
     wanted = set(gfns.tolist())
     for table, i, level, gfn, spte in list(_entries(mmu, int(gfns[0]), int(gfns[-1]) + 1)):
         if level != PG_LEVEL_4K or gfn not in wanted:
             continue
         visited += 1
-        if spte & PT_WRITABLE:
-            mmu.set_spte(table, i, level, gfn, spte, spte & ~PT_WRITABLE, actor, t)
+        if spte & bit:
+            mmu.set_spte(table, i, level, gfn, spte, spte & ~bit, actor, t)
+            flush = True
+    return visited, flush
+
+
+def clear_dirty_range(mmu: TdpMmu, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+    """``kvm_tdp_mmu_clear_dirty_slot`` on 4K leaves (PML): clear D so the next write is logged."""
+    visited = 0
+    flush = False
+    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
+        visited += 1
+        if level == PG_LEVEL_4K and spte & SPTE_DIRTY:
+            mmu.set_spte(table, i, level, gfn, spte, spte & ~SPTE_DIRTY, actor, t)
             flush = True
     return visited, flush
 

@@ -14,26 +14,30 @@ from numba import njit
 
 # The helpers are inlined into the kernel: a real call would reference-count every array argument
 # (atomic operations), which costs more than the TLB work itself.
-from vsim.mmu.spte import PFN_MASK, PT_PAGE_SIZE, PT_PRESENT_R, PT_WRITABLE
+from vsim.mmu.spte import PFN_MASK, PT_PAGE_SIZE, PT_PRESENT_R, PT_WRITABLE, SPTE_DIRTY
 from vsim.vcpu.walk import BOOT_PT_EPT_LEVELS
 
 STOP_DONE = 0
 STOP_EPT_VIOLATION = 1
 STOP_EPT_MISCONFIG = 2  # an MMIO SPTE (RWX = 110b) on the walk
 STOP_HORIZON = 3  # the next access would start at or after ``limit``: something may interrupt it
+STOP_PML_FULL = 4  # a write must log its gpa but the PML buffer is full: a PML-full exit
+
+PML_LOG_NR_ENTRIES = 512
 
 _EMPTY = -1
 
 
 @njit(cache=True, inline="always")
 def _lookup(tags, wr, sets, ways, c, key, write):  # type: ignore[no-untyped-def]
-    """0: miss; 1: hit (moved to the front of its set); 2: present but read-only for a write."""
+    """0: miss; 1: hit (moved to the front of its set); 2: present but not usable for a write
+    (read-only, or writable with D clear: the CPU walks to set D)."""
     row = key % sets[c]
     n = ways[c]
     for i in range(n):
         k = tags[c, row, i]
         if k == key:
-            if write and wr[c, row, i] == 0:
+            if write and wr[c, row, i] < 2:
                 return 2
             w = wr[c, row, i]
             for j in range(i, 0, -1):  # shift the more recent entries down one way
@@ -90,13 +94,18 @@ def run_accesses(
     counters,
     written,
     wbase,
+    pml_buf,
+    pml_n,
 ):  # type: ignore[no-untyped-def]
     """Run accesses ``start..stop``; returns ``(index, elapsed_ns, status, fault_refs, present)``.
 
     ``status`` is ``STOP_DONE`` (all ran), or ``STOP_EPT_VIOLATION`` / ``STOP_EPT_MISCONFIG`` at
     ``index``, whose walk made ``fault_refs`` references and found an EPT leaf (``present``) or
     none. The faulting access is not counted; the caller accounts it when it takes the exit.
-    Completed writes are noted in ``written[gfn - wbase]`` where that index exists.
+    Completed writes are noted in ``written[gfn - wbase]`` where that index exists. A write through
+    a writable leaf with D clear sets D (hardware A/D); with PML on (``pml_buf`` not empty) it first
+    appends the gfn to ``pml_buf`` (``pml_n[0]`` entries used), or stops with ``STOP_PML_FULL``.
+    TLB entries keep the translation's write state: 0 read-only, 1 writable with D clear, 2 dirty.
     ``STOP_HORIZON`` stops before the first access that would start ``limit`` ns or more into the
     stretch (a kick could arrive by then).
     """
@@ -150,8 +159,19 @@ def run_accesses(
         if leaf == 0 or (w and not writable):
             _add_counters(counters, i - start, hits, walks, walk_refs)
             return i, t, STOP_EPT_VIOLATION, refs, leaf != 0
+        dirty = (e & SPTE_DIRTY) != 0
+        if w and not dirty:
+            # The CPU sets D; with PML on it first logs the gpa, or exits if the buffer is full.
+            if pml_buf.shape[0]:
+                if pml_n[0] == PML_LOG_NR_ENTRIES:
+                    _add_counters(counters, i - start, hits, walks, walk_refs)
+                    return i, t, STOP_PML_FULL, refs, True
+                pml_buf[pml_n[0]] = g
+                pml_n[0] += 1
+            spt[table, (g >> (9 * (level - 1))) & 511] = e | SPTE_DIRTY
+            dirty = True
         eff = min(guest_level, leaf) - 1
-        _insert(tags, wr, sets, ways, count, eff, g >> (9 * eff), 1 if writable else 0)
+        _insert(tags, wr, sets, ways, count, eff, g >> (9 * eff), (2 if dirty else 1) if writable else 0)
         if w:
             _note_write(written, g - wbase)
         t += c_guest + refs * c_ref

@@ -64,14 +64,15 @@ class RefTlb:
             row = self.sets[c][key % self.nsets[c]]
             for i, entry in enumerate(row):
                 if entry[0] == key:
-                    if write and not entry[1]:
+                    if write and entry[1] < 2:  # read-only, or D clear: the CPU walks
                         return False
                     row.insert(0, row.pop(i))
                     return True
         return False
 
-    def insert(self, size_class: int, gfn: int, writable: bool) -> None:
-        """Cache a translation after a successful walk, evicting the set's LRU entry when full."""
+    def insert(self, size_class: int, gfn: int, writable: int) -> None:
+        """Cache a translation after a successful walk, evicting the set's LRU entry when full.
+        ``writable``: 0 read-only, 1 writable with D clear, 2 writable and dirty."""
         key = gfn >> (9 * size_class)
         row = self.sets[size_class][key % self.nsets[size_class]]
         for i, entry in enumerate(row):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vsim.dirty_log import mark_page_dirty_in_slot
 from vsim.mmu.mmio import handle_mmio_page_fault
 from vsim.mmu.page_fault import (
     PFERR_RSVD_MASK,
@@ -31,16 +32,25 @@ from vsim.mmu.page_fault import (
     KvmPageFault,
     ept_violation_error_code,
 )
+from vsim.mmu.spte import SPTE_DIRTY
 from vsim.requests import (
     IN_GUEST_MODE,
     KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
     KVM_REQ_TLB_FLUSH,
     KVM_REQ_TLB_FLUSH_CURRENT,
+    KVM_REQ_UPDATE_CPU_DIRTY_LOGGING,
     OUTSIDE_GUEST_MODE,
 )
 from vsim.sched import VCPU_PRIO_BASE, Actor, At
 from vsim.stats import VcpuStat
-from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, STOP_HORIZON, run_accesses
+from vsim.vcpu.batch import (
+    PML_LOG_NR_ENTRIES,
+    STOP_DONE,
+    STOP_EPT_VIOLATION,
+    STOP_HORIZON,
+    STOP_PML_FULL,
+    run_accesses,
+)
 from vsim.vcpu.tlb import RefTlb, Tlb
 from vsim.vcpu.walk import MISCONFIG, walk_2d
 from vsim.vcpu.workloads import Workload
@@ -52,6 +62,7 @@ if TYPE_CHECKING:
 EXIT_REASON_EPT_VIOLATION = "EPT_VIOLATION"
 EXIT_REASON_EPT_MISCONFIG = "EPT_MISCONFIG"
 EXIT_REASON_EXTERNAL_INTERRUPT = "EXTERNAL_INTERRUPT"
+EXIT_REASON_PML_FULL = "PML_FULL"
 
 NEVER = 1 << 62
 EXIT_REASON_IO_INSTRUCTION = "IO_INSTRUCTION"
@@ -75,6 +86,9 @@ class Vcpu(Actor):
         # Completed writes for the invariant checker's dirty-log check (empty when it is off).
         self.written = vm.checker.written if vm.checker is not None else np.zeros(0, dtype=np.uint8)
         self.wbase = vm.region_base_gfn
+        # The PML buffer (the VMCS's PML address and index), empty while PML is off.
+        self.pml_buf = np.zeros(0, dtype=np.int64)
+        self.pml_n = np.zeros(1, dtype=np.int64)
         self.guest_level = vm.guest_level
         self.finished_at = -1
         self.last_used_slot = None
@@ -164,6 +178,7 @@ class Vcpu(Actor):
                 gfns, writes, i, n, limit, mmu.spt, self.root.table, guest_level,
                 tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
                 c.guest_access, c.tlb_hit, c.walk_ref, self.counters, self.written, self.wbase,
+                self.pml_buf, self.pml_n,
             )  # fmt: skip
             self.now += dt
             i = j
@@ -185,6 +200,9 @@ class Vcpu(Actor):
                 continue
             if status == STOP_EPT_VIOLATION:
                 done = yield from self.handle_ept_violation(int(gfns[j]), bool(writes[j]), bool(present), int(refs))
+            elif status == STOP_PML_FULL:
+                yield from self.handle_pml_full(int(gfns[j]), int(refs))
+                done = False
             else:
                 done = yield from self.handle_ept_misconfig(int(gfns[j]), bool(writes[j]), int(refs))
             if done:
@@ -220,6 +238,17 @@ class Vcpu(Actor):
                 if done:
                     i += 1
                 continue
+            if w and writable == 1:
+                # The CPU sets D; with PML on it logs the gpa first, or exits on a full buffer.
+                if self.pml_buf.shape[0]:
+                    if self.pml_n[0] == PML_LOG_NR_ENTRIES:
+                        yield from self.handle_pml_full(g, refs)
+                        continue
+                    self.pml_buf[self.pml_n[0]] = g
+                    self.pml_n[0] += 1
+                table, idx, _, spte = mmu.walk_last(self.root, g)  # type: ignore[arg-type]
+                mmu.spt[table, idx] = spte | SPTE_DIRTY
+                writable = 2
             tlb.insert(min(self.guest_level, leaf) - 1, g, writable)
             self._note_write(g, w)
             self.now += c.guest_access + refs * c.walk_ref
@@ -238,6 +267,8 @@ class Vcpu(Actor):
         """VM exit at the end of a walk of ``refs`` references: leave guest mode, enter KVM under
         ``kvm->srcu``. Returns ``(exit_id, t_exit, srcu_token)``."""
         vm = self.vm
+        if self.pml_n[0]:
+            self.kvm_flush_pml_buffer()
         if refs:  # the walk that ended in the EPT violation or misconfiguration
             self.counters[2] += 1
             self.counters[3] += refs
@@ -275,6 +306,14 @@ class Vcpu(Actor):
             self.vm.mmu.kvm_tdp_mmu_put_root(self.root, self.id, self.now)
             self.root = None
             self.kvm_mmu_load()
+        if req & KVM_REQ_UPDATE_CPU_DIRTY_LOGGING:
+            # vmx_update_cpu_dirty_logging: PML on while any memslot is dirty-logged.
+            if self.vm.nr_memslots_dirty_logging:
+                if not self.pml_buf.shape[0]:
+                    self.pml_buf = np.zeros(PML_LOG_NR_ENTRIES, dtype=np.int64)
+            else:
+                self.kvm_flush_pml_buffer()
+                self.pml_buf = np.zeros(0, dtype=np.int64)
         if req & KVM_REQ_TLB_FLUSH:
             self.kvm_vcpu_flush_tlb_all()
         elif req & KVM_REQ_TLB_FLUSH_CURRENT:  # a flush of everything covers the current context
@@ -295,6 +334,20 @@ class Vcpu(Actor):
         ipis.append(arrival)
         ipis.sort()
         self.kick_at = ipis[0]
+
+    def kvm_flush_pml_buffer(self) -> None:
+        """``vmx_flush_pml_buffer`` at every exit: each logged gpa is marked dirty in its slot."""
+        n = int(self.pml_n[0])
+        for gfn in self.pml_buf[:n].tolist():
+            mark_page_dirty_in_slot(self.gfn_to_memslot(gfn), gfn)
+        self.pml_n[0] = 0
+        self.now += n * self.vm.costs.pml_drain_entry
+
+    def handle_pml_full(self, gfn: int, refs: int) -> Generator[object, object, None]:
+        """A PML-full exit: the buffer is drained at the exit, and the write is retried."""
+        exit_id, _, token = self._exit(EXIT_REASON_PML_FULL, gfn, refs)
+        self.stat.pml_full_exits += 1
+        yield from self._reenter(exit_id, token)
 
     def handle_external_interrupt(self) -> Generator[object, object, None]:
         """The kick's IPI arrives: exit (``EXTERNAL_INTERRUPT``), acknowledge it, re-enter."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vsim.mmu.spte import PFN_MASK, PFN_SHIFT, PT_PAGE_SIZE, PT_PRESENT_R, PT_WRITABLE, TDP_ROOT_LEVEL
+from vsim.mmu.spte import PFN_MASK, PFN_SHIFT, PT_PAGE_SIZE, PT_PRESENT_R, PT_WRITABLE, SPTE_DIRTY, TDP_ROOT_LEVEL
 
 BOOT_PT_EPT_LEVELS = 4
 """EPT levels walked to translate a guest page-table page (boot memory, 4K EPT leaves)."""
@@ -50,11 +50,12 @@ def ept_walk(spt: np.ndarray, root_table: int, gfn: int) -> tuple[int, int, int]
         level -= 1
 
 
-def walk_2d(spt: np.ndarray, root_table: int, gfn: int, write: bool, guest_level: int) -> tuple[bool, int, int, bool]:
-    """One 2D walk: ``(ok, references, leaf_level, writable)``; ``ok`` is False on an EPT violation
-    or misconfiguration (``leaf_level == MISCONFIG``)."""
+def walk_2d(spt: np.ndarray, root_table: int, gfn: int, write: bool, guest_level: int) -> tuple[bool, int, int, int]:
+    """One 2D walk: ``(ok, references, leaf_level, write_state)``; ``ok`` is False on an EPT
+    violation or misconfiguration (``leaf_level == MISCONFIG``). ``write_state`` is what a TLB entry
+    caches: 0 read-only, 1 writable with D clear, 2 writable and dirty."""
     refs, leaf_level, spte = ept_walk(spt, root_table, gfn)
     refs += guest_walk_levels(guest_level) * (BOOT_PT_EPT_LEVELS + 1)
     writable = bool(spte & PT_WRITABLE)
     ok = leaf_level > 0 and (writable or not write)
-    return ok, refs, leaf_level, writable
+    return ok, refs, leaf_level, (2 if spte & SPTE_DIRTY else 1) if writable else 0
