@@ -14,7 +14,7 @@ from numba import njit
 
 # The helpers are inlined into the kernel: a real call would reference-count every array argument
 # (atomic operations), which costs more than the TLB work itself.
-from vsim.mmu.spte import PFN_MASK, PT_PAGE_SIZE, PT_PRESENT_R, PT_WRITABLE, SPTE_DIRTY
+from vsim.mmu.spte import PFN_MASK, PT_PAGE_SIZE, PT_PRESENT_R, PT_WRITABLE, SPTE_ACCESSED, SPTE_DIRTY
 from vsim.vcpu.walk import BOOT_PT_EPT_LEVELS
 
 STOP_DONE = 0
@@ -102,9 +102,10 @@ def run_accesses(
     ``status`` is ``STOP_DONE`` (all ran), or ``STOP_EPT_VIOLATION`` / ``STOP_EPT_MISCONFIG`` at
     ``index``, whose walk made ``fault_refs`` references and found an EPT leaf (``present``) or
     none. The faulting access is not counted; the caller accounts it when it takes the exit.
-    Completed writes are noted in ``written[gfn - wbase]`` where that index exists. A write through
-    a writable leaf with D clear sets D (hardware A/D); with PML on (``pml_buf`` not empty) it first
-    appends the gfn to ``pml_buf`` (``pml_n[0]`` entries used), or stops with ``STOP_PML_FULL``.
+    Completed writes are noted in ``written[gfn - wbase]`` where that index exists. A walk sets A
+    on a leaf with A clear, and a write through a writable leaf with D clear sets D (hardware A/D);
+    with PML on (``pml_buf`` not empty) the write first appends the gfn to ``pml_buf`` (``pml_n[0]``
+    entries used), or stops with ``STOP_PML_FULL``.
     TLB entries keep the translation's write state: 0 read-only, 1 writable with D clear, 2 dirty.
     ``STOP_HORIZON`` stops before the first access that would start ``limit`` ns or more into the
     stretch (a kick could arrive by then).
@@ -159,6 +160,7 @@ def run_accesses(
         if leaf == 0 or (w and not writable):
             _add_counters(counters, i - start, hits, walks, walk_refs)
             return i, t, STOP_EPT_VIOLATION, refs, leaf != 0
+        e0 = e
         dirty = (e & SPTE_DIRTY) != 0
         if w and not dirty:
             # The CPU sets D; with PML on it first logs the gpa, or exits if the buffer is full.
@@ -168,8 +170,11 @@ def run_accesses(
                     return i, t, STOP_PML_FULL, refs, True
                 pml_buf[pml_n[0]] = g
                 pml_n[0] += 1
-            spt[table, (g >> (9 * (level - 1))) & 511] = e | SPTE_DIRTY
+            e |= SPTE_DIRTY
             dirty = True
+        e |= SPTE_ACCESSED  # the CPU sets A on the leaf it used (aging may have cleared it)
+        if e != e0:
+            spt[table, (g >> (9 * (level - 1))) & 511] = e
         eff = min(guest_level, leaf) - 1
         _insert(tags, wr, sets, ways, count, eff, g >> (9 * eff), (2 if dirty else 1) if writable else 0)
         if w:

@@ -32,7 +32,7 @@ from vsim.mmu.page_fault import (
     KvmPageFault,
     ept_violation_error_code,
 )
-from vsim.mmu.spte import SPTE_DIRTY
+from vsim.mmu.spte import SPTE_ACCESSED, SPTE_DIRTY
 from vsim.requests import (
     IN_GUEST_MODE,
     KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
@@ -238,16 +238,20 @@ class Vcpu(Actor):
                 if done:
                     i += 1
                 continue
-            if w and writable == 1:
+            set_d = w and writable == 1
+            if set_d and self.pml_buf.shape[0]:
                 # The CPU sets D; with PML on it logs the gpa first, or exits on a full buffer.
-                if self.pml_buf.shape[0]:
-                    if self.pml_n[0] == PML_LOG_NR_ENTRIES:
-                        yield from self.handle_pml_full(g, refs)
-                        continue
-                    self.pml_buf[self.pml_n[0]] = g
-                    self.pml_n[0] += 1
-                table, idx, _, spte = mmu.walk_last(self.root, g)  # type: ignore[arg-type]
-                mmu.spt[table, idx] = spte | SPTE_DIRTY
+                if self.pml_n[0] == PML_LOG_NR_ENTRIES:
+                    yield from self.handle_pml_full(g, refs)
+                    continue
+                self.pml_buf[self.pml_n[0]] = g
+                self.pml_n[0] += 1
+            # The CPU sets A on the leaf it used (aging may have cleared it), and D for a write.
+            table, idx, _, spte = mmu.walk_last(self.root, g)  # type: ignore[arg-type]
+            new = spte | SPTE_ACCESSED | (SPTE_DIRTY if set_d else 0)
+            if new != spte:
+                mmu.spt[table, idx] = new
+            if set_d:
                 writable = 2
             tlb.insert(min(self.guest_level, leaf) - 1, g, writable)
             self._note_write(g, w)
