@@ -92,7 +92,7 @@ def test_skipped_local_flush_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _phases(*sets: str) -> dict[str, int]:
-    return _perf("vm.backing_page_size=2M", *sets)["selftest"]["phases_ns"]  # type: ignore[no-any-return]
+    return dict(_perf("vm.backing_page_size=2M", *sets)["selftest"]["phases_ns"])
 
 
 def test_eager_splitting_moves_work_from_iteration_1_into_enabling() -> None:

@@ -92,6 +92,11 @@ class CostModel(BaseModel):
     pml_drain_entry: Duration = _cost(
         20, "row 6.1 (the buffer is drained at every exit); ASSUMPTION ≈20 ns to mark one logged gpa dirty"
     )
+    page_idle_page: Duration = _cost(
+        300,
+        "ASSUMPTION (no published figure): access_tracking_perf_test's per-page pagemap read and page_idle "
+        "bitmap read and write, with the primary MMU's rmap walk",
+    )
     tdp_split_spte: Duration = _cost(
         61, "row 3.8: eager splitting ≈16 ms/GiB ≈ 61 ns per 4K SPTE created (rows 3.6, 3.7)"
     )

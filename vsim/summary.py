@@ -42,7 +42,7 @@ def summary_table(stats: dict[str, Any], timing: dict[str, Any], title: str) -> 
             ("remote_tlb_flush (requests)", f"{vm['remote_tlb_flush']:,} ({vm['remote_tlb_flush_requests']:,})")
         )
         rows.append(("tlb_flush", f"{tot['tlb_flush']:,}"))
-    for name, ns in stats.get("selftest", {}).get("phases_ns", {}).items():
+    for name, ns in stats.get("selftest", {}).get("phases_ns", []):
         rows.append((name, f"{ns / 1e9:.9f} s"))
     if "invariant_violations" in stats:
         rows.append(("invariant violations", str(len(stats["invariant_violations"]))))

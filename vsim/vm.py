@@ -23,6 +23,7 @@ from vsim.mmu.mmu_lock import MmuLock
 from vsim.mmu.tdp_mmu import TdpMmu
 from vsim.mmu_notifier import HostMm
 from vsim.sched import VmWideActor
+from vsim.selftests.access_tracking_perf import AccessTrackingPerf
 from vsim.selftests.dirty_log_perf import DirtyLogPerf
 from vsim.srcu import Srcu
 from vsim.stats import VmStat
@@ -79,7 +80,8 @@ class Vm:
         self.mmu_invalidate_range_end = 0
         self.mmu_lock = MmuLock(self.env, self.sink)
         self.mmu = TdpMmu(self, initial_tables=self._estimate_tables(nv * per))
-        self.program = DirtyLogPerf(self) if cfg.selftest.name == "dirty_log_perf" else None
+        programs = {"dirty_log_perf": DirtyLogPerf, "access_tracking_perf": AccessTrackingPerf}
+        self.program = programs[cfg.selftest.name](self) if cfg.selftest.name in programs else None
         self.vmm = Vmm(self) if cfg.vmm.ops or cfg.vmm.stress.iterations or self.program else None
         root_seq = np.random.SeedSequence(cfg.seed)
         children = root_seq.spawn(3)
@@ -98,6 +100,8 @@ class Vm:
             start, pages = vcpu_region(cfg.workload, i, nv, base_gfn)
             wl = Workload(cfg.workload, start, pages, cfg.sim.batch_accesses, np.random.default_rng(streams[i]))
             self.vcpus.append(Vcpu(self, i, wl))
+        if self.program is not None:
+            self.program.set_workloads()
 
     @staticmethod
     def _estimate_tables(pages: int) -> int:

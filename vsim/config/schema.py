@@ -109,6 +109,10 @@ class MmuConfig(_Table):
     mode: Literal["tdp_mmu"] = Field(
         "tdp_mmu", description="tdp_mmu (legacy_tdp and shadow arrive with the legacy-MMU work)"
     )
+    age_flush: bool = Field(
+        False,
+        description="kvm_age_gfn flushes remote TLBs when it cleared an A bit (before 6.13); 6.13+ does not",
+    )
 
 
 class MemslotsConfig(_Table):
@@ -182,8 +186,9 @@ class DirtyLogConfig(_Table):
 class SelftestConfig(_Table):
     """A KVM selftest's host program, run by the VMM thread in place of ``vmm.ops``."""
 
-    name: Literal["none", "dirty_log_perf"] = Field(
-        "none", description="none, or dirty_log_perf (cost-anchors §7.2; vCPUs run the memstress loop)"
+    name: Literal["none", "dirty_log_perf", "access_tracking_perf"] = Field(
+        "none",
+        description="none, dirty_log_perf or access_tracking_perf (cost-anchors §7.2; vCPUs run the memstress loop)",
     )
     iterations: int = Field(2, ge=2, le=10_000, description="dirty_log_perf_test -i (one memstress pass each)")
 
@@ -265,7 +270,11 @@ class ScenarioConfig(_Table):
             return
         if self.workload.kind != "memstress":
             raise ValueError(f"workload.kind: {st.name} runs the memstress guest loop, not {self.workload.kind!r}")
-        if self.workload.passes != st.iterations + 1:
+        if st.name == "access_tracking_perf":
+            if self.workload.passes != 5:
+                raise ValueError("workload.passes: access_tracking_perf runs 5 guest passes (populate, write, read, "
+                                 f"write idle, read idle), not {self.workload.passes}")  # fmt: skip
+        elif self.workload.passes != st.iterations + 1:
             raise ValueError(
                 f"workload.passes: {st.name} needs iterations + 1 = {st.iterations + 1} passes "
                 f"(the populate pass, then one per iteration), not {self.workload.passes}"

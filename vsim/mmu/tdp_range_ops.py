@@ -7,6 +7,7 @@ call land at the caller's instant; callers walk a slot one page table (512 gfns)
 time passes between the pieces as it does in the kernel.
 
 * ``tdp_mmu_zap_leafs`` (MMU-notifier unmap): clear the leaves in the range.
+* ``kvm_tdp_mmu_age_gfn_range`` / ``test_age_gfn`` (MMU-notifier aging): clear or test A.
 * ``kvm_tdp_mmu_wrprot_slot``: clear W on leaves at or above a level (enable dirty logging).
 * ``kvm_tdp_mmu_clear_dirty_pt_masked`` with ``wrprot``: clear W on the 4K leaves of a bitmap mask.
 * ``kvm_tdp_mmu_write_protect_gfn``: clear W and MMU-writable on the leaves mapping one gfn.
@@ -31,6 +32,7 @@ from vsim.mmu.spte import (
     PT_PAGE_SIZE,
     PT_WRITABLE,
     REMOVED_SPTE,
+    SPTE_ACCESSED,
     SPTE_DIRTY,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT,
@@ -87,6 +89,29 @@ def zap_leafs(mmu: TdpMmu, start: int, end: int, actor: int, t: int) -> tuple[in
             mmu.vm.note_zapped(gfn, level)
             flush = True
     return visited, flush
+
+
+def age_gfn(mmu: TdpMmu, gfn: int, actor: int, t: int) -> tuple[int, bool]:
+    """``kvm_tdp_mmu_age_gfn_range`` for one gfn: clear A on the leaf mapping it. Returns
+    ``(entries visited, whether it was young)``."""
+    visited = 0
+    young = False
+    for table, i, level, g, spte in list(_entries(mmu, gfn, gfn + 1)):
+        visited += 1
+        if _is_leaf(spte, level) and spte & SPTE_ACCESSED:
+            mmu.set_spte(table, i, level, g, spte, spte & ~SPTE_ACCESSED, actor, t)
+            young = True
+    return visited, young
+
+
+def test_age_gfn(mmu: TdpMmu, gfn: int) -> tuple[int, bool]:
+    """``kvm_tdp_mmu_test_age_gfn``: whether the leaf mapping ``gfn`` has A set."""
+    visited = 0
+    young = False
+    for _, _, level, _, spte in _entries(mmu, gfn, gfn + 1):
+        visited += 1
+        young = young or (_is_leaf(spte, level) and bool(spte & SPTE_ACCESSED))
+    return visited, young
 
 
 def wrprot_range(

@@ -35,21 +35,24 @@ class Workload:
         self.chunk = chunk
         self.rng = rng
         self._zipf_cdf: np.ndarray | None = None
+        # memstress: a write percent per pass, set by a selftest that alternates writes and reads.
+        self.pass_write_percent: list[int] | None = None
 
     def chunks(self) -> Iterator[Chunk]:
         cfg = self.cfg
         if cfg.kind == "memstress":
-            for _ in range(cfg.passes):
-                yield from self._stretch(self.pages, pass_end=True)
+            for p in range(cfg.passes):
+                wp = cfg.write_percent if self.pass_write_percent is None else self.pass_write_percent[p]
+                yield from self._stretch(self.pages, pass_end=True, write_percent=wp)
         else:
-            yield from self._stretch(cfg.accesses, pass_end=False)
+            yield from self._stretch(cfg.accesses, pass_end=False, write_percent=cfg.write_percent)
 
-    def _stretch(self, n: int, pass_end: bool) -> Iterator[Chunk]:
+    def _stretch(self, n: int, pass_end: bool, write_percent: int) -> Iterator[Chunk]:
         done = 0
         while done < n:
             m = min(self.chunk, n - done)
             pages = self._pages(done, m)
-            yield pages + self.base, self._writes(m), pass_end and done + m == n
+            yield pages + self.base, self._writes(m, write_percent), pass_end and done + m == n
             done += m
 
     def _pages(self, offset: int, m: int) -> np.ndarray:
@@ -64,8 +67,7 @@ class Workload:
             return np.minimum(np.searchsorted(self._zipf_cdf, u, side="right"), self.pages - 1).astype(np.int64)
         return self.rng.integers(0, self.pages, size=m, dtype=np.int64)
 
-    def _writes(self, m: int) -> np.ndarray:
-        wp = self.cfg.write_percent
+    def _writes(self, m: int, wp: int) -> np.ndarray:
         if wp >= 100:
             return np.ones(m, dtype=np.bool_)
         if wp <= 0:
