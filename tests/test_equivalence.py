@@ -69,6 +69,8 @@ def _random_config(seed: int) -> list[str]:
         it = r.randint(2, 3)
         sets += [_dirty_log_setting(r), "workload.kind=memstress", f"workload.passes={it + 1}",
                  "selftest.name=dirty_log_perf", f"selftest.iterations={it}"]  # fmt: skip
+        if r.random() < 0.5:  # the populate pass through userfaultfd
+            sets += ["host_mm.uffd=true", f"host_mm.uffd_handlers={r.randint(1, 3)}"]
     else:
         sets += ["workload.kind=memstress", "workload.passes=5", "selftest.name=access_tracking_perf",
                  f"mmu.age_flush={r.choice(['true', 'false'])}"]  # fmt: skip

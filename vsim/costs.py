@@ -97,6 +97,11 @@ class CostModel(BaseModel):
         "ASSUMPTION (no published figure): access_tracking_perf_test's per-page pagemap read and page_idle "
         "bitmap read and write, with the primary MMU's rmap walk",
     )
+    uffd_page_in: Duration = _cost(
+        3800,
+        "row 2.11: a demand fault at 1 vCPU costs ≈6.7 µs through userfaultfd vs ≈2.9 µs without; the "
+        "handler's read, UFFDIO_COPY and the wake-up",
+    )
     tdp_split_spte: Duration = _cost(
         61, "row 3.8: eager splitting ≈16 ms/GiB ≈ 61 ns per 4K SPTE created (rows 3.6, 3.7)"
     )

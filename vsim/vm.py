@@ -24,9 +24,11 @@ from vsim.mmu.tdp_mmu import TdpMmu
 from vsim.mmu_notifier import HostMm
 from vsim.sched import VmWideActor
 from vsim.selftests.access_tracking_perf import AccessTrackingPerf
+from vsim.selftests.demand_paging import DemandPaging
 from vsim.selftests.dirty_log_perf import DirtyLogPerf
 from vsim.srcu import Srcu
 from vsim.stats import VmStat
+from vsim.userfaultfd import Userfaultfd
 from vsim.vcpu.vcpu import NEVER, Vcpu
 from vsim.vcpu.workloads import Workload, vcpu_region
 from vsim.vmm import DUMMY_SLOT_ID, Vmm
@@ -80,7 +82,9 @@ class Vm:
         self.mmu_invalidate_range_end = 0
         self.mmu_lock = MmuLock(self.env, self.sink)
         self.mmu = TdpMmu(self, initial_tables=self._estimate_tables(nv * per))
-        programs = {"dirty_log_perf": DirtyLogPerf, "access_tracking_perf": AccessTrackingPerf}
+        self.uffd = Userfaultfd(self) if cfg.host_mm.uffd else None
+        programs = {"dirty_log_perf": DirtyLogPerf, "access_tracking_perf": AccessTrackingPerf,
+                    "demand_paging": DemandPaging}  # fmt: skip
         self.program = programs[cfg.selftest.name](self) if cfg.selftest.name in programs else None
         self.vmm = Vmm(self) if cfg.vmm.ops or cfg.vmm.stress.iterations or self.program else None
         root_seq = np.random.SeedSequence(cfg.seed)

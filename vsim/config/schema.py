@@ -186,9 +186,10 @@ class DirtyLogConfig(_Table):
 class SelftestConfig(_Table):
     """A KVM selftest's host program, run by the VMM thread in place of ``vmm.ops``."""
 
-    name: Literal["none", "dirty_log_perf", "access_tracking_perf"] = Field(
+    name: Literal["none", "dirty_log_perf", "access_tracking_perf", "demand_paging"] = Field(
         "none",
-        description="none, dirty_log_perf or access_tracking_perf (cost-anchors §7.2; vCPUs run the memstress loop)",
+        description="none, dirty_log_perf, access_tracking_perf or demand_paging (cost-anchors §7.2; vCPUs run "
+        "the memstress loop)",
     )
     iterations: int = Field(2, ge=2, le=10_000, description="dirty_log_perf_test -i (one memstress pass each)")
 
@@ -207,6 +208,9 @@ class HostMmConfig(_Table):
         "migrate", description="migrate moves the pages to new pfns; dontneed frees them (the next touch zeroes)"
     )
     work: Duration = Field(1000, description="host time between invalidate_range_start returning and _end")
+    uffd: bool = Field(False, description="register the test region with userfaultfd (demand_paging_test -u MISSING)")
+    uffd_handlers: int = Field(1, ge=1, le=4096, description="uffd handler threads (demand_paging_test -r)")
+    uffd_delay: Duration = Field(0, description="each handler's delay per page-in (demand_paging_test -d)")
     pre_lock_retry: bool = Field(
         True,
         description="retry a fault before GUP and before taking mmu_lock if the gfn is being invalidated "
@@ -270,7 +274,10 @@ class ScenarioConfig(_Table):
             return
         if self.workload.kind != "memstress":
             raise ValueError(f"workload.kind: {st.name} runs the memstress guest loop, not {self.workload.kind!r}")
-        if st.name == "access_tracking_perf":
+        if st.name == "demand_paging":
+            if self.workload.passes != 1:
+                raise ValueError(f"workload.passes: demand_paging makes one pass, not {self.workload.passes}")
+        elif st.name == "access_tracking_perf":
             if self.workload.passes != 5:
                 raise ValueError("workload.passes: access_tracking_perf runs 5 guest passes (populate, write, read, "
                                  f"write idle, read idle), not {self.workload.passes}")  # fmt: skip

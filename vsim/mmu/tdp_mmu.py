@@ -239,7 +239,10 @@ class TdpMmu:
             if pre and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
                 return RET_PF_RETRY
             zeroed = slot.faultin(gfn)
-            if zeroed:  # first touch: the host allocates and zeroes the backing page
+            if zeroed and vm.uffd is not None:  # a missing page: a userfaultfd handler fills it
+                v.now = vm.uffd.page_in(v.now)
+                v.stat.host_page_allocs += 1
+            elif zeroed:  # first touch: the host allocates and zeroes the backing page
                 v.now += self._c_host + self._c_zero * zeroed
                 v.stat.host_page_allocs += 1
             fault.pfn = slot.gfn_to_pfn(gfn)
