@@ -75,6 +75,9 @@ class VmStat:
         for name in VM_STATS:
             setattr(self, name, 0)
 
+    def add(self, name: str, delta: int) -> None:
+        setattr(self, name, getattr(self, name) + delta)
+
     def add_pages(self, level: int, delta: int) -> None:
         """``kvm_update_page_stats``."""
         if level == 1:

@@ -31,11 +31,10 @@ from vsim.mmu.page_fault import (
     RET_PF_SPURIOUS,
     KvmPageFault,
 )
+from vsim.mmu.page_tables import PageTables
 from vsim.mmu.spte import (
     PFN_MASK,
     PFN_SHIFT,
-    PG_LEVEL_4K,
-    PT_PAGE_SIZE,
     REMOVED_SPTE,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT,
@@ -66,18 +65,15 @@ class TdpRoot:
     invalid: bool = False
 
 
-class TdpMmu:
+class TdpMmu(PageTables):
     """The VM's TDP MMU: ``kvm->arch.tdp_mmu_roots`` and their page tables."""
 
     mode = "tdp_mmu"
+    pages_stat = "tdp_mmu_pages"
+    spte_event = "kvm_tdp_mmu_spte_changed"
 
     def __init__(self, vm: Vm, initial_tables: int = 64) -> None:
-        self.vm = vm
-        self.spt = np.zeros((initial_tables, SPTE_ENT_PER_PAGE), dtype=np.int64)
-        self.sp_level = np.zeros(initial_tables, dtype=np.int8)
-        self.sp_gfn = np.zeros(initial_tables, dtype=np.int64)
-        self.n_tables = 0
-        self._free: list[int] = []  # freed page tables (zeroed), reused first
+        super().__init__(vm, initial_tables)
         self.roots: list[TdpRoot] = []
         c = vm.costs
         self._c_fast = c.fast_page_fault
@@ -88,27 +84,6 @@ class TdpMmu:
         self._c_sp = c.sp_alloc
         self._c_split = c.tdp_split_spte
         self._locked_check = vm.cfg.host_mm.locked_retry_check
-
-    # -- page-table pool -------------------------------------------------------------------------
-    def alloc_sp(self, level: int, gfn: int) -> int:
-        """``tdp_mmu_alloc_sp`` + ``tdp_mmu_init_sp``: a zeroed page table from the pool."""
-        if self._free:
-            table = self._free.pop()
-            self.sp_level[table] = level
-            self.sp_gfn[table] = gfn
-            self.vm.stat.tdp_mmu_pages += 1
-            return table
-        n = self.n_tables
-        if n == len(self.spt):
-            grow = max(64, n)
-            self.spt = np.concatenate([self.spt, np.zeros((grow, SPTE_ENT_PER_PAGE), dtype=np.int64)])
-            self.sp_level = np.concatenate([self.sp_level, np.zeros(grow, dtype=np.int8)])
-            self.sp_gfn = np.concatenate([self.sp_gfn, np.zeros(grow, dtype=np.int64)])
-        self.sp_level[n] = level
-        self.sp_gfn[n] = gfn
-        self.n_tables = n + 1
-        self.vm.stat.tdp_mmu_pages += 1
-        return n
 
     # -- roots -----------------------------------------------------------------------------------
     def kvm_tdp_mmu_alloc_root(self, as_id: int = 0) -> TdpRoot:
@@ -158,56 +133,6 @@ class TdpMmu:
         if free:
             self._free_sp(table)
         return visited
-
-    # -- lockless walks --------------------------------------------------------------------------
-    def walk_to(self, root: TdpRoot, gfn: int, goal: int) -> tuple[int, int, int, int]:
-        """``kvm_tdp_mmu_map``'s walk: down to ``goal`` at most, stopping early at a leaf, a
-        non-present or a frozen entry."""
-        item = self.spt.item
-        table = root.table
-        level = TDP_ROOT_LEVEL
-        while True:
-            idx = (gfn >> (9 * (level - 1))) & 511
-            old = item(table, idx)
-            if level == goal or not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or old & PT_PAGE_SIZE:
-                return table, idx, level, old
-            table = (old & PFN_MASK) >> PFN_SHIFT
-            level -= 1
-
-    def walk_last(self, root: TdpRoot, gfn: int) -> tuple[int, int, int, int]:
-        """``tdp_mmu_for_each_pte`` down to ``gfn``'s leaf: ``(table, index, level, old_spte)`` of
-        the last entry visited (a leaf, a non-present or a frozen entry)."""
-        return self.walk_to(root, gfn, PG_LEVEL_4K)
-
-    def fast_pf_get_last_sptep(self, root: TdpRoot, gfn: int) -> tuple[int, int, int, int]:
-        """``kvm_tdp_mmu_fast_pf_get_last_sptep``: the last SPTE on the walk (under RCU only)."""
-        return self.walk_last(root, gfn)
-
-    def try_cmpxchg(self, table: int, idx: int, level: int, gfn: int, old: int, new: int, vcpu_id: int, t: int) -> bool:
-        """``try_cmpxchg64`` on an SPTE; on success, ``handle_changed_spte``."""
-        if self.spt.item(table, idx) != old:
-            return False
-        self.spt[table, idx] = new
-        self.handle_changed_spte(gfn, old, new, level, vcpu_id, t)
-        return True
-
-    def set_spte(self, table: int, idx: int, level: int, gfn: int, old: int, new: int, actor: int, t: int) -> None:
-        """``tdp_mmu_set_spte`` / a successful ``tdp_mmu_set_spte_atomic`` by an ``mmu_lock`` holder."""
-        self.spt[table, idx] = new
-        self.handle_changed_spte(gfn, old, new, level, actor, t)
-
-    # -- SPTE changes ----------------------------------------------------------------------------
-    def handle_changed_spte(self, gfn: int, old: int, new: int, level: int, vcpu_id: int, t: int) -> None:
-        """``handle_changed_spte``: page stats, the tracepoint and the invariant checks."""
-        vm = self.vm
-        was_leaf = bool(old & SPTE_MMU_PRESENT) and old != REMOVED_SPTE and is_last_spte(old, level)
-        is_leaf = bool(new & SPTE_MMU_PRESENT) and new != REMOVED_SPTE and is_last_spte(new, level)
-        if was_leaf != is_leaf:
-            vm.stat.add_pages(level, 1 if is_leaf else -1)
-        if vm.sink.all:
-            vm.sink.emit("kvm_tdp_mmu_spte_changed", t, vcpu_id, 0, gfn, level, old, new)
-        if vm.checker is not None:
-            vm.checker.on_spte_changed(gfn, old, new, level, t, vcpu_id)
 
     # -- the fault -------------------------------------------------------------------------------
     def page_fault(self, v: Vcpu, fault: KvmPageFault) -> FaultGen:
@@ -350,24 +275,3 @@ class TdpMmu:
                     leaves += self.handle_removed_pt((old & PFN_MASK) >> PFN_SHIFT, child_gfn, vid, t)
         self._free_sp(table)
         return leaves
-
-    def _free_sp(self, table: int) -> None:
-        self._free.append(table)
-        self.vm.stat.tdp_mmu_pages -= 1
-
-    # -- inspection --------------------------------------------------------------------------------
-    def count_leaves(self) -> dict[int, int]:
-        """Present leaves per level over all roots' tables (for the invariant checker)."""
-        counts = {1: 0, 2: 0, 3: 0}
-        n = self.n_tables
-        spt = self.spt[:n]
-        present = (spt & SPTE_MMU_PRESENT) != 0
-        live = np.ones(n, dtype=bool)
-        live[self._free] = False
-        for level in (1, 2, 3):
-            rows = (self.sp_level[:n] == level) & live
-            if level == PG_LEVEL_4K:
-                counts[1] = int(present[rows].sum())
-            else:
-                counts[level] = int((present[rows] & ((spt[rows] & (1 << 7)) != 0)).sum())
-        return counts

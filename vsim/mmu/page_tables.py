@@ -1,0 +1,146 @@
+"""Page tables in one pool, shared by KVM's MMUs: the TDP MMU's and the legacy MMU's shadow pages.
+
+Page tables live in a ``(tables, 512)`` int64 array of SPTEs, so the vCPUs' batched walks read them
+directly. A non-leaf SPTE holds its child's pool index where KVM holds a physical address. This
+module has what both MMUs do the same way: allocating and freeing tables, the lockless walks
+(``walk_shadow_page_lockless`` / ``tdp_mmu_for_each_pte``), ``cmpxchg`` on an SPTE, and the
+bookkeeping of every SPTE change (page stats, the tracepoint, and the invariant checks).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from vsim.mmu.spte import (
+    PFN_MASK,
+    PFN_SHIFT,
+    PG_LEVEL_4K,
+    PT_PAGE_SIZE,
+    REMOVED_SPTE,
+    SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT,
+    TDP_ROOT_LEVEL,
+    is_last_spte,
+)
+
+if TYPE_CHECKING:
+    from vsim.vm import Vm
+
+
+class Root(Protocol):
+    """What a vCPU holds as its root: the top table, and whether it is obsolete."""
+
+    table: int
+
+    @property
+    def invalid(self) -> bool: ...
+
+
+class PageTables:
+    """The pool of page tables and the SPTE operations common to the MMUs."""
+
+    pages_stat = ""  # the VM stat counting tables in use
+    spte_event = ""  # the tracepoint logged for every SPTE change
+
+    def __init__(self, vm: Vm, initial_tables: int = 64) -> None:
+        self.vm = vm
+        self.spt = np.zeros((initial_tables, SPTE_ENT_PER_PAGE), dtype=np.int64)
+        self.sp_level = np.zeros(initial_tables, dtype=np.int8)
+        self.sp_gfn = np.zeros(initial_tables, dtype=np.int64)
+        self.n_tables = 0
+        self._free: list[int] = []  # freed page tables (zeroed), reused first
+
+    # -- page-table pool -------------------------------------------------------------------------
+    def alloc_sp(self, level: int, gfn: int) -> int:
+        """A zeroed page table from the pool (``tdp_mmu_alloc_sp`` / ``kvm_mmu_alloc_shadow_page``)."""
+        if self._free:
+            table = self._free.pop()
+            self.sp_level[table] = level
+            self.sp_gfn[table] = gfn
+            self.vm.stat.add(self.pages_stat, 1)
+            return table
+        n = self.n_tables
+        if n == len(self.spt):
+            grow = max(64, n)
+            self.spt = np.concatenate([self.spt, np.zeros((grow, SPTE_ENT_PER_PAGE), dtype=np.int64)])
+            self.sp_level = np.concatenate([self.sp_level, np.zeros(grow, dtype=np.int8)])
+            self.sp_gfn = np.concatenate([self.sp_gfn, np.zeros(grow, dtype=np.int64)])
+        self.sp_level[n] = level
+        self.sp_gfn[n] = gfn
+        self.n_tables = n + 1
+        self.vm.stat.add(self.pages_stat, 1)
+        return n
+
+    def _free_sp(self, table: int) -> None:
+        self._free.append(table)
+        self.vm.stat.add(self.pages_stat, -1)
+
+    # -- lockless walks --------------------------------------------------------------------------
+    def walk_to(self, root: Root, gfn: int, goal: int) -> tuple[int, int, int, int]:
+        """``kvm_tdp_mmu_map``'s walk: down to ``goal`` at most, stopping early at a leaf, a
+        non-present or a frozen entry."""
+        item = self.spt.item
+        table = root.table
+        level = TDP_ROOT_LEVEL
+        while True:
+            idx = (gfn >> (9 * (level - 1))) & 511
+            old = item(table, idx)
+            if level == goal or not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or old & PT_PAGE_SIZE:
+                return table, idx, level, old
+            table = (old & PFN_MASK) >> PFN_SHIFT
+            level -= 1
+
+    def walk_last(self, root: Root, gfn: int) -> tuple[int, int, int, int]:
+        """``tdp_mmu_for_each_pte`` down to ``gfn``'s leaf: ``(table, index, level, old_spte)`` of
+        the last entry visited (a leaf, a non-present or a frozen entry)."""
+        return self.walk_to(root, gfn, PG_LEVEL_4K)
+
+    def fast_pf_get_last_sptep(self, root: Root, gfn: int) -> tuple[int, int, int, int]:
+        """``kvm_tdp_mmu_fast_pf_get_last_sptep``: the last SPTE on the walk (under RCU only)."""
+        return self.walk_last(root, gfn)
+
+    def try_cmpxchg(self, table: int, idx: int, level: int, gfn: int, old: int, new: int, vcpu_id: int, t: int) -> bool:
+        """``try_cmpxchg64`` on an SPTE; on success, ``handle_changed_spte``."""
+        if self.spt.item(table, idx) != old:
+            return False
+        self.spt[table, idx] = new
+        self.handle_changed_spte(gfn, old, new, level, vcpu_id, t)
+        return True
+
+    def set_spte(self, table: int, idx: int, level: int, gfn: int, old: int, new: int, actor: int, t: int) -> None:
+        """``tdp_mmu_set_spte`` / a successful ``tdp_mmu_set_spte_atomic`` by an ``mmu_lock`` holder."""
+        self.spt[table, idx] = new
+        self.handle_changed_spte(gfn, old, new, level, actor, t)
+
+    # -- SPTE changes ----------------------------------------------------------------------------
+    def handle_changed_spte(self, gfn: int, old: int, new: int, level: int, vcpu_id: int, t: int) -> None:
+        """``handle_changed_spte``: page stats, the tracepoint and the invariant checks."""
+        vm = self.vm
+        was_leaf = bool(old & SPTE_MMU_PRESENT) and old != REMOVED_SPTE and is_last_spte(old, level)
+        is_leaf = bool(new & SPTE_MMU_PRESENT) and new != REMOVED_SPTE and is_last_spte(new, level)
+        if was_leaf != is_leaf:
+            vm.stat.add_pages(level, 1 if is_leaf else -1)
+
+        if vm.sink.all:
+            vm.sink.emit(self.spte_event, t, vcpu_id, 0, gfn, level, old, new)
+        if vm.checker is not None:
+            vm.checker.on_spte_changed(gfn, old, new, level, t, vcpu_id)
+
+    # -- inspection --------------------------------------------------------------------------------
+    def count_leaves(self) -> dict[int, int]:
+        """Present leaves per level over all roots' tables (for the invariant checker)."""
+        counts = {1: 0, 2: 0, 3: 0}
+        n = self.n_tables
+        spt = self.spt[:n]
+        present = (spt & SPTE_MMU_PRESENT) != 0
+        live = np.ones(n, dtype=bool)
+        live[self._free] = False
+        for level in (1, 2, 3):
+            rows = (self.sp_level[:n] == level) & live
+            if level == PG_LEVEL_4K:
+                counts[1] = int(present[rows].sum())
+            else:
+                counts[level] = int((present[rows] & ((spt[rows] & (1 << 7)) != 0)).sum())
+        return counts
