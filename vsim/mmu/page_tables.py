@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from vsim.memslots import KVM_MEMSLOT_INVALID
+from vsim.mmu.fast_page_fault import fast_page_fault, page_fault_can_be_fast
+from vsim.mmu.mmio import vcpu_cache_mmio_info
+from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmPageFault
 from vsim.mmu.spte import (
     PFN_MASK,
     PFN_SHIFT,
@@ -26,6 +30,7 @@ from vsim.mmu.spte import (
 )
 
 if TYPE_CHECKING:
+    from vsim.vcpu.vcpu import Vcpu
     from vsim.vm import Vm
 
 
@@ -46,6 +51,11 @@ class PageTables:
 
     def __init__(self, vm: Vm, initial_tables: int = 64) -> None:
         self.vm = vm
+        c = vm.costs
+        self._c_fast = c.fast_page_fault
+        self._c_faultin = c.faultin_present
+        self._c_host = c.host_fault
+        self._c_zero = c.zero_4k
         self.spt = np.zeros((initial_tables, SPTE_ENT_PER_PAGE), dtype=np.int64)
         self.sp_level = np.zeros(initial_tables, dtype=np.int8)
         self.sp_gfn = np.zeros(initial_tables, dtype=np.int64)
@@ -127,6 +137,49 @@ class PageTables:
             vm.sink.emit(self.spte_event, t, vcpu_id, 0, gfn, level, old, new)
         if vm.checker is not None:
             vm.checker.on_spte_changed(gfn, old, new, level, t, vcpu_id)
+
+    # -- the front of a direct fault ----------------------------------------------------------------
+    def fast_path_and_faultin(self, v: Vcpu, fault: KvmPageFault) -> int | None:
+        """The part of a direct fault before ``mmu_lock``: ``fast_page_fault``, then
+        ``kvm_faultin_pfn`` (snapshot ``mmu_invalidate_seq``, find the slot, resolve the pfn).
+        Returns a ``RET_PF_*`` that ends the fault here, or ``None`` to go on under the lock."""
+        vm = self.vm
+        gfn = fault.gfn
+        # fast_page_fault, lockless (direct MMUs only).
+        if page_fault_can_be_fast(fault):
+            r = fast_page_fault(self, v, fault)
+            v.now += self._c_fast
+            if r != RET_PF_INVALID:
+                return r
+        # mmu_topup_memory_caches, then kvm_faultin_pfn: snapshot mmu_seq, GUP.
+        fault.mmu_seq = vm.mmu_invalidate_seq
+        slot = v.gfn_to_memslot(gfn)
+        fault.slot = slot
+        v.now += self._c_faultin
+        if slot is None:
+            # kvm_handle_noslot_fault: an MMIO gfn. Cache it; install an MMIO SPTE if caching is on.
+            vcpu_cache_mmio_info(v, gfn, vm.memslots.generation)
+            if not vm.cfg.memslots.mmio_caching:
+                return RET_PF_EMULATE
+        elif slot.flags & KVM_MEMSLOT_INVALID:
+            return RET_PF_RETRY  # the slot is being deleted or moved (R2)
+        else:
+            # Before GUP and before mmu_lock: an invalidation of this gfn is pending (v6.8, R8).
+            pre = vm.cfg.host_mm.pre_lock_retry
+            if pre and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
+                return RET_PF_RETRY
+            zeroed = slot.faultin(gfn)
+            if zeroed and vm.uffd is not None:  # a missing page: a userfaultfd handler fills it
+                v.now = vm.uffd.page_in(v.now)
+                v.stat.host_page_allocs += 1
+            elif zeroed:  # first touch: the host allocates and zeroes the backing page
+                v.now += self._c_host + self._c_zero * zeroed
+                v.stat.host_page_allocs += 1
+            fault.pfn = slot.gfn_to_pfn(gfn)
+            fault.map_writable = True
+            if pre and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
+                return RET_PF_RETRY
+        return None
 
     # -- inspection --------------------------------------------------------------------------------
     def count_leaves(self) -> dict[int, int]:

@@ -19,14 +19,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vsim.dirty_log import mark_page_dirty_in_slot
-from vsim.memslots import KVM_MEMSLOT_INVALID
-from vsim.mmu.fast_page_fault import fast_page_fault, page_fault_can_be_fast
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
-from vsim.mmu.mmio import make_mmio_spte, vcpu_cache_mmio_info
+from vsim.mmu.mmio import make_mmio_spte
 from vsim.mmu.page_fault import (
     RET_PF_EMULATE,
     RET_PF_FIXED,
-    RET_PF_INVALID,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
     KvmPageFault,
@@ -76,10 +73,6 @@ class TdpMmu(PageTables):
         super().__init__(vm, initial_tables)
         self.roots: list[TdpRoot] = []
         c = vm.costs
-        self._c_fast = c.fast_page_fault
-        self._c_faultin = c.faultin_present
-        self._c_host = c.host_fault
-        self._c_zero = c.zero_4k
         self._c_map = c.tdp_mmu_map
         self._c_sp = c.sp_alloc
         self._c_split = c.tdp_split_spte
@@ -139,41 +132,11 @@ class TdpMmu(PageTables):
         """``kvm_tdp_mmu_page_fault`` (spec §1.4), as a SimPy generator returning ``RET_PF_*``."""
         vm = self.vm
         gfn = fault.gfn
-        # 1. page_fault_handle_page_track: nothing is write-tracked without shadow pages.
-        # 2. fast_page_fault, lockless under RCU.
-        if page_fault_can_be_fast(fault):
-            r = fast_page_fault(self, v, fault)
-            v.now += self._c_fast
-            if r != RET_PF_INVALID:
-                return r
-        # 3-4. mmu_topup_memory_caches, then kvm_faultin_pfn: snapshot mmu_seq, GUP.
-        fault.mmu_seq = vm.mmu_invalidate_seq
-        slot = v.gfn_to_memslot(gfn)
-        fault.slot = slot
-        v.now += self._c_faultin
-        if slot is None:
-            # kvm_handle_noslot_fault: an MMIO gfn. Cache it; install an MMIO SPTE if caching is on.
-            vcpu_cache_mmio_info(v, gfn, vm.memslots.generation)
-            if not vm.cfg.memslots.mmio_caching:
-                return RET_PF_EMULATE
-        elif slot.flags & KVM_MEMSLOT_INVALID:
-            return RET_PF_RETRY  # the slot is being deleted or moved (R2)
-        else:
-            # Before GUP and before mmu_lock: an invalidation of this gfn is pending (v6.8, R8).
-            pre = vm.cfg.host_mm.pre_lock_retry
-            if pre and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
-                return RET_PF_RETRY
-            zeroed = slot.faultin(gfn)
-            if zeroed and vm.uffd is not None:  # a missing page: a userfaultfd handler fills it
-                v.now = vm.uffd.page_in(v.now)
-                v.stat.host_page_allocs += 1
-            elif zeroed:  # first touch: the host allocates and zeroes the backing page
-                v.now += self._c_host + self._c_zero * zeroed
-                v.stat.host_page_allocs += 1
-            fault.pfn = slot.gfn_to_pfn(gfn)
-            fault.map_writable = True
-            if pre and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
-                return RET_PF_RETRY
+        # 1-4. page tracking (nothing is write-tracked without shadow pages), fast_page_fault,
+        # mmu_topup_memory_caches and kvm_faultin_pfn.
+        r = self.fast_path_and_faultin(v, fault)
+        if r is not None:
+            return r
         # 5. read_lock(mmu_lock).
         ev = v.sync()
         if ev is not None:
