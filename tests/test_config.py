@@ -67,3 +67,13 @@ def test_errors_are_one_line_naming_the_key(tmp_path: Path, text: str, sets: lis
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config("/nonexistent/x.toml")
+
+
+def test_every_shipped_config_validates() -> None:
+    """Each scenario in configs/ loads with every default filled in (its [sweep] table aside)."""
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.toml"))
+    assert len(files) >= 10
+    for path in files:
+        load_config(path, [])

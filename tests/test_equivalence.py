@@ -52,6 +52,9 @@ def _random_config(seed: int) -> list[str]:
                  f'slot=1}}, {{at="{t + r.randint(201, 400)}us", op="move", slot=1, to_gpa="64GiB"}}]']  # fmt: skip
     elif story < 0.65:
         sets += [f"vmm.stress.iterations={r.randint(1, 12)}", f"vmm.stress.interval={r.randint(1, 40)}us"]
+    if 0.3 <= story < 0.65 and r.random() < 0.6:
+        # The legacy direct MMU: faults under the write lock, shadow pages, rmaps, prefetch.
+        sets += ["mmu.mode=legacy_tdp"]
     elif story < 0.75:
         # The host MM invalidates ranges under the running vCPUs (zaps, flushes, retries).
         sets += [f"host_mm.invalidations={r.randint(5, 60)}", f"host_mm.interval={r.randint(2, 30)}us",

@@ -56,7 +56,8 @@ def test_batch_kernel_matches_reference_tlb_access_by_access() -> None:
             before = int(ctr[1])
             j, _, status, _, _ = run_accesses(
                 gfns, writes, i, i + 1, 1 << 62, vm.mmu.spt, root, 1, tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
-                5, 1, 10, ctr, np.zeros(0, dtype=np.uint8), 0, np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64),
+                5, 1, 10, ctr, np.zeros(0, dtype=np.uint8), 0, np.zeros(0, dtype=np.int64),
+                np.zeros(1, dtype=np.int64), -1,
             )  # fmt: skip
             assert status == 0 and j == i + 1
             hit = int(ctr[1]) > before

@@ -52,6 +52,14 @@ class CostModel(BaseModel):
     tdp_mmu_map: Duration = _cost(
         400, "§8 ≈2–3 µs for an uncontended EPT-violation fault (rows 2.9, 2.11): kvm_tdp_mmu_map's share"
     )
+    legacy_direct_map: Duration = _cost(
+        1400,
+        "row 3.5: faults serialized under the legacy MMU's lock cost ≈140 µs per fault at 96 vCPUs, i.e. "
+        "≈1.46 µs of lock hold per fault (direct_map with rmap and shadow-page bookkeeping)",
+    )
+    prefetch_spte: Duration = _cost(
+        100, "ASSUMPTION (no published figure): direct_pte_prefetch maps one neighbouring SPTE and its rmap"
+    )
     sp_alloc: Duration = _cost(
         100,
         "row 2.6 ('a few hundred cycles is dwarfed by the base cost'): ASSUMPTION, per page table taken "

@@ -57,6 +57,9 @@ class HostMapping:
         self.populated_pages += 1
         return 1 << self._span_shift
 
+    def is_resident(self, offset: int) -> bool:
+        return bool(self.resident[offset >> self._span_shift])
+
     def host_pfn_mapping_level(self) -> int:
         """``host_pfn_mapping_level``: the host page size bounds the mapping level."""
         return self.page_level

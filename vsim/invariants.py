@@ -147,6 +147,10 @@ class InvariantChecker:
     def check_end_of_run(self) -> None:
         self.check_tlbs()
         self.check_page_stats()
+        check_rmaps = getattr(self.vm.mmu, "check_rmaps", None)
+        if check_rmaps is not None:  # the legacy MMU: rmap and SPTEs agree, parent_ptes and links agree
+            for problem in check_rmaps():
+                self._violate("rmap_spte_agreement", problem)
 
     def check_tlbs(self) -> None:
         """Every cached translation is backed by the current SPTEs (no stale translation)."""

@@ -37,6 +37,8 @@ class Memslot:
     disallow_lpage: list[np.ndarray] = field(default_factory=list)
     # dirty_bitmap, one byte per page, while KVM_MEM_LOG_DIRTY_PAGES is set.
     dirty_bitmap: np.ndarray | None = None
+    # slot->arch.rmap[level - 1]: gfn -> the (table, index) of each legacy SPTE mapping it.
+    rmap: list[dict[int, list[tuple[int, int]]]] = field(default_factory=lambda: [{}, {}, {}])
 
     def __post_init__(self) -> None:
         if not self.disallow_lpage:
@@ -68,6 +70,10 @@ class Memslot:
     def gfn_to_pfn(self, gfn: int) -> int:
         """The host pfn backing ``gfn`` (``__gfn_to_hva_memslot`` plus the host page tables)."""
         return self.host.pfn(self.host_offset + gfn - self.base_gfn)
+
+    def resident(self, gfn: int) -> bool:
+        """Is the host page behind ``gfn`` present (so that ``gfn_to_page_many_atomic`` gets it)?"""
+        return self.host.is_resident(self.host_offset + gfn - self.base_gfn)
 
     def moved_to(self, base_gfn: int) -> Memslot:
         """The slot after ``KVM_MR_MOVE``: same host memory, new guest frames, fresh metadata."""

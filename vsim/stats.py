@@ -40,6 +40,12 @@ VM_STATS = (
     "pages_2m",
     "pages_1g",
     "tdp_mmu_pages",  # vsim: TDP MMU page tables allocated (KVM reports them as MMU memory)
+    "mmu_shadow_pages",  # vsim: legacy shadow pages in use (n_used_mmu_pages)
+    "mmu_cache_miss",  # shadow pages created because none of the gfn and role existed
+    "mmu_shadow_zapped",
+    "mmu_recycled",  # shadow pages zapped to make room, and rmap heads recycled
+    "max_mmu_page_hash_collisions",
+    "max_mmu_rmap_size",
     "remote_tlb_flush",
     "remote_tlb_flush_requests",
     "memslot_updates",  # vsim: kvm_set_memory_region calls completed

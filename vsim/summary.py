@@ -30,9 +30,10 @@ def summary_table(stats: dict[str, Any], timing: dict[str, Any], title: str) -> 
         ("pf_fast / pf_emulate", f"{tot['pf_fast']:,} / {tot['pf_emulate']:,}"),
         ("pages_4k / 2m / 1g", f"{vm['pages_4k']:,} / {vm['pages_2m']:,} / {vm['pages_1g']:,}"),
         ("fault service p50 / p99 / max", " / ".join(_us(lat["fault_service"][k]) for k in ("p50", "p99", "max"))),
-        (
-            "mmu_lock read wait p99 / max",
-            f"{_us(lat['mmu_lock_wait']['read']['p99'])} / {_us(lat['mmu_lock_wait']['read']['max'])}",
+        *(
+            (f"mmu_lock {mode} wait p99 / max", f"{_us(w['p99'])} / {_us(w['max'])}")
+            for mode, w in lat["mmu_lock_wait"].items()
+            if w["count"]
         ),
         ("wall time", f"{timing['wall_s']:.2f} s"),
         ("accesses / faults per wall s", f"{timing['accesses_per_wall_s']:,} / {timing['faults_per_wall_s']:,}"),

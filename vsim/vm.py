@@ -19,6 +19,7 @@ from vsim.events.sink import EventSink
 from vsim.host_mm import HostMapping
 from vsim.invariants import InvariantChecker
 from vsim.memslots import Memslot, Memslots, build_test_memslots
+from vsim.mmu.legacy_mmu import LegacyMmu
 from vsim.mmu.mmu_lock import MmuLock
 from vsim.mmu.tdp_mmu import TdpMmu
 from vsim.mmu_notifier import HostMm
@@ -81,7 +82,8 @@ class Vm:
         self.mmu_invalidate_range_start = 0
         self.mmu_invalidate_range_end = 0
         self.mmu_lock = MmuLock(self.env, self.sink)
-        self.mmu = TdpMmu(self, initial_tables=self._estimate_tables(nv * per))
+        mmu_class = LegacyMmu if cfg.mmu.mode == "legacy_tdp" else TdpMmu
+        self.mmu: TdpMmu | LegacyMmu = mmu_class(self, initial_tables=self._estimate_tables(nv * per))
         self.uffd = Userfaultfd(self) if cfg.host_mm.uffd else None
         programs = {"dirty_log_perf": DirtyLogPerf, "access_tracking_perf": AccessTrackingPerf,
                     "demand_paging": DemandPaging}  # fmt: skip
@@ -96,7 +98,9 @@ class Vm:
         # The actors outside the vCPUs that may restrict SPTEs or send IPIs (see horizon).
         self.actors: list[VmWideActor] = [a for a in (self.vmm, self.host_mm) if a is not None]
         self._vmm_started = False
-        self.lockstep = False  # set once vCPUs can restrict SPTEs (see horizon)
+        # Set once vCPUs can restrict SPTEs (see horizon): a legacy MMU that may evict shadow pages
+        # from the fault path, or dirty logging that splits huge pages.
+        self.lockstep = isinstance(self.mmu, LegacyMmu) and self.mmu.zaps_by_vcpus_possible(nv * per)
         self.nr_memslots_dirty_logging = 0  # with PML: memslots whose logging turned PML on
         self.mmu_valid_gen = 0
         self.vcpus = []

@@ -106,8 +106,17 @@ class TlbConfig(_Table):
 class MmuConfig(_Table):
     """Which KVM MMU handles the faults."""
 
-    mode: Literal["tdp_mmu"] = Field(
-        "tdp_mmu", description="tdp_mmu (legacy_tdp and shadow arrive with the legacy-MMU work)"
+    mode: Literal["tdp_mmu", "legacy_tdp"] = Field(
+        "tdp_mmu",
+        description="tdp_mmu (faults under the read lock) or legacy_tdp (the direct MMU of shadow pages, faults "
+        "under the write lock); shadow paging (EPT off) is not built yet",
+    )
+    nr_mmu_pages: int = Field(
+        0,
+        ge=0,
+        le=1 << 30,
+        description="KVM_SET_NR_MMU_PAGES for the legacy MMU's n_max_mmu_pages (0: KVM's default, 2% of "
+        "the memslot pages and at least 64)",
     )
     age_flush: bool = Field(
         False,
@@ -266,7 +275,22 @@ class ScenarioConfig(_Table):
             raise ValueError("vm.base_gpa: the test region must end below 4PiB (52-bit guest physical)")
         self._check_schedule(total_pages)
         self._check_selftest()
+        self._check_mmu_mode()
         return self
+
+    def _check_mmu_mode(self) -> None:
+        if self.mmu.mode == "tdp_mmu":
+            return
+        uses = []
+        if any(o.op == "flags" for o in self.vmm.ops) or self.selftest.name == "dirty_log_perf":
+            uses.append("dirty logging")
+        if self.host_mm.invalidations:
+            uses.append("MMU-notifier invalidations")
+        if self.selftest.name == "access_tracking_perf":
+            uses.append("aging")
+        if uses:
+            raise ValueError(f"mmu.mode: {self.mmu.mode} has no rmap walks for {' and '.join(uses)} yet; "
+                             "use mmu.mode = 'tdp_mmu'")  # fmt: skip
 
     def _check_selftest(self) -> None:
         st = self.selftest

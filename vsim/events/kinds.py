@@ -37,6 +37,7 @@ KINDS: tuple[EventKind, ...] = (
     EventKind("fast_page_fault", "all", ("gfn", "old_spte", "new_spte", "ret"), ("ret",)),
     EventKind("kvm_mmu_spte_requested", "all", ("gfn", "pfn", "level")),
     EventKind("kvm_tdp_mmu_spte_changed", "all", ("as_id", "gfn", "level", "old_spte", "new_spte")),
+    EventKind("kvm_mmu_set_spte", "all", ("as_id", "gfn", "level", "old_spte", "new_spte")),
     EventKind("vsim_mmu_lock_wait", "all", ("lock_id", "mode"), ("mode",)),
     EventKind("vsim_mmu_lock_acquire", "all", ("lock_id", "mode", "wait_ns"), ("mode",)),
     EventKind("vsim_mmu_lock_release", "all", ("lock_id", "mode", "held_ns"), ("mode",)),

@@ -33,15 +33,19 @@ def kvm_mmu_zap_all_fast(vmm: Vmm) -> Generator[object, object, int]:
     actor = vmm.actor_id
     yield from vmm.mmu_lock_acquire(write=True)
     vm.mmu_valid_gen ^= 1
-    invalid = vm.mmu.kvm_tdp_mmu_invalidate_all_roots()
+    invalid = vm.mmu.invalidate_all_roots()
     _, vmm.now = kvm_make_all_cpus_request(vm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, vmm.now)
+    yield from vm.mmu.kvm_zap_obsolete_pages(vmm)  # the legacy MMU's shadow pages, if any
     yield from vmm.mmu_lock_release(write=True)
+    if not invalid:
+        vm.stat.mmu_fast_zaps += 1
+        return vmm.now - t0
     # kvm_tdp_mmu_zap_invalidated_roots, under the read lock.
     yield from vmm.mmu_lock_acquire(write=False)
     visited = 0
     for root in invalid:
         visited += vm.mmu.zap_root(root, actor, vmm.now)
-        vm.mmu.kvm_tdp_mmu_put_root(root, actor, vmm.now)  # the TDP MMU's own reference
+        vm.mmu.put_root(root, actor, vmm.now)  # the TDP MMU's own reference
     vm.stat.tdp_sptes_zapped += visited
     vmm.now += c.tdp_zap_spte * visited
     yield from vmm.mmu_lock_release(write=False)

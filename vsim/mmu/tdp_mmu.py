@@ -48,6 +48,7 @@ from vsim.requests import kvm_flush_remote_tlbs
 if TYPE_CHECKING:
     from vsim.vcpu.vcpu import Vcpu
     from vsim.vm import Vm
+    from vsim.vmm import Vmm
 
 FaultGen = Generator[object, object, int]
 
@@ -79,8 +80,9 @@ class TdpMmu(PageTables):
         self._locked_check = vm.cfg.host_mm.locked_retry_check
 
     # -- roots -----------------------------------------------------------------------------------
-    def kvm_tdp_mmu_alloc_root(self, as_id: int = 0) -> TdpRoot:
-        """Reuse a valid root of the same role, else allocate one (refcount 2)."""
+    def alloc_root(self, as_id: int = 0) -> TdpRoot:
+        """``kvm_tdp_mmu_alloc_root``: reuse a valid root of the same role, else allocate one
+        (refcount 2)."""
         for root in self.roots:
             if not root.invalid and root.as_id == as_id:
                 root.refcount += 1
@@ -89,19 +91,27 @@ class TdpMmu(PageTables):
         self.roots.append(root)
         return root
 
-    def kvm_tdp_mmu_put_root(self, root: TdpRoot, vid: int, t: int) -> None:
-        """``kvm_tdp_mmu_put_root``: drop a reference; the last one frees the (zapped) root."""
+    def put_root(self, root: TdpRoot, vid: int, t: int) -> int:
+        """``kvm_tdp_mmu_put_root``: drop a reference; the last one frees the (zapped) root.
+        Returns the time the caller goes on (no flush: the root is already unused)."""
         root.refcount -= 1
         if root.refcount == 0:
             self.roots.remove(root)
             self._zap_table(root.table, 0, vid, t)
+        return t
 
-    def kvm_tdp_mmu_invalidate_all_roots(self) -> list[TdpRoot]:
-        """Mark every valid root invalid (and scheduled to be zapped)."""
+    def invalidate_all_roots(self) -> list[TdpRoot]:
+        """``kvm_tdp_mmu_invalidate_all_roots``: mark every valid root invalid (and scheduled to be
+        zapped)."""
         invalid = [r for r in self.roots if not r.invalid]
         for r in invalid:
             r.invalid = True
         return invalid
+
+    def kvm_zap_obsolete_pages(self, vmm: Vmm) -> Generator[object, object, None]:
+        """The TDP MMU puts no pages on ``active_mmu_pages``: nothing to zap there."""
+        return
+        yield
 
     def zap_root(self, root: TdpRoot, vid: int, t: int) -> int:
         """``tdp_mmu_zap_root``: clear every SPTE under an invalidated root, bottom-up (no flush:

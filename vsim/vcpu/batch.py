@@ -22,6 +22,7 @@ STOP_EPT_VIOLATION = 1
 STOP_EPT_MISCONFIG = 2  # an MMIO SPTE (RWX = 110b) on the walk
 STOP_HORIZON = 3  # the next access would start at or after ``limit``: something may interrupt it
 STOP_PML_FULL = 4  # a write must log its gpa but the PML buffer is full: a PML-full exit
+STOP_SET_ACCESSED = 5  # the walk would set A: other actors read A, so that write waits for a sync
 
 PML_LOG_NR_ENTRIES = 512
 
@@ -96,13 +97,17 @@ def run_accesses(
     wbase,
     pml_buf,
     pml_n,
+    synced,
 ):  # type: ignore[no-untyped-def]
     """Run accesses ``start..stop``; returns ``(index, elapsed_ns, status, fault_refs, present)``.
 
     ``status`` is ``STOP_DONE`` (all ran), or ``STOP_EPT_VIOLATION`` / ``STOP_EPT_MISCONFIG`` at
     ``index``, whose walk made ``fault_refs`` references and found an EPT leaf (``present``) or
     none. The faulting access is not counted; the caller accounts it when it takes the exit.
-    Completed writes are noted in ``written[gfn - wbase]`` where that index exists. A walk sets A
+    A walk that would set A on a leaf (prefetched or aged) stops with ``STOP_SET_ACCESSED`` unless
+    its access is ``synced`` (the caller brought the vCPU to that access's instant first), because
+    other actors read A (``mmu_set_spte`` compares whole SPTEs, aging tests it). Completed writes are
+    noted in ``written[gfn - wbase]`` where that index exists. A walk sets A
     on a leaf with A clear, and a write through a writable leaf with D clear sets D (hardware A/D);
     with PML on (``pml_buf`` not empty) the write first appends the gfn to ``pml_buf`` (``pml_n[0]``
     entries used), or stops with ``STOP_PML_FULL``.
@@ -160,6 +165,9 @@ def run_accesses(
         if leaf == 0 or (w and not writable):
             _add_counters(counters, i - start, hits, walks, walk_refs)
             return i, t, STOP_EPT_VIOLATION, refs, leaf != 0
+        if (e & SPTE_ACCESSED) == 0 and i != synced:
+            _add_counters(counters, i - start, hits, walks, walk_refs)
+            return i, t, STOP_SET_ACCESSED, 0, True
         e0 = e
         dirty = (e & SPTE_DIRTY) != 0
         if w and not dirty:

@@ -49,6 +49,7 @@ from vsim.vcpu.batch import (
     STOP_EPT_VIOLATION,
     STOP_HORIZON,
     STOP_PML_FULL,
+    STOP_SET_ACCESSED,
     run_accesses,
 )
 from vsim.vcpu.tlb import RefTlb, Tlb
@@ -156,8 +157,9 @@ class Vcpu(Actor):
         self.finished_at = self.now
 
     def kvm_mmu_load(self) -> None:
-        """``kvm_mmu_reload`` → ``kvm_mmu_load``: get the shared TDP root, flush the context."""
-        self.root = self.vm.mmu.kvm_tdp_mmu_alloc_root()
+        """``kvm_mmu_reload`` → ``kvm_mmu_load``: get the shared root of the MMU's role, flush the
+        context."""
+        self.root = self.vm.mmu.alloc_root()
         self.tlb.flush()  # flush_tlb_current, called directly: KVM does not count it in tlb_flush
         if self.vm.checker is not None:
             self.vm.checker.on_local_flush(self)
@@ -170,6 +172,7 @@ class Vcpu(Actor):
         mmu = vm.mmu
         guest_level = self.guest_level
         i, n = 0, len(gfns)
+        synced = -1  # the access brought to its own instant, whose walk may set A
         while i < n:
             assert self.root is not None
             # Run no further than a kick could arrive (an IPI after the VMM's next possible action).
@@ -178,7 +181,7 @@ class Vcpu(Actor):
                 gfns, writes, i, n, limit, mmu.spt, self.root.table, guest_level,
                 tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
                 c.guest_access, c.tlb_hit, c.walk_ref, self.counters, self.written, self.wbase,
-                self.pml_buf, self.pml_n,
+                self.pml_buf, self.pml_n, synced,
             )  # fmt: skip
             self.now += dt
             i = j
@@ -194,6 +197,9 @@ class Vcpu(Actor):
             ev = self.sync()
             if ev is not None:
                 yield ev
+                continue
+            if status == STOP_SET_ACCESSED:
+                synced = j  # nothing else can act first now: run the access, setting A
                 continue
             if status == STOP_HORIZON:
                 yield from self.handle_external_interrupt()
@@ -307,7 +313,7 @@ class Vcpu(Actor):
         self.requests = 0
         # kvm_mmu_free_obsolete_roots, then kvm_mmu_reload before entry.
         if req & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and self.root is not None and self.root.invalid:
-            self.vm.mmu.kvm_tdp_mmu_put_root(self.root, self.id, self.now)
+            self.now = self.vm.mmu.put_root(self.root, self.id, self.now)
             self.root = None
             self.kvm_mmu_load()
         if req & KVM_REQ_UPDATE_CPU_DIRTY_LOGGING:
