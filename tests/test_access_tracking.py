@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from conftest import simulate
 
 NAMES = [
@@ -18,9 +19,10 @@ def _perf(mem: str, *sets: str) -> dict[str, Any]:
     return stats
 
 
-def test_phases_and_walks_mark_pages_young_again() -> None:
+@pytest.mark.parametrize("mmu", ["tdp_mmu", "legacy_tdp"])
+def test_phases_and_walks_mark_pages_young_again(mmu: str) -> None:
     """With more pages than the TLB holds, every access after marking walks and sets A."""
-    stats = _perf("16MiB")
+    stats = _perf("16MiB", f"mmu.mode={mmu}")
     st = stats["selftest"]
     assert [name for name, _ in st["phases_ns"]] == NAMES
     assert st["still_idle"] == [[0, 0, 0], [0, 0, 0]] and st["warnings"] == []

@@ -32,12 +32,13 @@ MODES = {
 }
 
 
+@pytest.mark.parametrize("mmu", ["tdp_mmu", "legacy_tdp"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backing", ["4K", "2M"])
-def test_every_page_written_is_harvested(mode: str, backing: str) -> None:
+def test_every_page_written_is_harvested(mode: str, backing: str, mmu: str) -> None:
     """Each iteration writes every page once; every harvest reports all of them, and the checker
     (§13.5, on in tests) finds no write after a harvest returned that the next one misses."""
-    stats = _perf(f"vm.backing_page_size={backing}", *MODES[mode])
+    stats = _perf(f"vm.backing_page_size={backing}", f"mmu.mode={mmu}", *MODES[mode])
     st = stats["selftest"]
     assert st["dirty_pages"] == [VCPUS * PAGES] * 2
     if mode.startswith("manual"):
@@ -111,6 +112,22 @@ def test_initially_set_moves_protection_into_the_first_clear() -> None:
     init = _phases()
     assert init["Enabling dirty logging time"] < init["Iteration 1 clear dirty log time"]
     assert init["Iteration 1 dirty memory time"] < init["Iteration 2 dirty memory time"]
+
+
+def test_legacy_splits_on_fault_by_zapping_and_flushing() -> None:
+    """The legacy MMU has no in-place split on a fault: ``drop_large_spte`` zaps the huge leaf and
+    flushes, and the 4K pages fault back in under the write lock (cost-anchors 3.9)."""
+    sets = ("dirty_log.initially_set=false", "dirty_log.eager_split=false")
+    tdp = _perf("vm.backing_page_size=2M", *sets)
+    legacy = _perf("vm.backing_page_size=2M", "mmu.mode=legacy_tdp", *sets)
+    huge = VCPUS * PAGES // 512
+    # One flush per huge page dropped, besides enabling's, the two GETs' and disabling's.
+    assert legacy["vm"]["remote_tlb_flush_requests"] == tdp["vm"]["remote_tlb_flush_requests"] + huge
+    it1 = "Iteration 1 dirty memory time"
+    assert dict(legacy["selftest"]["phases_ns"])[it1] > 2 * dict(tdp["selftest"]["phases_ns"])[it1]
+    # Disabling zaps the collapsible 4K leaves instead of recovering huge pages in place.
+    assert legacy["vm"]["pages_4k"] == legacy["vm"]["pages_2m"] == 0
+    assert tdp["vm"]["pages_2m"] == huge
 
 
 def test_disabling_recovers_huge_pages_and_flushes() -> None:

@@ -52,7 +52,7 @@ def _random_config(seed: int) -> list[str]:
                  f'slot=1}}, {{at="{t + r.randint(201, 400)}us", op="move", slot=1, to_gpa="64GiB"}}]']  # fmt: skip
     elif story < 0.65:
         sets += [f"vmm.stress.iterations={r.randint(1, 12)}", f"vmm.stress.interval={r.randint(1, 40)}us"]
-    if 0.3 <= story < 0.65 and r.random() < 0.6:
+    if r.random() < 0.4:
         # The legacy direct MMU: faults under the write lock, shadow pages, rmaps, prefetch.
         sets += ["mmu.mode=legacy_tdp"]
     elif story < 0.75:

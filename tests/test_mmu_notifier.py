@@ -14,7 +14,9 @@ BASE = (
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("extra", [(), ("vm.backing_page_size=2M", "host_mm.action=dontneed")])
+@pytest.mark.parametrize(
+    "extra", [(), ("vm.backing_page_size=2M", "host_mm.action=dontneed"), ("mmu.mode=legacy_tdp",)]
+)
 def test_invalidations_zap_flush_and_make_faults_retry(extra: tuple[str, ...]) -> None:
     vm, stats, _ = simulate(*BASE, *extra)  # the checker finds no stale pfn and no stale TLB entry
     st = stats["vm"]

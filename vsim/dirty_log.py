@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
-from vsim.mmu import tdp_range_ops as tdp
 from vsim.mmu.spte import PG_LEVEL_2M, PG_LEVEL_4K, SPTE_ENT_PER_PAGE, pages_per_level
 from vsim.requests import KVM_REQ_UPDATE_CPU_DIRTY_LOGGING, kvm_flush_remote_tlbs, kvm_make_all_cpus_request
 
@@ -58,6 +57,7 @@ def _walk_slot(
 ) -> Generator[object, object, bool]:
     """Hold ``mmu_lock`` (write or read) over a walk of ``slot``; ``piece(lo, hi)`` does one page
     table's range and returns ``(ns spent, flush needed)``. Returns whether any piece needs a flush."""
+    write = write or not vmm.vm.mmu.shared_range_ops  # rmap walks always take the write lock
     yield from vmm.mmu_lock_acquire(write)
     flush = False
     for lo in _pieces(slot):
@@ -89,7 +89,7 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
         if dl.eager_split and new.host.page_level > PG_LEVEL_4K:
             # kvm_mmu_slot_try_split_huge_pages, read lock for the TDP MMU.
             def split(lo: int, hi: int) -> tuple[int, bool]:
-                return tdp.try_split_huge_pages(mmu, lo, hi, PG_LEVEL_4K, actor, vmm.now) * c.tdp_split_spte, False
+                return mmu.try_split_huge_pages(lo, hi, PG_LEVEL_4K, actor, vmm.now) * c.tdp_split_spte, False
 
             yield from _walk_slot(vmm, new, False, split)
 
@@ -97,10 +97,10 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
         # 4K leaves (kvm_mmu_slot_leaf_clear_dirty) and write-protect the huge ones.
         def wrprot(lo: int, hi: int) -> tuple[int, bool]:
             if dl.pml:
-                visited, f = tdp.clear_dirty_range(mmu, lo, hi, actor, vmm.now)
-                v2, f2 = tdp.wrprot_range(mmu, lo, hi, PG_LEVEL_2M, False, actor, vmm.now)
+                visited, f = mmu.clear_dirty_range(lo, hi, actor, vmm.now)
+                v2, f2 = mmu.wrprot_range(lo, hi, PG_LEVEL_2M, False, actor, vmm.now)
                 return (visited + v2) * c.tdp_wrprot_spte, f or f2
-            visited, f = tdp.wrprot_range(mmu, lo, hi, PG_LEVEL_4K, False, actor, vmm.now)
+            visited, f = mmu.wrprot_range(lo, hi, PG_LEVEL_4K, False, actor, vmm.now)
             return visited * c.tdp_wrprot_spte, f
 
         yield from _walk_slot(vmm, new, False, wrprot)
@@ -108,7 +108,7 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
     elif old.flags & KVM_MEM_LOG_DIRTY_PAGES and not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
 
         def recover(lo: int, hi: int) -> tuple[int, bool]:
-            visited, f = tdp.recover_huge_pages(mmu, new, lo, hi, actor, vmm.now)
+            visited, f = mmu.recover_huge_pages(new, lo, hi, actor, vmm.now)
             return visited * c.tdp_zap_spte, f
 
         if new.host.page_level > PG_LEVEL_4K and (yield from _walk_slot(vmm, new, False, recover)):
@@ -144,7 +144,7 @@ def kvm_get_dirty_log(vmm: Vmm, slot: Memslot) -> Generator[object, object, np.n
         snapshot[a:b] = bitmap[a:b]  # xchg(word, 0) for every word of the piece
         bitmap[a:b] = 0
         gfns = np.flatnonzero(snapshot[a:b]) + lo
-        visited, f = tdp.clear_dirty_pt_masked(vm.mmu, gfns, vm.cfg.dirty_log.pml, vmm.actor_id, vmm.now)
+        visited, f = vm.mmu.clear_dirty_pt_masked(gfns, vm.cfg.dirty_log.pml, vmm.actor_id, vmm.now)
         return _words(hi - lo) * c.dirty_log_word + visited * c.tdp_wrprot_spte, f
 
     yield from _walk_slot(vmm, slot, True, xchg_and_protect)
@@ -197,12 +197,12 @@ def _enable_log_dirty_pt_masked(vmm: Vmm, slot: Memslot, gfns: np.ndarray) -> in
     if dl.manual_protect and dl.initially_set and slot.host.page_level > PG_LEVEL_4K:
         start, end = int(gfns[0]), int(gfns[-1])
         if dl.eager_split:
-            ns += tdp.try_split_huge_pages(mmu, start, end + 1, PG_LEVEL_4K, actor, vmm.now) * c.tdp_split_spte
+            ns += mmu.try_split_huge_pages(start, end + 1, PG_LEVEL_4K, actor, vmm.now) * c.tdp_split_spte
         # kvm_mmu_slot_gfn_write_protect(PG_LEVEL_2M) on the huge pages holding the first and last gfn.
         for g in {start, end} if start // pages_per_level(2) != end // pages_per_level(2) else {start}:
-            visited, _ = tdp.wrprot_range(mmu, g, g + 1, PG_LEVEL_2M, True, actor, vmm.now)
+            visited, _ = mmu.wrprot_range(g, g + 1, PG_LEVEL_2M, True, actor, vmm.now)
             ns += visited * c.tdp_wrprot_spte
-    visited, _ = tdp.clear_dirty_pt_masked(mmu, gfns, dl.pml, actor, vmm.now)
+    visited, _ = mmu.clear_dirty_pt_masked(gfns, dl.pml, actor, vmm.now)
     return ns + visited * c.tdp_wrprot_spte
 
 

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vsim.mmu import tdp_range_ops as tdp
 from vsim.mmu.spte import pages_per_level
 from vsim.requests import kvm_flush_remote_tlbs
 from vsim.sched import ACTOR_PRIO_BASE, At, VmWideActor
@@ -82,7 +81,7 @@ class HostMm(VmWideActor):
         if slots:
             yield from self.mmu_lock_acquire(write=True)
             vm.kvm_mmu_invalidate_begin(lo, hi)
-            visited, flush = tdp.zap_leafs(vm.mmu, lo, hi, self.actor_id, self.now)
+            visited, flush = vm.mmu.zap_leafs(lo, hi, self.actor_id, self.now)
             self.now += c.mmu_notifier_invalidate + visited * c.tdp_zap_spte
             if flush:  # flush_on_ret: before the lock is dropped
                 self.now = kvm_flush_remote_tlbs(vm, self.now, me=self.actor_id)

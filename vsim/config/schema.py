@@ -275,22 +275,7 @@ class ScenarioConfig(_Table):
             raise ValueError("vm.base_gpa: the test region must end below 4PiB (52-bit guest physical)")
         self._check_schedule(total_pages)
         self._check_selftest()
-        self._check_mmu_mode()
         return self
-
-    def _check_mmu_mode(self) -> None:
-        if self.mmu.mode == "tdp_mmu":
-            return
-        uses = []
-        if any(o.op == "flags" for o in self.vmm.ops) or self.selftest.name == "dirty_log_perf":
-            uses.append("dirty logging")
-        if self.host_mm.invalidations:
-            uses.append("MMU-notifier invalidations")
-        if self.selftest.name == "access_tracking_perf":
-            uses.append("aging")
-        if uses:
-            raise ValueError(f"mmu.mode: {self.mmu.mode} has no rmap walks for {' and '.join(uses)} yet; "
-                             "use mmu.mode = 'tdp_mmu'")  # fmt: skip
 
     def _check_selftest(self) -> None:
         st = self.selftest

@@ -12,7 +12,8 @@ read lock removed.
 Roots are shadow pages shared through the hash (``mmu_alloc_direct_roots``). A fast zap makes every
 page obsolete by toggling ``mmu_valid_gen``; ``kvm_zap_obsolete_pages`` zaps them from the tail of
 ``active_mmu_pages`` in batches of 10, yielding ``mmu_lock`` between batches when others wait for
-it, and commits (flush, then free) at the end.
+it, and commits (flush, then free) at the end. Dirty logging, MMU notifiers and aging reach the
+SPTEs through the rmaps (``vsim.mmu.rmap_walks``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.mmio import make_mmio_spte
 from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
 from vsim.mmu.rmap import RMAP_RECYCLE_THRESHOLD
+from vsim.mmu.rmap_walks import RmapRangeOps
 from vsim.mmu.shadow_page import KVM_REFILL_PAGES, KvmMmuPage, ShadowMmu
 from vsim.mmu.spte import (
     PFN_MASK,
@@ -51,10 +53,11 @@ PTE_PREFETCH_NUM = 8
 BATCH_ZAP_PAGES = 10
 
 
-class LegacyMmu(ShadowMmu):
+class LegacyMmu(RmapRangeOps, ShadowMmu):
     """The legacy MMU with TDP enabled: direct shadow pages for the EPT."""
 
     mode = "legacy_tdp"
+    shared_range_ops = False  # rmap walks take mmu_lock for write
 
     def __init__(self, vm: Vm, initial_tables: int = 64) -> None:
         super().__init__(vm, initial_tables)

@@ -43,6 +43,7 @@ from vsim.mmu.spte import (
     pages_per_level,
     spte_index,
 )
+from vsim.mmu.tdp_range_ops import TdpRangeOps
 from vsim.requests import kvm_flush_remote_tlbs
 
 if TYPE_CHECKING:
@@ -63,10 +64,11 @@ class TdpRoot:
     invalid: bool = False
 
 
-class TdpMmu(PageTables):
+class TdpMmu(TdpRangeOps, PageTables):
     """The VM's TDP MMU: ``kvm->arch.tdp_mmu_roots`` and their page tables."""
 
     mode = "tdp_mmu"
+    shared_range_ops = True  # slot-wide write protection, splitting and recovery take the read lock
     pages_stat = "tdp_mmu_pages"
     spte_event = "kvm_tdp_mmu_spte_changed"
 

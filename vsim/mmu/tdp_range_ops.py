@@ -45,190 +45,187 @@ from vsim.mmu.spte import (
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
-    from vsim.mmu.tdp_mmu import TdpMmu
+    from vsim.mmu.tdp_mmu import TdpRoot
+    from vsim.vm import Vm
 
 
-def _entries(mmu: TdpMmu, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """``(table, index, level, gfn, spte)`` of every present entry overlapping ``[start, end)``
-    in every valid root, parents before children (``for_each_tdp_pte``)."""
-    for root in mmu.roots:
-        if not root.invalid:
-            yield from _walk(mmu, root.table, TDP_ROOT_LEVEL, 0, start, end)
+class TdpRangeOps:
+    """The range operations, mixed into ``TdpMmu`` (they walk ``self.roots``)."""
 
+    vm: Vm
+    spt: np.ndarray
+    roots: list[TdpRoot]
 
-def _walk(
-    mmu: TdpMmu, table: int, level: int, base: int, start: int, end: int
-) -> Iterator[tuple[int, int, int, int, int]]:
-    span = pages_per_level(level)
-    lo = max(0, (start - base) // span)
-    hi = min(SPTE_ENT_PER_PAGE, -(-(end - base) // span))
-    row = mmu.spt[table]
-    for i in (np.flatnonzero(row[lo:hi]) + lo).tolist():
-        spte = int(row[i])
-        if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
-            continue
-        gfn = base + i * span
-        yield table, i, level, gfn, spte
-        if level > PG_LEVEL_4K and not spte & PT_PAGE_SIZE:
-            yield from _walk(mmu, (spte & PFN_MASK) >> PFN_SHIFT, level - 1, gfn, start, end)
+    def _entries(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """``(table, index, level, gfn, spte)`` of every present entry overlapping ``[start, end)``
+        in every valid root, parents before children (``for_each_tdp_pte``)."""
+        for root in self.roots:
+            if not root.invalid:
+                yield from self._walk(root.table, TDP_ROOT_LEVEL, 0, start, end)
 
+    def _walk(
+        self, table: int, level: int, base: int, start: int, end: int
+    ) -> Iterator[tuple[int, int, int, int, int]]:
+        span = pages_per_level(level)
+        lo = max(0, (start - base) // span)
+        hi = min(SPTE_ENT_PER_PAGE, -(-(end - base) // span))
+        row = self.spt[table]
+        for i in (np.flatnonzero(row[lo:hi]) + lo).tolist():
+            spte = int(row[i])
+            if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
+                continue
+            gfn = base + i * span
+            yield table, i, level, gfn, spte
+            if level > PG_LEVEL_4K and not spte & PT_PAGE_SIZE:
+                yield from self._walk((spte & PFN_MASK) >> PFN_SHIFT, level - 1, gfn, start, end)
 
-def _is_leaf(spte: int, level: int) -> bool:
-    return level == PG_LEVEL_4K or bool(spte & PT_PAGE_SIZE)
+    @staticmethod
+    def _is_leaf(spte: int, level: int) -> bool:
+        return level == PG_LEVEL_4K or bool(spte & PT_PAGE_SIZE)
 
+    def zap_leafs(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+        """``tdp_mmu_zap_leafs``: clear every leaf overlapping ``[start, end)`` (page tables stay).
+        Returns ``(entries visited, flush needed)``."""
+        visited = 0
+        flush = False
+        for table, i, level, gfn, spte in list(self._entries(start, end)):
+            visited += 1
+            if self._is_leaf(spte, level):
+                self.set_spte(table, i, level, gfn, spte, 0, actor, t)
+                self.vm.note_zapped(gfn, level)
+                flush = True
+        return visited, flush
 
-def zap_leafs(mmu: TdpMmu, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
-    """``tdp_mmu_zap_leafs``: clear every leaf overlapping ``[start, end)`` (page tables stay).
-    Returns ``(entries visited, flush needed)``."""
-    visited = 0
-    flush = False
-    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
-        visited += 1
-        if _is_leaf(spte, level):
-            mmu.set_spte(table, i, level, gfn, spte, 0, actor, t)
-            mmu.vm.note_zapped(gfn, level)
+    def age_gfn(self, gfn: int, actor: int, t: int) -> tuple[int, bool]:
+        """``kvm_tdp_mmu_age_gfn_range`` for one gfn: clear A on the leaf mapping it. Returns
+        ``(entries visited, whether it was young)``."""
+        visited = 0
+        young = False
+        for table, i, level, g, spte in list(self._entries(gfn, gfn + 1)):
+            visited += 1
+            if self._is_leaf(spte, level) and spte & SPTE_ACCESSED:
+                self.set_spte(table, i, level, g, spte, spte & ~SPTE_ACCESSED, actor, t)
+                young = True
+        return visited, young
+
+    def test_age_gfn(self, gfn: int) -> tuple[int, bool]:
+        """``kvm_tdp_mmu_test_age_gfn``: whether the leaf mapping ``gfn`` has A set."""
+        visited = 0
+        young = False
+        for _, _, level, _, spte in self._entries(gfn, gfn + 1):
+            visited += 1
+            young = young or (self._is_leaf(spte, level) and bool(spte & SPTE_ACCESSED))
+        return visited, young
+
+    def wrprot_range(
+        self, start: int, end: int, min_level: int, clear_mmu_writable: bool, actor: int, t: int
+    ) -> tuple[int, bool]:
+        """``kvm_tdp_mmu_wrprot_slot`` (and, with ``clear_mmu_writable``, ``write_protect_gfn``):
+        clear W on leaves at or above ``min_level``. Returns ``(entries visited, flush needed)``."""
+        mask = PT_WRITABLE | (SPTE_MMU_WRITABLE if clear_mmu_writable else 0)
+        visited = 0
+        flush = False
+        for table, i, level, gfn, spte in list(self._entries(start, end)):
+            visited += 1
+            if level < min_level or not self._is_leaf(spte, level) or not spte & mask:
+                continue
+            # Dirty logging leaves MMU-writable set, so the next write is fixed by fast_page_fault.
+            self.set_spte(table, i, level, gfn, spte, spte & ~mask, actor, t)
+            flush = flush or bool(spte & PT_WRITABLE) or clear_mmu_writable
+        return visited, flush
+
+    def clear_dirty_pt_masked(self, gfns: np.ndarray, pml: bool, actor: int, t: int) -> tuple[int, bool]:
+        """``kvm_tdp_mmu_clear_dirty_pt_masked``: clear W (``wrprot``, no PML) or D (PML) on the 4K
+        leaves mapping ``gfns`` (sorted). Huge leaves are left to the caller's 2M write protection."""
+        visited = 0
+        flush = False
+        if not len(gfns):
+            return 0, False
+        bit = SPTE_DIRTY if pml else PT_WRITABLE
+        wanted = set(gfns.tolist())
+        for table, i, level, gfn, spte in list(self._entries(int(gfns[0]), int(gfns[-1]) + 1)):
+            if level != PG_LEVEL_4K or gfn not in wanted:
+                continue
+            visited += 1
+            if spte & bit:
+                self.set_spte(table, i, level, gfn, spte, spte & ~bit, actor, t)
+                flush = True
+        return visited, flush
+
+    def clear_dirty_range(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+        """``kvm_tdp_mmu_clear_dirty_slot`` on 4K leaves (PML): clear D so the next write is logged."""
+        visited = 0
+        flush = False
+        for table, i, level, gfn, spte in list(self._entries(start, end)):
+            visited += 1
+            if level == PG_LEVEL_4K and spte & SPTE_DIRTY:
+                self.set_spte(table, i, level, gfn, spte, spte & ~SPTE_DIRTY, actor, t)
+                flush = True
+        return visited, flush
+
+    def try_split_huge_pages(self, start: int, end: int, target_level: int, actor: int, t: int) -> int:
+        """``kvm_tdp_mmu_try_split_huge_pages``: split every huge leaf above ``target_level`` in the
+        range, recursively (1G → 2M → 4K), filling each child table before linking it. Returns the
+        SPTEs created."""
+        created = 0
+        for table, i, level, gfn, spte in list(self._entries(start, end)):
+            if level > target_level and self._is_leaf(spte, level):
+                created += self._split(table, i, level, gfn, spte, (start, end, target_level), actor, t)
+        return created
+
+    def _split(
+        self, table: int, i: int, level: int, gfn: int, spte: int, goal: tuple[int, int, int], actor: int, t: int
+    ) -> int:
+        """Split one huge leaf; then its children that overlap ``[start, end)`` above the target."""
+        start, end, target = goal
+        child = self.alloc_sp(level - 1, gfn)
+        row = self.spt[child]
+        for k in range(SPTE_ENT_PER_PAGE):
+            row[k] = make_huge_page_split_spte(spte, level, k)
+        self.vm.stat.add_pages(level - 1, SPTE_ENT_PER_PAGE)
+        self.set_spte(table, i, level, gfn, spte, make_nonleaf_spte(child), actor, t)
+        created = SPTE_ENT_PER_PAGE
+        if level - 1 > target:
+            span = pages_per_level(level - 1)
+            for k in range(max(0, (start - gfn) // span), min(SPTE_ENT_PER_PAGE, -(-(end - gfn) // span))):
+                created += self._split(child, k, level - 1, gfn + k * span, int(self.spt[child, k]), goal, actor, t)
+        return created
+
+    def recover_huge_pages(self, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+        """``kvm_tdp_mmu_recover_huge_pages``: replace each page table whose range the slot may map
+        huge (``kvm_mmu_max_mapping_level``) by a huge leaf built from its first present leaf
+        (``make_huge_spte``). Returns ``(entries visited, flush needed)``."""
+        visited = 0
+        flush = False
+        for table, i, level, gfn, spte in list(self._entries(start, end)):
+            visited += 1
+            if level == PG_LEVEL_4K or level > 3 or self._is_leaf(spte, level):
+                continue
+            if self.spt.item(table, i) != spte:
+                continue  # replaced while recovering a parent
+            if gfn < slot.base_gfn or gfn + pages_per_level(level) > slot.end_gfn:
+                continue
+            if kvm_mmu_max_mapping_level(slot, gfn, level) < level:
+                continue
+            small = self._first_leaf((spte & PFN_MASK) >> PFN_SHIFT, level - 1)
+            if small is None:
+                continue
+            span_mask = pages_per_level(level) - 1
+            pfn = ((small & PFN_MASK) >> PFN_SHIFT) & ~span_mask
+            huge = (small & ~PFN_MASK) | (pfn << PFN_SHIFT) | PT_PAGE_SIZE
+            self.set_spte(table, i, level, gfn, spte, huge, actor, t)
+            self.handle_removed_pt((spte & PFN_MASK) >> PFN_SHIFT, gfn, actor, t)
             flush = True
-    return visited, flush
+        return visited, flush
 
-
-def age_gfn(mmu: TdpMmu, gfn: int, actor: int, t: int) -> tuple[int, bool]:
-    """``kvm_tdp_mmu_age_gfn_range`` for one gfn: clear A on the leaf mapping it. Returns
-    ``(entries visited, whether it was young)``."""
-    visited = 0
-    young = False
-    for table, i, level, g, spte in list(_entries(mmu, gfn, gfn + 1)):
-        visited += 1
-        if _is_leaf(spte, level) and spte & SPTE_ACCESSED:
-            mmu.set_spte(table, i, level, g, spte, spte & ~SPTE_ACCESSED, actor, t)
-            young = True
-    return visited, young
-
-
-def test_age_gfn(mmu: TdpMmu, gfn: int) -> tuple[int, bool]:
-    """``kvm_tdp_mmu_test_age_gfn``: whether the leaf mapping ``gfn`` has A set."""
-    visited = 0
-    young = False
-    for _, _, level, _, spte in _entries(mmu, gfn, gfn + 1):
-        visited += 1
-        young = young or (_is_leaf(spte, level) and bool(spte & SPTE_ACCESSED))
-    return visited, young
-
-
-def wrprot_range(
-    mmu: TdpMmu, start: int, end: int, min_level: int, clear_mmu_writable: bool, actor: int, t: int
-) -> tuple[int, bool]:
-    """``kvm_tdp_mmu_wrprot_slot`` (and, with ``clear_mmu_writable``, ``write_protect_gfn``):
-    clear W on leaves at or above ``min_level``. Returns ``(entries visited, flush needed)``."""
-    mask = PT_WRITABLE | (SPTE_MMU_WRITABLE if clear_mmu_writable else 0)
-    visited = 0
-    flush = False
-    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
-        visited += 1
-        if level < min_level or not _is_leaf(spte, level) or not spte & mask:
-            continue
-        # Dirty logging leaves MMU-writable set, so the next write is fixed by fast_page_fault.
-        mmu.set_spte(table, i, level, gfn, spte, spte & ~mask, actor, t)
-        flush = flush or bool(spte & PT_WRITABLE) or clear_mmu_writable
-    return visited, flush
-
-
-def clear_dirty_pt_masked(mmu: TdpMmu, gfns: np.ndarray, pml: bool, actor: int, t: int) -> tuple[int, bool]:
-    """``kvm_tdp_mmu_clear_dirty_pt_masked``: clear W (``wrprot``, no PML) or D (PML) on the 4K
-    leaves mapping ``gfns`` (sorted). Huge leaves are left to the caller's 2M write protection."""
-    visited = 0
-    flush = False
-    if not len(gfns):
-        return 0, False
-    bit = SPTE_DIRTY if pml else PT_WRITABLE
-    wanted = set(gfns.tolist())
-    for table, i, level, gfn, spte in list(_entries(mmu, int(gfns[0]), int(gfns[-1]) + 1)):
-        if level != PG_LEVEL_4K or gfn not in wanted:
-            continue
-        visited += 1
-        if spte & bit:
-            mmu.set_spte(table, i, level, gfn, spte, spte & ~bit, actor, t)
-            flush = True
-    return visited, flush
-
-
-def clear_dirty_range(mmu: TdpMmu, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
-    """``kvm_tdp_mmu_clear_dirty_slot`` on 4K leaves (PML): clear D so the next write is logged."""
-    visited = 0
-    flush = False
-    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
-        visited += 1
-        if level == PG_LEVEL_4K and spte & SPTE_DIRTY:
-            mmu.set_spte(table, i, level, gfn, spte, spte & ~SPTE_DIRTY, actor, t)
-            flush = True
-    return visited, flush
-
-
-def try_split_huge_pages(mmu: TdpMmu, start: int, end: int, target_level: int, actor: int, t: int) -> int:
-    """``kvm_tdp_mmu_try_split_huge_pages``: split every huge leaf above ``target_level`` in the
-    range, recursively (1G → 2M → 4K), filling each child table before linking it. Returns the
-    SPTEs created."""
-    created = 0
-    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
-        if level > target_level and _is_leaf(spte, level):
-            created += _split(mmu, table, i, level, gfn, spte, (start, end, target_level), actor, t)
-    return created
-
-
-def _split(
-    mmu: TdpMmu, table: int, i: int, level: int, gfn: int, spte: int, goal: tuple[int, int, int], actor: int, t: int
-) -> int:
-    """Split one huge leaf; then its children that overlap ``[start, end)`` above the target."""
-    start, end, target = goal
-    child = mmu.alloc_sp(level - 1, gfn)
-    row = mmu.spt[child]
-    for k in range(SPTE_ENT_PER_PAGE):
-        row[k] = make_huge_page_split_spte(spte, level, k)
-    mmu.vm.stat.add_pages(level - 1, SPTE_ENT_PER_PAGE)
-    mmu.set_spte(table, i, level, gfn, spte, make_nonleaf_spte(child), actor, t)
-    created = SPTE_ENT_PER_PAGE
-    if level - 1 > target:
-        span = pages_per_level(level - 1)
-        for k in range(max(0, (start - gfn) // span), min(SPTE_ENT_PER_PAGE, -(-(end - gfn) // span))):
-            created += _split(mmu, child, k, level - 1, gfn + k * span, int(mmu.spt[child, k]), goal, actor, t)
-    return created
-
-
-def recover_huge_pages(mmu: TdpMmu, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
-    """``kvm_tdp_mmu_recover_huge_pages``: replace each page table whose range the slot may map
-    huge (``kvm_mmu_max_mapping_level``) by a huge leaf built from its first present leaf
-    (``make_huge_spte``). Returns ``(entries visited, flush needed)``."""
-    visited = 0
-    flush = False
-    for table, i, level, gfn, spte in list(_entries(mmu, start, end)):
-        visited += 1
-        if level == PG_LEVEL_4K or level > 3 or _is_leaf(spte, level):
-            continue
-        if mmu.spt.item(table, i) != spte:
-            continue  # replaced while recovering a parent
-        if gfn < slot.base_gfn or gfn + pages_per_level(level) > slot.end_gfn:
-            continue
-        if kvm_mmu_max_mapping_level(slot, gfn, level) < level:
-            continue
-        small = _first_leaf(mmu, (spte & PFN_MASK) >> PFN_SHIFT, level - 1)
-        if small is None:
-            continue
-        span_mask = pages_per_level(level) - 1
-        pfn = ((small & PFN_MASK) >> PFN_SHIFT) & ~span_mask
-        huge = (small & ~PFN_MASK) | (pfn << PFN_SHIFT) | PT_PAGE_SIZE
-        mmu.set_spte(table, i, level, gfn, spte, huge, actor, t)
-        mmu.handle_removed_pt((spte & PFN_MASK) >> PFN_SHIFT, gfn, actor, t)
-        flush = True
-    return visited, flush
-
-
-def _first_leaf(mmu: TdpMmu, table: int, level: int) -> int | None:
-    for i in np.flatnonzero(mmu.spt[table]).tolist():
-        spte = int(mmu.spt[table, i])
-        if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
-            continue
-        if _is_leaf(spte, level):
-            return spte
-        found = _first_leaf(mmu, (spte & PFN_MASK) >> PFN_SHIFT, level - 1)
-        if found is not None:
-            return found
-    return None
+    def _first_leaf(self, table: int, level: int) -> int | None:
+        for i in np.flatnonzero(self.spt[table]).tolist():
+            spte = int(self.spt[table, i])
+            if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
+                continue
+            if self._is_leaf(spte, level):
+                return spte
+            found = self._first_leaf((spte & PFN_MASK) >> PFN_SHIFT, level - 1)
+            if found is not None:
+                return found
+        return None

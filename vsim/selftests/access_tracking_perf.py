@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vsim.mmu import tdp_range_ops as tdp
 from vsim.requests import kvm_flush_remote_tlbs
 from vsim.selftests.memstress import ACCESS, MemstressHost
 from vsim.vcpu.workloads import vcpu_region
@@ -82,9 +81,9 @@ class AccessTrackingPerf(MemstressHost):
                 v.now = yield ev
             visited = 0
             if self.idle[i]:  # is_page_idle: still flagged idle, unless a mapping is young
-                visited, young = tdp.test_age_gfn(vm.mmu, gfn)
+                visited, young = vm.mmu.test_age_gfn(gfn)
                 still += not young
-            n, young = tdp.age_gfn(vm.mmu, gfn, v.id, v.now)
+            n, young = vm.mmu.age_gfn(gfn, v.id, v.now)
             v.now += (visited + n) * c.tdp_wrprot_spte
             if young and vm.cfg.mmu.age_flush:
                 v.now = kvm_flush_remote_tlbs(vm, v.now, me=v.id)  # clear_flush_young before 6.13

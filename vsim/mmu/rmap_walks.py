@@ -1,0 +1,154 @@
+"""The legacy MMU's range operations through the rmaps (``walk_slot_rmaps``,
+``kvm_handle_gfn_range``; spec §3, §8.6, §10): the counterparts of ``TdpRangeOps``.
+
+Each walks the rmap heads of the gfns in a range, level by level, under the **write** lock (the
+legacy MMU has no shared-lock walks), and returns what it visited and whether a flush is needed:
+
+* ``kvm_zap_rmap`` (MMU-notifier unmap), ``kvm_age_rmap`` / ``kvm_test_age_rmap`` (aging);
+* ``slot_rmap_write_protect`` and ``rmap_write_protect`` (W, and MMU-writable when protecting for
+  the 2M pages around a dirty mask), ``kvm_mmu_write_protect_pt_masked`` /
+  ``kvm_mmu_clear_dirty_pt_masked`` (4K heads of a mask), ``__rmap_clear_dirty`` (PML);
+* ``kvm_shadow_mmu_try_split_huge_pages``: each huge leaf becomes a shadow page of leaves with the
+  same translation, entered in the rmaps, then linked in place of the huge SPTE (no flush);
+* ``kvm_rmap_zap_collapsible_sptes``: on disabling dirty logging, zap the leaves of pages that the
+  slot could now map at a higher level (the faults that follow map huge again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vsim.mmu.hugepage import kvm_mmu_max_mapping_level
+from vsim.mmu.rmap import gfn_to_rmap_index
+from vsim.mmu.spte import (
+    PG_LEVEL_1G,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    PT_WRITABLE,
+    SPTE_ACCESSED,
+    SPTE_DIRTY,
+    SPTE_ENT_PER_PAGE,
+    SPTE_MMU_WRITABLE,
+    make_huge_page_split_spte,
+    pages_per_level,
+)
+
+if TYPE_CHECKING:
+    from vsim.memslots import Memslot
+    from vsim.mmu.shadow_page import KvmMmuPage
+    from vsim.vm import Vm
+
+RmapSpte = tuple[int, int, int, int]  # (table, index, level, gfn)
+
+
+class RmapRangeOps:
+    """The range operations, mixed into ``LegacyMmu``."""
+
+    vm: Vm
+    spt: np.ndarray
+    sp_of: dict[int, KvmMmuPage]
+
+    def _rmap_sptes(self, start: int, end: int, level: int) -> Iterator[RmapSpte]:
+        """The SPTEs on the heads for ``[start, end)`` at ``level``, in every overlapping slot."""
+        span = pages_per_level(level)
+        for slot in self.vm.memslots.slots:
+            lo, hi = max(start, slot.base_gfn), min(end, slot.end_gfn)
+            if lo >= hi:
+                continue
+            heads = slot.rmap[level - 1]
+            if not heads:
+                continue
+            for i in range(gfn_to_rmap_index(slot, lo, level), gfn_to_rmap_index(slot, hi - 1, level) + 1):
+                for table, idx in list(heads.get(i, ())):
+                    yield table, idx, level, self.sp_of[table].gfn + idx * span
+
+    def _all_levels(self, start: int, end: int, min_level: int = PG_LEVEL_4K) -> list[RmapSpte]:
+        return [s for level in range(min_level, PG_LEVEL_1G + 1) for s in self._rmap_sptes(start, end, level)]
+
+    def _clear_bits(self, sptes: list[RmapSpte], bits: int, actor: int, t: int) -> bool:
+        changed = False
+        for table, idx, level, gfn in sptes:
+            old = self.spt.item(table, idx)
+            if old & bits:
+                self.set_spte(table, idx, level, gfn, old, old & ~bits, actor, t)  # type: ignore[attr-defined]
+                changed = True
+        return changed
+
+    def zap_leafs(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+        """``kvm_zap_rmap`` over the range (``kvm_unmap_gfn_range``)."""
+        sptes = self._all_levels(start, end)
+        for table, idx, level, gfn in sptes:
+            self.drop_spte(table, idx, level, gfn, actor, t)  # type: ignore[attr-defined]
+        return len(sptes), bool(sptes)
+
+    def age_gfn(self, gfn: int, actor: int, t: int) -> tuple[int, bool]:
+        """``kvm_age_rmap``: clear A on the SPTEs mapping ``gfn``."""
+        sptes = self._all_levels(gfn, gfn + 1)
+        return len(sptes), self._clear_bits(sptes, SPTE_ACCESSED, actor, t)
+
+    def test_age_gfn(self, gfn: int) -> tuple[int, bool]:
+        """``kvm_test_age_rmap``."""
+        sptes = self._all_levels(gfn, gfn + 1)
+        return len(sptes), any(self.spt.item(tb, i) & SPTE_ACCESSED for tb, i, _, _ in sptes)
+
+    def wrprot_range(
+        self, start: int, end: int, min_level: int, clear_mmu_writable: bool, actor: int, t: int
+    ) -> tuple[int, bool]:
+        """``slot_rmap_write_protect`` (W) or ``rmap_write_protect(pt_protect)`` (W and MMU-writable)
+        on the heads at or above ``min_level``."""
+        sptes = self._all_levels(start, end, min_level)
+        bits = PT_WRITABLE | (SPTE_MMU_WRITABLE if clear_mmu_writable else 0)
+        writable = any(self.spt.item(tb, i) & PT_WRITABLE for tb, i, _, _ in sptes)
+        changed = self._clear_bits(sptes, bits, actor, t)
+        return len(sptes), writable or (clear_mmu_writable and changed)
+
+    def clear_dirty_pt_masked(self, gfns: np.ndarray, pml: bool, actor: int, t: int) -> tuple[int, bool]:
+        """``kvm_mmu_write_protect_pt_masked`` (W) or ``kvm_mmu_clear_dirty_pt_masked`` (D, PML) on the
+        4K heads of ``gfns``."""
+        sptes = [s for g in gfns.tolist() for s in self._rmap_sptes(g, g + 1, PG_LEVEL_4K)]
+        return len(sptes), self._clear_bits(sptes, SPTE_DIRTY if pml else PT_WRITABLE, actor, t)
+
+    def clear_dirty_range(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+        """``__rmap_clear_dirty`` on the 4K heads (``kvm_mmu_slot_leaf_clear_dirty``, PML)."""
+        sptes = list(self._rmap_sptes(start, end, PG_LEVEL_4K))
+        return len(sptes), self._clear_bits(sptes, SPTE_DIRTY, actor, t)
+
+    def try_split_huge_pages(self, start: int, end: int, target_level: int, actor: int, t: int) -> int:
+        """``kvm_shadow_mmu_try_split_huge_pages``: 1G leaves first, then the 2M ones (old and new)."""
+        created = 0
+        for level in range(PG_LEVEL_1G, target_level, -1):
+            for table, idx, lvl, gfn in list(self._rmap_sptes(start, end, level)):
+                created += self._split(table, idx, lvl, gfn, actor, t)
+        return created
+
+    def _split(self, table: int, idx: int, level: int, gfn: int, actor: int, t: int) -> int:
+        """``shadow_mmu_split_huge_page``: fill a child page with the huge leaf's translation, then
+        link it in place of the leaf (``drop_large_spte`` without a flush)."""
+        huge = self.spt.item(table, idx)
+        slot = self.leaf_slot[(table, idx)]  # type: ignore[attr-defined]
+        child = self.kvm_mmu_get_shadow_page(gfn, level - 1, True)  # type: ignore[attr-defined]
+        span = pages_per_level(level - 1)
+        for k in range(SPTE_ENT_PER_PAGE):
+            if not self.spt.item(child.table, k):
+                self.set_leaf(slot, child.table, k, level - 1, gfn + k * span,  # type: ignore[attr-defined]
+                              make_huge_page_split_spte(huge, level, k), actor, t)  # fmt: skip
+        self.drop_spte(table, idx, level, gfn, actor, t)  # type: ignore[attr-defined]
+        self.link_shadow_page(table, idx, child, actor, t)  # type: ignore[attr-defined]
+        return SPTE_ENT_PER_PAGE
+
+    def recover_huge_pages(self, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+        """``kvm_rmap_zap_collapsible_sptes``: zap the leaves of direct pages the slot could now
+        map at a higher level."""
+        visited = 0
+        flush = False
+        for level in (PG_LEVEL_4K, PG_LEVEL_2M):
+            for table, idx, lvl, gfn in list(self._rmap_sptes(start, end, level)):
+                visited += 1
+                sp = self.sp_of[table]
+                if sp.direct and sp.level < kvm_mmu_max_mapping_level(slot, sp.gfn, PG_LEVEL_1G):
+                    self.drop_spte(table, idx, lvl, gfn, actor, t)  # type: ignore[attr-defined]
+                    flush = True
+        return visited, flush
