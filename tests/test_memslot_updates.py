@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import simulate
+from conftest import make_config, simulate
 
 from vsim.config import load_config
 from vsim.mmu.mmio import (
@@ -182,3 +182,28 @@ def test_mmio_generation_wrap_zaps_all() -> None:
     assert stats["memslots_generation"] == 1 << 19
     assert stats["vm"]["mmio_generation_wraps"] == 1 and stats["vm"]["mmu_fast_zaps"] == 1
     assert stats["vm"]["mmio_on_backed_gfn"] == 0
+
+
+def test_r2_switch_emulates_accesses_to_a_slot_being_deleted() -> None:
+    """R2 brought back: a fault on the INVALID slot is taken for no slot and emulated as MMIO."""
+    from vsim.vm import Vm
+
+    vm = Vm(make_config("vm.vcpus=4", "vm.memslots=2", "workload.per_vcpu_memory=512KiB", "workload.passes=2",
+                        "costs.srcu_expedited_gp=200us", 'vmm.ops=[{at="50us", op="delete", slot=1}]',
+                        "memslots.invalid_slot_retry=false"))  # fmt: skip
+    vm.run()
+    assert "mmio_on_invalid_slot" in {rule for _, rule, _ in vm.checker.violations}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mode", ["tdp_mmu", "legacy_tdp"])
+def test_r3_switch_installs_into_obsolete_roots(mode: str) -> None:
+    """R3 brought back: without the root check in ``is_page_fault_stale``, faults racing the fast
+    zaps of the stress loop map into invalidated roots."""
+    from vsim.vm import Vm
+
+    cfg = load_config(ROOT / "configs" / "memslot_modification_stress.toml",
+                      ["sim.invariants=true", "events.level=off", "vmm.stress.iterations=30",
+                       "mmu.stale_root_check=false", f"mmu.mode={mode}"])  # fmt: skip
+    vm = Vm(cfg)
+    vm.run()
+    assert {rule for _, rule, _ in vm.checker.violations} == {"install_into_obsolete_root"}  # type: ignore[union-attr]

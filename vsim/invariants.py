@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vsim.mmu.mmio import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
+from vsim.mmu.mmio import (
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+    MMIO_SPTE_GEN_MASK,
+    get_mmio_spte_generation,
+    is_mmio_spte,
+)
 from vsim.mmu.spte import (
     PT_WRITABLE,
     REMOVED_SPTE,
@@ -80,6 +85,9 @@ class InvariantChecker:
             if slot is not None and spte_to_pfn(new) != slot.gfn_to_pfn(gfn):
                 self._violate("stale_pfn", f"gfn {gfn:#x} mapped to pfn {spte_to_pfn(new):#x}, the host has "
                               f"{slot.gfn_to_pfn(gfn):#x}", t, actor)  # fmt: skip
+        if old_leaf and is_mmio_spte(new):
+            self._violate("present_leaf_to_mmio", f"gfn {gfn:#x} level {level}: a present leaf became an MMIO "
+                          "SPTE (the TDP MMU would BUG)", t, actor)  # fmt: skip
         if old_leaf and new_leaf and spte_to_pfn(old) != spte_to_pfn(new):
             self._violate("leaf_pfn_changed_in_place", f"gfn {gfn:#x} pfn {spte_to_pfn(old):#x}->{spte_to_pfn(new):#x}",
                           t, actor)  # fmt: skip
@@ -126,6 +134,15 @@ class InvariantChecker:
         if generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS or stored != generation & MMIO_SPTE_GEN_MASK:
             self._violate("mmio_hit_validity", f"vcpu {vcpu.id} gfn {gfn:#x} generation {stored} vs {generation:#x}",
                           vcpu.now, vcpu.id)  # fmt: skip
+
+    def on_mmio_invalid_slot(self, vcpu: Vcpu, gfn: int) -> None:
+        """§12 R2: an access to a slot being deleted or moved must retry, never become MMIO."""
+        self._violate("mmio_on_invalid_slot", f"vcpu {vcpu.id} gfn {gfn:#x} emulated as MMIO while its slot "
+                      "is INVALID", vcpu.now, vcpu.id)  # fmt: skip
+
+    def on_obsolete_install(self, vcpu: Vcpu, gfn: int) -> None:
+        """§12 R3: a fault maps into a root a fast zap has invalidated."""
+        self._violate("install_into_obsolete_root", f"vcpu {vcpu.id} gfn {gfn:#x}", vcpu.now, vcpu.id)
 
     def on_obsolete_entry(self, vcpu: Vcpu) -> None:
         """§13.7: a vCPU never enters the guest on an obsolete root."""

@@ -118,6 +118,11 @@ class MmuConfig(_Table):
         description="KVM_SET_NR_MMU_PAGES for the legacy MMU's n_max_mmu_pages (0: KVM's default, 2% of "
         "the memslot pages and at least 64)",
     )
+    stale_root_check: bool = Field(
+        True,
+        description="is_page_fault_stale refuses an obsolete root (false brings back R3: faults install into "
+        "a root a fast zap invalidated)",
+    )
     age_flush: bool = Field(
         False,
         description="kvm_age_gfn flushes remote TLBs when it cleared an A bit (before 6.13); 6.13+ does not",
@@ -134,6 +139,11 @@ class MemslotsConfig(_Table):
     )
     address_spaces: Literal[1, 2] = Field(1, description="2 with SMM; the generation steps by this")
     mmio_caching: bool = Field(True, description="kvm.mmio_caching: cache MMIO gfns in SPTEs")
+    invalid_slot_retry: bool = Field(
+        True,
+        description="a fault on an INVALID (being deleted or moved) slot retries (false brings back R2: it is "
+        "taken for no slot and an MMIO SPTE replaces a present leaf)",
+    )
     srcu_expedited: bool = Field(True, description="synchronize_srcu_expedited (else a normal grace period)")
     initial_generation: int = Field(
         0,

@@ -66,6 +66,7 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         self._c_sp = c.sp_alloc
         self._c_prefetch = c.prefetch_spte
         self._locked_check = vm.cfg.host_mm.locked_retry_check
+        self._root_check = vm.cfg.mmu.stale_root_check
 
     def zaps_by_vcpus_possible(self, region_pages: int) -> bool:
         """Can a vCPU's fault zap shadow pages (``make_mmu_pages_available``)? Only if the pages
@@ -131,12 +132,14 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
             v.now = yield ev
         # is_page_fault_stale: an obsolete root, a pending root reload, or an invalidation.
         root = v.root
-        stale = root.invalid or v.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS
+        stale = self._root_check and (root.invalid or v.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
         if stale or (self._locked_check and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn)):
             lock.write_unlock(v.id, v.now)
             return RET_PF_RETRY
         v.now = self.make_mmu_pages_available(v.id, v.now)
         kvm_mmu_hugepage_adjust(fault)
+        if vm.checker is not None and root.invalid:
+            vm.checker.on_obsolete_install(v, fault.gfn)
         ret = self.direct_map(v, root, fault)  # type: ignore[arg-type]
         ev = v.sync()
         if ev is not None:

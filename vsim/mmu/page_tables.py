@@ -61,12 +61,16 @@ class PageTables:
         self.sp_gfn = np.zeros(initial_tables, dtype=np.int64)
         self.n_tables = 0
         self._free: list[int] = []  # freed page tables (zeroed), reused first
+        # Bumped whenever a table is freed or reused: a walk that remembers it can tell that the
+        # table it read is gone, where KVM's RCU-deferred free makes a late cmpxchg fail instead.
+        self.sp_gen = np.zeros(initial_tables, dtype=np.int64)
 
     # -- page-table pool -------------------------------------------------------------------------
     def alloc_sp(self, level: int, gfn: int) -> int:
         """A zeroed page table from the pool (``tdp_mmu_alloc_sp`` / ``kvm_mmu_alloc_shadow_page``)."""
         if self._free:
             table = self._free.pop()
+            self.sp_gen[table] += 1
             self.sp_level[table] = level
             self.sp_gfn[table] = gfn
             self.vm.stat.add(self.pages_stat, 1)
@@ -77,6 +81,7 @@ class PageTables:
             self.spt = np.concatenate([self.spt, np.zeros((grow, SPTE_ENT_PER_PAGE), dtype=np.int64)])
             self.sp_level = np.concatenate([self.sp_level, np.zeros(grow, dtype=np.int8)])
             self.sp_gfn = np.concatenate([self.sp_gfn, np.zeros(grow, dtype=np.int64)])
+            self.sp_gen = np.concatenate([self.sp_gen, np.zeros(grow, dtype=np.int64)])
         self.sp_level[n] = level
         self.sp_gfn[n] = gfn
         self.n_tables = n + 1
@@ -84,6 +89,7 @@ class PageTables:
         return n
 
     def _free_sp(self, table: int) -> None:
+        self.sp_gen[table] += 1
         self._free.append(table)
         self.vm.stat.add(self.pages_stat, -1)
 
@@ -154,6 +160,8 @@ class PageTables:
         # mmu_topup_memory_caches, then kvm_faultin_pfn: snapshot mmu_seq, GUP.
         fault.mmu_seq = vm.mmu_invalidate_seq
         slot = v.gfn_to_memslot(gfn)
+        if slot is not None and slot.flags & KVM_MEMSLOT_INVALID and not vm.cfg.memslots.invalid_slot_retry:
+            slot = None  # R2 brought back: the slot being deleted or moved is taken for no slot
         fault.slot = slot
         v.now += self._c_faultin
         if slot is None:

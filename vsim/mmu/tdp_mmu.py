@@ -80,6 +80,7 @@ class TdpMmu(TdpRangeOps, PageTables):
         self._c_sp = c.sp_alloc
         self._c_split = c.tdp_split_spte
         self._locked_check = vm.cfg.host_mm.locked_retry_check
+        self._root_check = vm.cfg.mmu.stale_root_check
 
     # -- roots -----------------------------------------------------------------------------------
     def alloc_root(self, as_id: int = 0) -> TdpRoot:
@@ -159,12 +160,15 @@ class TdpMmu(TdpRangeOps, PageTables):
             v.now = yield ev
         # 6. is_page_fault_stale.
         root = v.root
-        if root.invalid or (self._locked_check and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn)):
+        if (root.invalid and self._root_check) or (
+            self._locked_check and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn)
+        ):
             lock.read_unlock(v.id, v.now)
             return RET_PF_RETRY
         # 8. kvm_tdp_mmu_map: read the path now, install after the map work.
         kvm_mmu_hugepage_adjust(fault)
         last = self.walk_to(root, gfn, fault.goal_level)
+        table_gen = self.sp_gen.item(last[0])
         level = last[2]
         new_tables = level - fault.goal_level if level > fault.goal_level and last[3] != REMOVED_SPTE else 0
         v.now += self._c_map + self._c_sp * new_tables
@@ -173,7 +177,11 @@ class TdpMmu(TdpRangeOps, PageTables):
         ev = v.sync()
         if ev is not None:
             yield ev
-        ret = self._map_install(v, fault, last)
+        if vm.checker is not None and root.invalid:
+            vm.checker.on_obsolete_install(v, gfn)
+        # A table freed since the walk (a zapped root's, reachable only without the R3 check)
+        # takes no install: in KVM its entries are frozen and the cmpxchg fails.
+        ret = self._map_install(v, fault, last) if self.sp_gen.item(last[0]) == table_gen else RET_PF_RETRY
         lock.read_unlock(v.id, v.now)
         return ret
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vsim.dirty_log import mark_page_dirty_in_slot
+from vsim.memslots import KVM_MEMSLOT_INVALID
 from vsim.mmu.mmio import handle_mmio_page_fault
 from vsim.mmu.page_fault import (
     PFERR_RSVD_MASK,
@@ -421,7 +422,10 @@ class Vcpu(Actor):
         st.mmio_exits += 1
         if vm.sink.faults:
             vm.sink.emit("kvm_mmio", self.now, self.id, "write" if write else "read", gfn << 12)
-        if vm.memslots_settled and vm.memslots.gfn_to_memslot(gfn) is not None:
+        slot = vm.memslots.gfn_to_memslot(gfn)
+        if slot is not None and slot.flags & KVM_MEMSLOT_INVALID and vm.checker is not None:
+            vm.checker.on_mmio_invalid_slot(self, gfn)
+        if vm.memslots_settled and slot is not None:
             vm.stat.mmio_on_backed_gfn += 1
             if vm.checker is not None:
                 vm.checker.on_stale_mmio(self, gfn)
