@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vsim.events.latency import NOT_MODELLED, collect, histogram, percentile_row
+from vsim.events.latency import collect, histogram, percentile_row
 from vsim.events.reader import EventLogError, Selection, iter_events, iter_lines
 from vsim.events.summary import summarize
 from vsim.events.timeline import build_trace
@@ -155,8 +155,6 @@ def _latency(run_dir: Path, sel: Selection, by_vcpu: bool) -> None:
     for name in sorted(samples):
         row = percentile_row(samples[name])
         t.add_row(name, f"{row['count']:,}", *(f"{row[k] / 1000:,.3f}" for k in ("p50", "p90", "p99", "p99.9", "max")))
-    for name in NOT_MODELLED:
-        t.add_row(name, "-", "not modelled in this version", "", "", "", "")
     if not samples:
         t.add_row("(no spans in this log: run with events.level = faults or all)", "", "", "", "", "", "")
     con.print(t)

@@ -11,15 +11,19 @@ from vsim.events.spans import pair_spans
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
-NOT_MODELLED = ("remote TLB flush round trip",)
-"""Latencies users ask for whose events this version does not produce yet."""
+# Latencies logged as one event with their duration: (event, field, span name).
+ONE_EVENT_SPANS = (
+    ("vsim_remote_tlb_flush", "wait_ns", "remote TLB flush round trip"),
+    ("vsim_mmu_notifier_invalidate", "total_ns", "mmu-notifier invalidation"),
+)
 
 
 def collect(events: Iterable[Event], by_vcpu: bool = False) -> dict[str, list[int]]:
     """Durations (ns) per span name, and per vCPU with ``by_vcpu``.
 
     ``mmu_lock wait (<mode>)`` takes every acquisition's ``wait_ns``, zero waits included (as in
-    ``stats.json``). ``in guest`` is not a latency and is left out.
+    ``stats.json``). ``in guest`` is not a latency and is left out. Remote flushes and
+    MMU-notifier invalidations come as single events carrying their duration.
     """
     out: dict[str, list[int]] = {}
 
@@ -30,6 +34,9 @@ def collect(events: Iterable[Event], by_vcpu: bool = False) -> dict[str, list[in
         for ev in evs:
             if ev["event"] == "vsim_mmu_lock_acquire":
                 add(f"mmu_lock wait ({ev['mode']})", ev["vcpu"], ev["wait_ns"])
+            for kind, field, name in ONE_EVENT_SPANS:
+                if ev["event"] == kind:
+                    add(name, ev["vcpu"], ev[field])
             yield ev
 
     for s in pair_spans(tap(events)):
