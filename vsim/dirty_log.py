@@ -53,14 +53,33 @@ def _pieces(slot: Memslot) -> range:
 
 
 def _walk_slot(
-    vmm: Vmm, slot: Memslot, write: bool, piece: Callable[[int, int], tuple[int, bool]]
+    vmm: Vmm,
+    slot: Memslot,
+    write: bool,
+    piece: Callable[[int, int], tuple[int, bool]],
+    can_yield: bool = True,
+    flush_on_yield: bool = False,
 ) -> Generator[object, object, bool]:
     """Hold ``mmu_lock`` (write or read) over a walk of ``slot``; ``piece(lo, hi)`` does one page
-    table's range and returns ``(ns spent, flush needed)``. Returns whether any piece needs a flush."""
-    write = write or not vmm.vm.mmu.shared_range_ops  # rmap walks always take the write lock
+    table's range and returns ``(ns spent, flush needed)``. Returns whether a flush is still due.
+
+    With ``can_yield``, when others wait for the lock between two pieces the walk yields it
+    (``tdp_mmu_iter_cond_resched`` / ``cond_resched_rwlock_*``), flushing first if
+    ``flush_on_yield`` and a flush is pending, and goes on with the next piece: it never revisits
+    what it did (the forward-progress rule of R9's fix)."""
+    vm = vmm.vm
+    write = write or not vm.mmu.shared_range_ops  # rmap walks always take the write lock
     yield from vmm.mmu_lock_acquire(write)
     flush = False
-    for lo in _pieces(slot):
+    pieces = _pieces(slot)
+    for k, lo in enumerate(pieces):
+        if can_yield and k and vm.mmu_lock.waiters:
+            if flush and flush_on_yield:
+                vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)
+                flush = False
+            vm.stat.mmu_lock_yields += 1
+            yield from vmm.mmu_lock_release(write)
+            yield from vmm.mmu_lock_acquire(write)
         ev = vmm.sync()
         if ev is not None:
             yield ev
@@ -106,12 +125,18 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
         yield from _walk_slot(vmm, new, False, wrprot)
         vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)  # unconditional, after the unlock
     elif old.flags & KVM_MEM_LOG_DIRTY_PAGES and not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        flush_each = not vm.cfg.mmu.batch_collapse_flushes and mmu.shared_range_ops
 
         def recover(lo: int, hi: int) -> tuple[int, bool]:
+            if flush_each:  # before 6.13: each zap flushes at once (cost-anchors 3.11)
+                visited, zapped = mmu.zap_collapsible_sptes(new, lo, hi, actor, vmm.now)
+                for _ in range(zapped):
+                    vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)
+                return visited * c.tdp_zap_spte, False
             visited, f = mmu.recover_huge_pages(new, lo, hi, actor, vmm.now)
             return visited * c.tdp_zap_spte, f
 
-        if new.host.page_level > PG_LEVEL_4K and (yield from _walk_slot(vmm, new, False, recover)):
+        if new.host.page_level > PG_LEVEL_4K and (yield from _walk_slot(vmm, new, False, recover, True, True)):
             vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)
 
 
@@ -147,7 +172,7 @@ def kvm_get_dirty_log(vmm: Vmm, slot: Memslot) -> Generator[object, object, np.n
         visited, f = vm.mmu.clear_dirty_pt_masked(gfns, vm.cfg.dirty_log.pml, vmm.actor_id, vmm.now)
         return _words(hi - lo) * c.dirty_log_word + visited * c.tdp_wrprot_spte, f
 
-    yield from _walk_slot(vmm, slot, True, xchg_and_protect)
+    yield from _walk_slot(vmm, slot, True, xchg_and_protect, can_yield=False)
     if vm.checker is not None:
         vm.checker.on_harvest(slot, snapshot, vmm.now)
     if snapshot.any():
@@ -179,7 +204,7 @@ def kvm_clear_dirty_log(vmm: Vmm, slot: Memslot, mask: np.ndarray) -> Generator[
             ns += _enable_log_dirty_pt_masked(vmm, slot, gfns)
         return ns, False
 
-    yield from _walk_slot(vmm, slot, True, clear)
+    yield from _walk_slot(vmm, slot, True, clear, can_yield=False)
     if any_cleared:
         vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)  # kvm_flush_remote_tlbs_memslot
     yield from _returned(vmm, slot)

@@ -54,6 +54,7 @@ VM_STATS = (
     "tdp_sptes_zapped",  # vsim: SPTEs cleared while zapping invalidated TDP roots
     "refaults",  # vsim: faults that re-mapped a gfn a zap had unmapped
     "mmu_notifier_invalidations",  # vsim: invalidate_range_start/end pairs from the host MM
+    "mmu_lock_yields",  # vsim: slot walks that yielded mmu_lock to waiters (cond_resched)
     "mmio_on_backed_gfn",  # vsim: MMIO emulations of a gfn that had a memslot, after the update settled
 )
 

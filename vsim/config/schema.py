@@ -123,6 +123,11 @@ class MmuConfig(_Table):
         description="is_page_fault_stale refuses an obsolete root (false brings back R3: faults install into "
         "a root a fast zap invalidated)",
     )
+    batch_collapse_flushes: bool = Field(
+        True,
+        description="disabling dirty logging recovers huge pages in place with one flush (6.13+); false: "
+        "the TDP MMU zaps each collapsible page table and flushes each time (cost-anchors 3.11)",
+    )
     age_flush: bool = Field(
         False,
         description="kvm_age_gfn flushes remote TLBs when it cleared an A bit (before 6.13); 6.13+ does not",

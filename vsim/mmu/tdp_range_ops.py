@@ -14,7 +14,8 @@ time passes between the pieces as it does in the kernel.
 * ``kvm_tdp_mmu_try_split_huge_pages``: eager splitting, each huge leaf replaced by a page table of
   leaves with the same translation (no flush needed).
 * ``kvm_tdp_mmu_recover_huge_pages`` (6.13+): a page table under a level the slot may now map huge
-  becomes a huge leaf again (a flush is needed).
+  becomes a huge leaf again (a flush is needed); ``kvm_tdp_mmu_zap_collapsible_sptes`` (before)
+  zaps it instead, with a flush per zap.
 """
 
 from __future__ import annotations
@@ -191,32 +192,45 @@ class TdpRangeOps:
                 created += self._split(child, k, level - 1, gfn + k * span, int(self.spt[child, k]), goal, actor, t)
         return created
 
-    def recover_huge_pages(self, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
-        """``kvm_tdp_mmu_recover_huge_pages``: replace each page table whose range the slot may map
-        huge (``kvm_mmu_max_mapping_level``) by a huge leaf built from its first present leaf
-        (``make_huge_spte``). Returns ``(entries visited, flush needed)``."""
-        visited = 0
-        flush = False
+    def _collapsible(self, slot: Memslot, start: int, end: int) -> Iterator[tuple[int, int, int, int, int, int]]:
+        """Page tables under entries the slot may now map huge, with a present leaf below them:
+        ``(table, index, level, gfn, spte, first_leaf)``."""
         for table, i, level, gfn, spte in list(self._entries(start, end)):
-            visited += 1
             if level == PG_LEVEL_4K or level > 3 or self._is_leaf(spte, level):
                 continue
             if self.spt.item(table, i) != spte:
-                continue  # replaced while recovering a parent
+                continue  # replaced while handling a parent
             if gfn < slot.base_gfn or gfn + pages_per_level(level) > slot.end_gfn:
                 continue
             if kvm_mmu_max_mapping_level(slot, gfn, level) < level:
                 continue
             small = self._first_leaf((spte & PFN_MASK) >> PFN_SHIFT, level - 1)
-            if small is None:
-                continue
+            if small is not None:
+                yield table, i, level, gfn, spte, small
+
+    def recover_huge_pages(self, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
+        """``kvm_tdp_mmu_recover_huge_pages`` (6.13+): replace each collapsible page table by a huge
+        leaf built from its first present leaf (``make_huge_spte``); the caller flushes once.
+        Returns ``(entries visited, flush needed)``."""
+        found = list(self._collapsible(slot, start, end))
+        for table, i, level, gfn, spte, small in found:
             span_mask = pages_per_level(level) - 1
             pfn = ((small & PFN_MASK) >> PFN_SHIFT) & ~span_mask
             huge = (small & ~PFN_MASK) | (pfn << PFN_SHIFT) | PT_PAGE_SIZE
             self.set_spte(table, i, level, gfn, spte, huge, actor, t)
             self.handle_removed_pt((spte & PFN_MASK) >> PFN_SHIFT, gfn, actor, t)
-            flush = True
-        return visited, flush
+        return end - start, bool(found)
+
+    def zap_collapsible_sptes(self, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, int]:
+        """``kvm_tdp_mmu_zap_collapsible_sptes`` (before 6.13): zap each collapsible page table
+        (later faults map huge again); the caller flushes once per zap. Returns ``(entries visited,
+        page tables zapped)``."""
+        found = list(self._collapsible(slot, start, end))
+        for table, i, level, gfn, spte, _ in found:
+            self.set_spte(table, i, level, gfn, spte, 0, actor, t)
+            self.handle_removed_pt((spte & PFN_MASK) >> PFN_SHIFT, gfn, actor, t)
+            self.vm.note_zapped(gfn, level)
+        return end - start, len(found)
 
     def _first_leaf(self, table: int, level: int) -> int | None:
         for i in np.flatnonzero(self.spt[table]).tolist():
