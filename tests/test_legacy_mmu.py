@@ -30,12 +30,12 @@ def test_faults_serialize_on_the_write_lock_where_the_tdp_mmu_shares_it() -> Non
 
 
 def test_eviction_zaps_the_oldest_pages_and_prefetch_maps_resident_neighbours() -> None:
-    pages = 8192  # 32 MiB: 16 leaf pages + 3 above, against a limit of 15
-    _, st, _ = simulate("vm.vcpus=1", "workload.per_vcpu_memory=32MiB", "workload.passes=2", LEGACY,
-                        "mmu.nr_mmu_pages=15")  # fmt: skip
+    pages = 40960  # 160 MiB: 80 leaf pages + 3 above, against the smallest limit KVM accepts
+    _, st, _ = simulate("vm.vcpus=1", "workload.per_vcpu_memory=160MiB", "workload.passes=2", LEGACY,
+                        "mmu.nr_mmu_pages=64")  # fmt: skip
     vm = st["vm"]
     assert vm["mmu_recycled"] > 0 and vm["mmu_shadow_zapped"] >= vm["mmu_recycled"]
-    assert vm["mmu_shadow_pages"] <= 15
+    assert vm["mmu_shadow_pages"] <= 64
     refault_faults = st["vcpu_total"]["pf_fixed"] - pages
     assert refault_faults > 0
     # Every refault maps the faulting page and prefetches the resident rest of its block of 8.
@@ -44,8 +44,8 @@ def test_eviction_zaps_the_oldest_pages_and_prefetch_maps_resident_neighbours() 
 
 def test_rmap_and_spte_disagreement_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shadow_page, "rmap_remove", lambda slot, gfn, level, loc: None)
-    vm = Vm(make_config("vm.vcpus=1", "workload.per_vcpu_memory=32MiB", "workload.passes=2", LEGACY,
-                        "mmu.nr_mmu_pages=15"))  # fmt: skip
+    vm = Vm(make_config("vm.vcpus=1", "workload.per_vcpu_memory=160MiB", "workload.passes=2", LEGACY,
+                        "mmu.nr_mmu_pages=64"))  # fmt: skip
     end = vm.run()
     rules = {v["rule"] for v in collect_stats(vm, end)["invariant_violations"]}
     assert rules == {"rmap_spte_agreement"}

@@ -115,8 +115,8 @@ class MmuConfig(_Table):
         0,
         ge=0,
         le=1 << 30,
-        description="KVM_SET_NR_MMU_PAGES for the legacy MMU's n_max_mmu_pages (0: KVM's default, 2% of "
-        "the memslot pages and at least 64)",
+        description="KVM_SET_NR_MMU_PAGES for the legacy MMU's n_max_mmu_pages: 0 for KVM's default (2% of "
+        "the memslot pages, at least 64), else at least 64 (KVM_MIN_ALLOC_MMU_PAGES)",
     )
     stale_root_check: bool = Field(
         True,
@@ -281,6 +281,9 @@ class ScenarioConfig(_Table):
 
     @model_validator(mode="after")
     def _region_fits(self) -> ScenarioConfig:
+        if 0 < self.mmu.nr_mmu_pages < 64:
+            raise ValueError(f"mmu.nr_mmu_pages: {self.mmu.nr_mmu_pages} is below KVM_MIN_ALLOC_MMU_PAGES (64); "
+                             "KVM_SET_NR_MMU_PAGES refuses it")  # fmt: skip
         total_pages = self.vm.vcpus * self.workload.per_vcpu_memory // 4096
         if total_pages % self.vm.memslots:
             raise ValueError(f"vm.memslots: {self.vm.memslots} does not divide the {total_pages} test pages evenly")
