@@ -56,6 +56,7 @@ class PageTables:
         self._c_faultin = c.faultin_present
         self._c_host = c.host_fault
         self._c_zero = c.zero_4k
+        self._pre_lock_retry = vm.cfg.host_mm.pre_lock_retry and bool(vm.cfg.host_mm.invalidations)
         self.spt = np.zeros((initial_tables, SPTE_ENT_PER_PAGE), dtype=np.int64)
         self.sp_level = np.zeros(initial_tables, dtype=np.int8)
         self.sp_gfn = np.zeros(initial_tables, dtype=np.int64)
@@ -173,7 +174,8 @@ class PageTables:
             return RET_PF_RETRY  # the slot is being deleted or moved (R2)
         else:
             # Before GUP and before mmu_lock: an invalidation of this gfn is pending (v6.8, R8).
-            pre = vm.cfg.host_mm.pre_lock_retry
+            # (Only a host MM invalidates; without one the checks cannot fire.)
+            pre = self._pre_lock_retry
             if pre and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
                 return RET_PF_RETRY
             zeroed = slot.faultin(gfn)

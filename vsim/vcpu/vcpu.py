@@ -91,6 +91,7 @@ class Vcpu(Actor):
         # The PML buffer (the VMCS's PML address and index), empty while PML is off.
         self.pml_buf = np.zeros(0, dtype=np.int64)
         self.pml_n = np.zeros(1, dtype=np.int64)
+        self.pml_on = False
         self.guest_level = vm.guest_level
         self.finished_at = -1
         self.last_used_slot = None
@@ -246,7 +247,7 @@ class Vcpu(Actor):
                     i += 1
                 continue
             set_d = w and writable == 1
-            if set_d and self.pml_buf.shape[0]:
+            if set_d and self.pml_on:
                 # The CPU sets D; with PML on it logs the gpa first, or exits on a full buffer.
                 if self.pml_n[0] == PML_LOG_NR_ENTRIES:
                     yield from self.handle_pml_full(g, refs)
@@ -278,7 +279,7 @@ class Vcpu(Actor):
         """VM exit at the end of a walk of ``refs`` references: leave guest mode, enter KVM under
         ``kvm->srcu``. Returns ``(exit_id, t_exit, srcu_token)``."""
         vm = self.vm
-        if self.pml_n[0]:
+        if self.pml_on and self.pml_n[0]:
             self.kvm_flush_pml_buffer()
         if refs:  # the walk that ended in the EPT violation or misconfiguration
             self.counters[2] += 1
@@ -320,11 +321,13 @@ class Vcpu(Actor):
         if req & KVM_REQ_UPDATE_CPU_DIRTY_LOGGING:
             # vmx_update_cpu_dirty_logging: PML on while any memslot is dirty-logged.
             if self.vm.nr_memslots_dirty_logging:
-                if not self.pml_buf.shape[0]:
+                if not self.pml_on:
                     self.pml_buf = np.zeros(PML_LOG_NR_ENTRIES, dtype=np.int64)
+                    self.pml_on = True
             else:
                 self.kvm_flush_pml_buffer()
                 self.pml_buf = np.zeros(0, dtype=np.int64)
+                self.pml_on = False
         if req & KVM_REQ_TLB_FLUSH:
             self.kvm_vcpu_flush_tlb_all()
         elif req & KVM_REQ_TLB_FLUSH_CURRENT:  # a flush of everything covers the current context
