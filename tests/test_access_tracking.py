@@ -44,3 +44,24 @@ def test_tlb_caching_hides_accesses_unless_aging_flushes() -> None:
     # are in userspace, so no IPI: each flushes at its next entry.
     assert stats["vm"]["remote_tlb_flush_requests"] == 2 * 3 * pages
     assert stats["vm"]["remote_tlb_flush"] == 0
+
+
+def test_without_ad_bits_aging_makes_sptes_access_tracked() -> None:
+    """kvm_intel.ept_ad=0: aging clears RWX instead of A, so every access after a marking faults and
+    fast_page_fault restores the SPTE without mmu_lock (cost-anchors 2.7)."""
+    pages = 4096  # 16 MiB per vCPU
+    with_ad = _perf("16MiB")
+    without = _perf("16MiB", "mmu.ept_ad=false")
+    assert with_ad["vcpu_total"]["pf_fast"] == 0
+    # "Writing to idle memory" and "Reading from idle memory": one fast fault per page each.
+    assert without["vcpu_total"]["pf_fast"] == 2 * 3 * pages
+    assert without["selftest"]["still_idle"] == [[0, 0, 0], [0, 0, 0]]
+    slow, fast = (dict(s["selftest"]["phases_ns"])["Writing to idle memory"] for s in (without, with_ad))
+    assert slow > 2 * fast
+
+
+def test_pml_needs_ad_bits() -> None:
+    from vsim.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="dirty_log.pml: PML needs EPT A/D bits"):
+        load_config(None, ["dirty_log.pml=true", "mmu.ept_ad=false"])

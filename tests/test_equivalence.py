@@ -76,7 +76,8 @@ def _random_config(seed: int) -> list[str]:
             sets += ["host_mm.uffd=true", f"host_mm.uffd_handlers={r.randint(1, 3)}"]
     else:
         sets += ["workload.kind=memstress", "workload.passes=5", "selftest.name=access_tracking_perf",
-                 f"mmu.age_flush={r.choice(['true', 'false'])}"]  # fmt: skip
+                 f"mmu.age_flush={r.choice(['true', 'false'])}",
+                 f"mmu.ept_ad={r.choice(['true', 'false'])}"]  # fmt: skip
     return sets
 
 

@@ -38,6 +38,7 @@ from vsim.mmu.spte import (
     PT_WRITABLE,
     REMOVED_SPTE,
     SPTE_MMU_PRESENT,
+    SPTE_MMU_WRITABLE,
     is_last_spte,
     spte_is_legal,
     spte_to_pfn,
@@ -181,10 +182,15 @@ class InvariantChecker:
         if v.root is None or v.root.invalid:
             return
         mmu = self.vm.mmu
+        ad = self.vm.cfg.mmu.ept_ad
         for size_class, key, writable in v.tlb.entries():
             gfn = key << (9 * size_class)
             table, idx, level, spte = mmu.walk_last(v.root, gfn)
             leaf = bool(spte & SPTE_MMU_PRESENT) and spte != REMOVED_SPTE and is_last_spte(spte, level)
+            if not ad and spte & SPTE_MMU_WRITABLE:
+                # Without A/D bits aging drops W (and RWX) with no flush, and a read fault gives
+                # only R and X back: a cached writable translation of an MMU-writable page stays.
+                spte |= PT_WRITABLE
             if not leaf or level - 1 < size_class:
                 self._violate(f"{rule}_entry", f"vcpu {v.id} gfn {gfn:#x} size class {size_class}", t, v.id)
             elif writable and not spte & PT_WRITABLE:

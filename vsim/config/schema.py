@@ -128,6 +128,11 @@ class MmuConfig(_Table):
         description="disabling dirty logging recovers huge pages in place with one flush (6.13+); false: "
         "the TDP MMU zaps each collapsible page table and flushes each time (cost-anchors 3.11)",
     )
+    ept_ad: bool = Field(
+        True,
+        description="kvm_intel.ept_ad: EPT accessed/dirty bits; without them aging makes SPTEs access-tracked "
+        "(no RWX: the next access faults and fast_page_fault restores them)",
+    )
     age_flush: bool = Field(
         False,
         description="kvm_age_gfn flushes remote TLBs when it cleared an A bit (before 6.13); 6.13+ does not",
@@ -281,6 +286,8 @@ class ScenarioConfig(_Table):
 
     @model_validator(mode="after")
     def _region_fits(self) -> ScenarioConfig:
+        if self.dirty_log.pml and not self.mmu.ept_ad:
+            raise ValueError("dirty_log.pml: PML needs EPT A/D bits (mmu.ept_ad = true), as enable_pml does")
         if 0 < self.mmu.nr_mmu_pages < 64:
             raise ValueError(f"mmu.nr_mmu_pages: {self.mmu.nr_mmu_pages} is below KVM_MIN_ALLOC_MMU_PAGES (64); "
                              "KVM_SET_NR_MMU_PAGES refuses it")  # fmt: skip

@@ -21,9 +21,11 @@ from vsim.mmu.spte import (
     PG_LEVEL_4K,
     PT_PRESENT_R,
     PT_WRITABLE,
+    is_access_track_spte,
     is_last_spte,
     is_mmu_writable_spte,
     is_shadow_present_pte,
+    restore_acc_track_spte,
 )
 
 if TYPE_CHECKING:
@@ -66,8 +68,10 @@ def fast_page_fault(mmu: TdpMmu, vcpu: Vcpu, fault: KvmPageFault) -> int:
         if is_access_allowed(fault, old):
             ret = RET_PF_SPURIOUS
             break
+        if is_access_track_spte(new):  # aged without A/D bits: give R and X back
+            new = restore_acc_track_spte(new)
         if fault.write and is_mmu_writable_spte(old):
-            new = old | PT_WRITABLE
+            new |= PT_WRITABLE
             # A huge leaf in a dirty-logged slot must be remapped at 4K by the slow path.
             if level > PG_LEVEL_4K and slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
                 break

@@ -56,6 +56,7 @@ class PageTables:
         self._c_faultin = c.faultin_present
         self._c_host = c.host_fault
         self._c_zero = c.zero_4k
+        self._ad = vm.cfg.mmu.ept_ad
         self._pre_lock_retry = vm.cfg.host_mm.pre_lock_retry and bool(vm.cfg.host_mm.invalidations)
         self.spt = np.zeros((initial_tables, SPTE_ENT_PER_PAGE), dtype=np.int64)
         self.sp_level = np.zeros(initial_tables, dtype=np.int8)
@@ -153,7 +154,7 @@ class PageTables:
         vm = self.vm
         gfn = fault.gfn
         # fast_page_fault, lockless (direct MMUs only).
-        if page_fault_can_be_fast(fault):
+        if page_fault_can_be_fast(fault, self._ad):
             r = fast_page_fault(self, v, fault)
             v.now += self._c_fast
             if r != RET_PF_INVALID:

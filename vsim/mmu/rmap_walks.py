@@ -28,12 +28,13 @@ from vsim.mmu.spte import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
     PT_WRITABLE,
-    SPTE_ACCESSED,
     SPTE_DIRTY,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_WRITABLE,
+    age_spte,
     make_huge_page_split_spte,
     pages_per_level,
+    spte_is_young,
 )
 
 if TYPE_CHECKING:
@@ -85,14 +86,22 @@ class RmapRangeOps:
         return len(sptes), bool(sptes)
 
     def age_gfn(self, gfn: int, actor: int, t: int) -> tuple[int, bool]:
-        """``kvm_age_rmap``: clear A on the SPTEs mapping ``gfn``."""
+        """``kvm_age_rmap``: clear A (or mark for access tracking) on the SPTEs mapping ``gfn``."""
         sptes = self._all_levels(gfn, gfn + 1)
-        return len(sptes), self._clear_bits(sptes, SPTE_ACCESSED, actor, t)
+        ad = self.vm.cfg.mmu.ept_ad
+        young = False
+        for table, idx, level, g in sptes:
+            old = self.spt.item(table, idx)
+            if spte_is_young(old, ad):
+                self.set_spte(table, idx, level, g, old, age_spte(old, ad), actor, t)  # type: ignore[attr-defined]
+                young = True
+        return len(sptes), young
 
     def test_age_gfn(self, gfn: int) -> tuple[int, bool]:
         """``kvm_test_age_rmap``."""
         sptes = self._all_levels(gfn, gfn + 1)
-        return len(sptes), any(self.spt.item(tb, i) & SPTE_ACCESSED for tb, i, _, _ in sptes)
+        ad = self.vm.cfg.mmu.ept_ad
+        return len(sptes), any(spte_is_young(self.spt.item(tb, i), ad) for tb, i, _, _ in sptes)
 
     def wrprot_range(
         self, start: int, end: int, min_level: int, clear_mmu_writable: bool, actor: int, t: int

@@ -92,11 +92,49 @@ def make_huge_page_split_spte(huge_spte: int, huge_level: int, index: int) -> in
     return spte
 
 
+# Access tracking without A/D bits (kvm_intel.ept_ad=0): the RWX bits are cleared so the next access
+# faults, with R and X saved higher up (W is dropped; fast_page_fault gives it back on a write).
+SHADOW_ACC_TRACK_SAVED_BITS_MASK = PT_PRESENT_R | PT_EXEC
+SHADOW_ACC_TRACK_SAVED_BITS_SHIFT = 54
+RWX_MASK = ACC_ALL
+
+
+def is_access_track_spte(spte: int) -> bool:
+    """``is_access_track_spte``: present to KVM, no RWX for the hardware."""
+    return bool(spte & SPTE_MMU_PRESENT) and spte != REMOVED_SPTE and not spte & RWX_MASK
+
+
+def mark_spte_for_access_track(spte: int) -> int:
+    """``mark_spte_for_access_track``: save R and X, clear RWX."""
+    if is_access_track_spte(spte):
+        return spte
+    saved = (spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
+    return (spte & ~RWX_MASK) | saved
+
+
+def restore_acc_track_spte(spte: int) -> int:
+    """``restore_acc_track_spte``: put R and X back."""
+    saved = (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & SHADOW_ACC_TRACK_SAVED_BITS_MASK
+    return (spte & ~(SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)) | saved
+
+
+def spte_is_young(spte: int, ad: bool) -> bool:
+    """Accessed since it was last aged: A set (A/D bits on), or not access-tracked (off)."""
+    return bool(spte & SPTE_ACCESSED) if ad else not is_access_track_spte(spte)
+
+
+def age_spte(spte: int, ad: bool) -> int:
+    """``kvm_age_gfn`` on one leaf: clear A, or mark it for access tracking without A/D bits."""
+    return spte & ~SPTE_ACCESSED if ad else mark_spte_for_access_track(spte)
+
+
 def spte_is_legal(spte: int) -> bool:
-    """The write-permission lattice of §0.2: (Host-writable, MMU-writable, W) ∈ {111, 110, 100, 000}."""
+    """The write-permission lattice of §0.2: (Host-writable, MMU-writable, W) ∈ {111, 110, 100, 000};
+    and W only with R."""
     if not is_shadow_present_pte(spte):
         return True
     h = bool(spte & SPTE_HOST_WRITABLE)
     m = bool(spte & SPTE_MMU_WRITABLE)
     w = bool(spte & PT_WRITABLE)
-    return (not w or m) and (not m or h)
+    # ...and W without R is an EPT misconfiguration, never a leaf KVM installs.
+    return (not w or m) and (not m or h) and (not w or bool(spte & PT_PRESENT_R))

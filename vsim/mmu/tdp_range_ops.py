@@ -33,15 +33,16 @@ from vsim.mmu.spte import (
     PT_PAGE_SIZE,
     PT_WRITABLE,
     REMOVED_SPTE,
-    SPTE_ACCESSED,
     SPTE_DIRTY,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT,
     SPTE_MMU_WRITABLE,
     TDP_ROOT_LEVEL,
+    age_spte,
     make_huge_page_split_spte,
     make_nonleaf_spte,
     pages_per_level,
+    spte_is_young,
 )
 
 if TYPE_CHECKING:
@@ -102,10 +103,11 @@ class TdpRangeOps:
         ``(entries visited, whether it was young)``."""
         visited = 0
         young = False
+        ad = self.vm.cfg.mmu.ept_ad
         for table, i, level, g, spte in list(self._entries(gfn, gfn + 1)):
             visited += 1
-            if self._is_leaf(spte, level) and spte & SPTE_ACCESSED:
-                self.set_spte(table, i, level, g, spte, spte & ~SPTE_ACCESSED, actor, t)
+            if self._is_leaf(spte, level) and spte_is_young(spte, ad):
+                self.set_spte(table, i, level, g, spte, age_spte(spte, ad), actor, t)
                 young = True
         return visited, young
 
@@ -113,9 +115,10 @@ class TdpRangeOps:
         """``kvm_tdp_mmu_test_age_gfn``: whether the leaf mapping ``gfn`` has A set."""
         visited = 0
         young = False
+        ad = self.vm.cfg.mmu.ept_ad
         for _, _, level, _, spte in self._entries(gfn, gfn + 1):
             visited += 1
-            young = young or (self._is_leaf(spte, level) and bool(spte & SPTE_ACCESSED))
+            young = young or (self._is_leaf(spte, level) and spte_is_young(spte, ad))
         return visited, young
 
     def wrprot_range(
