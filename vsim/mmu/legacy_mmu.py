@@ -102,15 +102,17 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         invalid: list[KvmMmuPage] = []
         batch = 0
         c = self.vm.costs
-        while True:
-            sp = next((p for p in self.active if not p.role_invalid), None)
-            if sp is None or not sp.invalid:
-                break
+        for sp in list(self.active):  # oldest first
+            if sp not in self.active or sp.role_invalid:
+                continue  # zapped meanwhile (while the lock was dropped), or a root still in use
+            if not sp.invalid:
+                break  # pages made after the toggle: the rest of the list is newer still
             if batch >= BATCH_ZAP_PAGES and self.vm.mmu_lock.waiters:
                 batch = 0
                 yield from vmm.mmu_lock_release(write=True)
                 yield from vmm.mmu_lock_acquire(write=True)
-                continue
+                if sp not in self.active:
+                    continue
             visited = self.kvm_mmu_prepare_zap_page(sp, invalid, vmm.actor_id, vmm.now)
             vmm.now += visited * c.tdp_zap_spte
             batch += 1
