@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from vsim.vm import Vm
 
 
+Collapsible = tuple[int, int, int, int, int, int]  # (table, index, level, gfn, spte, first leaf)
+
+
 class TdpRangeOps:
     """The range operations, mixed into ``TdpMmu`` (they walk ``self.roots``)."""
 
@@ -195,10 +198,14 @@ class TdpRangeOps:
                 created += self._split(child, k, level - 1, gfn + k * span, int(self.spt[child, k]), goal, actor, t)
         return created
 
-    def _collapsible(self, slot: Memslot, start: int, end: int) -> Iterator[tuple[int, int, int, int, int, int]]:
-        """Page tables under entries the slot may now map huge, with a present leaf below them:
-        ``(table, index, level, gfn, spte, first_leaf)``."""
-        for table, i, level, gfn, spte in list(self._entries(start, end)):
+    def _collapsible(
+        self, slot: Memslot, start: int, end: int
+    ) -> tuple[int, list[tuple[int, int, int, int, int, int]]]:
+        """The entries visited, and the page tables under entries the slot may now map huge with a
+        present leaf below them: ``(table, index, level, gfn, spte, first_leaf)``."""
+        entries = list(self._entries(start, end))
+        found: list[Collapsible] = []
+        for table, i, level, gfn, spte in entries:
             if level == PG_LEVEL_4K or level > 3 or self._is_leaf(spte, level):
                 continue
             if self.spt.item(table, i) != spte:
@@ -209,31 +216,32 @@ class TdpRangeOps:
                 continue
             small = self._first_leaf((spte & PFN_MASK) >> PFN_SHIFT, level - 1)
             if small is not None:
-                yield table, i, level, gfn, spte, small
+                found.append((table, i, level, gfn, spte, small))
+        return len(entries), found
 
     def recover_huge_pages(self, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
         """``kvm_tdp_mmu_recover_huge_pages`` (6.13+): replace each collapsible page table by a huge
         leaf built from its first present leaf (``make_huge_spte``); the caller flushes once.
         Returns ``(entries visited, flush needed)``."""
-        found = list(self._collapsible(slot, start, end))
+        visited, found = self._collapsible(slot, start, end)
         for table, i, level, gfn, spte, small in found:
             span_mask = pages_per_level(level) - 1
             pfn = ((small & PFN_MASK) >> PFN_SHIFT) & ~span_mask
             huge = (small & ~PFN_MASK) | (pfn << PFN_SHIFT) | PT_PAGE_SIZE
             self.set_spte(table, i, level, gfn, spte, huge, actor, t)
             self.handle_removed_pt((spte & PFN_MASK) >> PFN_SHIFT, gfn, actor, t)
-        return end - start, bool(found)
+        return visited, bool(found)
 
     def zap_collapsible_sptes(self, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, int]:
         """``kvm_tdp_mmu_zap_collapsible_sptes`` (before 6.13): zap each collapsible page table
         (later faults map huge again); the caller flushes once per zap. Returns ``(entries visited,
         page tables zapped)``."""
-        found = list(self._collapsible(slot, start, end))
+        visited, found = self._collapsible(slot, start, end)
         for table, i, level, gfn, spte, _ in found:
             self.set_spte(table, i, level, gfn, spte, 0, actor, t)
             self.handle_removed_pt((spte & PFN_MASK) >> PFN_SHIFT, gfn, actor, t)
             self.vm.note_zapped(gfn, level)
-        return end - start, len(found)
+        return visited, len(found)
 
     def _first_leaf(self, table: int, level: int) -> int | None:
         for i in np.flatnonzero(self.spt[table]).tolist():
