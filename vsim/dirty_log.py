@@ -98,7 +98,8 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
     actor = vmm.actor_id
     dl = vm.cfg.dirty_log
     enabling = bool(new.flags & KVM_MEM_LOG_DIRTY_PAGES and not old.flags & KVM_MEM_LOG_DIRTY_PAGES)
-    if dl.pml and enabling != bool(old.flags & KVM_MEM_LOG_DIRTY_PAGES):
+    disabling = bool(old.flags & KVM_MEM_LOG_DIRTY_PAGES and not new.flags & KVM_MEM_LOG_DIRTY_PAGES)
+    if dl.pml and (enabling or disabling):
         # kvm_mmu_update_cpu_dirty_logging: switch PML on in every VMCS (or off) before anything.
         vm.nr_memslots_dirty_logging += 1 if enabling else -1
         _, vmm.now = kvm_make_all_cpus_request(vm, KVM_REQ_UPDATE_CPU_DIRTY_LOGGING, vmm.now)
@@ -124,7 +125,7 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
 
         yield from _walk_slot(vmm, new, False, wrprot)
         vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)  # unconditional, after the unlock
-    elif old.flags & KVM_MEM_LOG_DIRTY_PAGES and not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+    elif disabling:
         flush_each = not vm.cfg.mmu.batch_collapse_flushes and mmu.shared_range_ops
 
         def recover(lo: int, hi: int) -> tuple[int, bool]:
