@@ -41,7 +41,7 @@ def test_flush_kicks_every_running_vcpu_and_waits_for_the_last_ipi() -> None:
     assert seen["modes_after"] == [EXITING_GUEST_MODE] * 3
     # One IPI per vCPU, sent one after another; the requester waits one latency after the last.
     assert seen["kick_at"] == [t + (i + 1) * c.ipi_send + c.ipi_latency for i in range(3)]
-    assert seen["done"] == t + 3 * c.ipi_send + c.ipi_latency
+    assert seen["done"] == t + 3 * (c.ipi_send + c.ipi_ack) + c.ipi_latency
     assert vm.stat.remote_tlb_flush == 1 and vm.stat.remote_tlb_flush_requests == 1
     for v in vm.vcpus:
         assert v.stat.irq_exits == 1  # each exited at its IPI's arrival

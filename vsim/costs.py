@@ -90,6 +90,11 @@ class CostModel(BaseModel):
         "row 5.9: INVEPT latency has no published figure; ASSUMPTION a few hundred cycles. The refill is "
         "modelled by the walks that follow",
     )
+    ipi_ack: Duration = _cost(
+        900,
+        "§8 and rows 3.18/5.7: a remote flush kicking 64 running vCPUs costs ≈73 µs; less the sends and one "
+        "latency (64 × 200 ns + 1 µs ≈ 14 µs) that leaves ≈0.9 µs per target for the requester to collect acks",
+    )
     tdp_zap_spte: Duration = _cost(
         60,
         "row 3.8: ≈61 ns per 4K SPTE created by eager splitting; ASSUMPTION: zapping one SPTE costs the same",

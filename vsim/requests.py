@@ -8,8 +8,9 @@ requests after publishing ``IN_GUEST_MODE``.
 
 With ``WAIT`` the requester blocks until every target has taken its IPI (``smp_call_function_many``
 with ``wait``). A target takes the IPI when it arrives: in guest mode it exits for it, in the host it
-runs the handler at once. So the requester is done one IPI latency after it sent the last IPI, and
-each target's arrival time is known when the IPI is sent; the target vCPU records it
+runs the handler at once. So the requester is done one IPI latency after it sent the last IPI, plus
+``ipi_ack`` per target for collecting the acknowledgements, and each target's arrival time is known
+when the IPI is sent; the target vCPU records it
 (``Vcpu.post_ipi``) and stops its batched accesses there.
 
 ``kvm_flush_remote_tlbs`` counts ``remote_tlb_flush_requests`` on every call and
@@ -51,7 +52,7 @@ def kvm_make_all_cpus_request(vm: Vm, req: int, t: int, wait: bool = True, me: i
             v.mode = EXITING_GUEST_MODE
         sent += 1
         v.post_ipi(t + sent * c.ipi_send + c.ipi_latency)
-    done = t + sent * c.ipi_send + (c.ipi_latency if wait and sent else 0)
+    done = t + sent * c.ipi_send + (c.ipi_latency + sent * c.ipi_ack if wait and sent else 0)
     return sent, done
 
 
