@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vsim.dirty_log import mark_page_dirty_in_slot
 from vsim.memslots import KVM_MEMSLOT_INVALID
 from vsim.mmu.mmio import handle_mmio_page_fault
 from vsim.mmu.page_fault import (
@@ -36,10 +35,6 @@ from vsim.mmu.page_fault import (
 from vsim.mmu.spte import SPTE_ACCESSED, SPTE_DIRTY
 from vsim.requests import (
     IN_GUEST_MODE,
-    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
-    KVM_REQ_TLB_FLUSH,
-    KVM_REQ_TLB_FLUSH_CURRENT,
-    KVM_REQ_UPDATE_CPU_DIRTY_LOGGING,
     OUTSIDE_GUEST_MODE,
 )
 from vsim.sched import VCPU_PRIO_BASE, Actor, At
@@ -54,6 +49,7 @@ from vsim.vcpu.batch import (
     run_accesses,
 )
 from vsim.vcpu.tlb import RefTlb, Tlb
+from vsim.vcpu.vcpu_requests import VcpuRequests
 from vsim.vcpu.walk import MISCONFIG, walk_2d
 from vsim.vcpu.workloads import Workload
 
@@ -70,7 +66,7 @@ NEVER = 1 << 62
 EXIT_REASON_IO_INSTRUCTION = "IO_INSTRUCTION"
 
 
-class Vcpu(Actor):
+class Vcpu(VcpuRequests, Actor):
     """``struct kvm_vcpu`` with its run loop."""
 
     def __init__(self, vm: Vm, vcpu_id: int, workload: Workload) -> None:
@@ -136,7 +132,7 @@ class Vcpu(Actor):
         yield At(self.env, 0, self.prio)
         self.now = self.env.now
         if self.requests:  # made while KVM_RUN was not running (NO_WAKEUP: nobody woke it)
-            self.service_requests()
+            yield from self.service_requests()
         if self.root is None or self.root.invalid:
             self.kvm_mmu_load()
         self.mode = IN_GUEST_MODE
@@ -305,57 +301,9 @@ class Vcpu(Actor):
             if ev is not None:
                 yield ev
         if self.requests:
-            self.service_requests()
+            yield from self.service_requests()
         self.vm.srcu.read_unlock(token, self.now)
         self.enter_guest(exit_id)
-
-    def service_requests(self) -> None:
-        """The ``KVM_REQ_*`` handled at the top of ``vcpu_enter_guest``, in the kernel's order."""
-        req = self.requests
-        self.requests = 0
-        # kvm_mmu_free_obsolete_roots, then kvm_mmu_reload before entry.
-        if req & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and self.root is not None and self.root.invalid:
-            self.now = self.vm.mmu.put_root(self.root, self.id, self.now)
-            self.root = None
-            self.kvm_mmu_load()
-        if req & KVM_REQ_UPDATE_CPU_DIRTY_LOGGING:
-            # vmx_update_cpu_dirty_logging: PML on while any memslot is dirty-logged.
-            if self.vm.nr_memslots_dirty_logging:
-                if not self.pml_on:
-                    self.pml_buf = np.zeros(PML_LOG_NR_ENTRIES, dtype=np.int64)
-                    self.pml_on = True
-            else:
-                self.kvm_flush_pml_buffer()
-                self.pml_buf = np.zeros(0, dtype=np.int64)
-                self.pml_on = False
-        if req & KVM_REQ_TLB_FLUSH:
-            self.kvm_vcpu_flush_tlb_all()
-        elif req & KVM_REQ_TLB_FLUSH_CURRENT:  # a flush of everything covers the current context
-            self.tlb.flush()
-            self.now += self.vm.costs.tlb_flush
-
-    def kvm_vcpu_flush_tlb_all(self) -> None:
-        """``kvm_vcpu_flush_tlb_all``: drop every translation of this vCPU (INVEPT all contexts)."""
-        self.stat.tlb_flush += 1
-        self.tlb.flush()
-        self.now += self.vm.costs.tlb_flush
-        if self.vm.checker is not None:
-            self.vm.checker.on_local_flush(self)
-
-    def post_ipi(self, arrival: int) -> None:
-        """An IPI sent to this vCPU's CPU arrives at ``arrival``: in guest mode it forces an exit."""
-        ipis = self.ipis
-        ipis.append(arrival)
-        ipis.sort()
-        self.kick_at = ipis[0]
-
-    def kvm_flush_pml_buffer(self) -> None:
-        """``vmx_flush_pml_buffer`` at every exit: each logged gpa is marked dirty in its slot."""
-        n = int(self.pml_n[0])
-        for gfn in self.pml_buf[:n].tolist():
-            mark_page_dirty_in_slot(self.gfn_to_memslot(gfn), gfn)
-        self.pml_n[0] = 0
-        self.now += n * self.vm.costs.pml_drain_entry
 
     def handle_pml_full(self, gfn: int, refs: int) -> Generator[object, object, None]:
         """A PML-full exit: the buffer is drained at the exit, and the write is retried."""
