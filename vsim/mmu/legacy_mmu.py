@@ -41,7 +41,7 @@ from vsim.mmu.spte import (
     spte_index,
     spte_to_pfn,
 )
-from vsim.requests import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_flush_remote_tlbs
+from vsim.requests import kvm_flush_remote_tlbs
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
@@ -65,8 +65,6 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         self._c_map = c.legacy_direct_map
         self._c_sp = c.sp_alloc
         self._c_prefetch = c.prefetch_spte
-        self._locked_check = vm.cfg.host_mm.locked_retry_check
-        self._root_check = vm.cfg.mmu.stale_root_check
 
     def zaps_by_vcpus_possible(self, region_pages: int) -> bool:
         """Can a vCPU's fault zap shadow pages (``make_mmu_pages_available``)? Only if the pages
@@ -125,19 +123,10 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         r = self.fast_path_and_faultin(v, fault)
         if r is not None:
             return r
-        ev = v.sync()
-        if ev is not None:
-            yield ev
-        lock = vm.mmu_lock
-        ev = lock.write_lock(v.id, v.now)
-        if ev is not None:
-            v.now = yield ev
-        # is_page_fault_stale: an obsolete root, a pending root reload, or an invalidation.
-        root = v.root
-        stale = self._root_check and (root.invalid or v.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
-        if stale or (self._locked_check and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn)):
-            lock.write_unlock(v.id, v.now)
+        if not (yield from self.lock_for_fault(v, fault, write=True)):
             return RET_PF_RETRY
+        lock = vm.mmu_lock
+        root = v.root
         v.now = self.make_mmu_pages_available(v.id, v.now)
         kvm_mmu_hugepage_adjust(fault)
         if vm.checker is not None and root.invalid:

@@ -9,6 +9,7 @@ bookkeeping of every SPTE change (page stats, the tracepoint, and the invariant 
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -57,6 +58,8 @@ class PageTables:
         self._c_host = c.host_fault
         self._c_zero = c.zero_4k
         self._ad = vm.cfg.mmu.ept_ad
+        self._locked_check = vm.cfg.host_mm.locked_retry_check  # False brings back R8
+        self._root_check = vm.cfg.mmu.stale_root_check  # False brings back R3
         self._pre_lock_retry = vm.cfg.host_mm.pre_lock_retry and bool(vm.cfg.host_mm.invalidations)
         self.spt = np.zeros((initial_tables, SPTE_ENT_PER_PAGE), dtype=np.int64)
         self.sp_level = np.zeros(initial_tables, dtype=np.int8)
@@ -191,6 +194,25 @@ class PageTables:
             if pre and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn):
                 return RET_PF_RETRY
         return None
+
+    def lock_for_fault(self, v: Vcpu, fault: KvmPageFault, write: bool) -> Generator[object, object, bool]:
+        """Take ``mmu_lock`` (read for the TDP MMU, write for shadow pages) at the vCPU's instant,
+        then ``is_page_fault_stale``: an obsolete root, or an invalidation of the gfn since the
+        snapshot. Returns False, with the lock dropped again, when the fault must retry."""
+        vm = self.vm
+        ev = v.sync()
+        if ev is not None:
+            yield ev
+        lock = vm.mmu_lock
+        ev = (lock.write_lock if write else lock.read_lock)(v.id, v.now)
+        if ev is not None:
+            v.now = yield ev  # type: ignore[assignment]
+        stale = self._root_check and v.root.invalid  # type: ignore[union-attr]
+        if stale or (fault.slot is not None and self._locked_check
+                     and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn)):  # fmt: skip
+            (lock.write_unlock if write else lock.read_unlock)(v.id, v.now)
+            return False
+        return True
 
     # -- inspection --------------------------------------------------------------------------------
     def count_leaves(self) -> dict[int, int]:

@@ -79,8 +79,6 @@ class TdpMmu(TdpRangeOps, PageTables):
         self._c_map = c.tdp_mmu_map
         self._c_sp = c.sp_alloc
         self._c_split = c.tdp_split_spte
-        self._locked_check = vm.cfg.host_mm.locked_retry_check
-        self._root_check = vm.cfg.mmu.stale_root_check
 
     # -- roots -----------------------------------------------------------------------------------
     def alloc_root(self, as_id: int = 0) -> TdpRoot:
@@ -150,21 +148,11 @@ class TdpMmu(TdpRangeOps, PageTables):
         r = self.fast_path_and_faultin(v, fault)
         if r is not None:
             return r
-        # 5. read_lock(mmu_lock).
-        ev = v.sync()
-        if ev is not None:
-            yield ev
-        lock = vm.mmu_lock
-        ev = lock.read_lock(v.id, v.now)
-        if ev is not None:
-            v.now = yield ev
-        # 6. is_page_fault_stale.
-        root = v.root
-        if (root.invalid and self._root_check) or (
-            self._locked_check and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, gfn)
-        ):
-            lock.read_unlock(v.id, v.now)
+        # 5-6. read_lock(mmu_lock), is_page_fault_stale.
+        if not (yield from self.lock_for_fault(v, fault, write=False)):
             return RET_PF_RETRY
+        lock = vm.mmu_lock
+        root = v.root
         # 8. kvm_tdp_mmu_map: read the path now, install after the map work.
         kvm_mmu_hugepage_adjust(fault)
         last = self.walk_to(root, gfn, fault.goal_level)
