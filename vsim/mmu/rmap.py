@@ -46,8 +46,3 @@ def rmap_remove(slot: Memslot, gfn: int, level: int, loc: Loc) -> None:
 def rmap_entries(slot: Memslot, gfn: int, level: int) -> list[Loc]:
     """The SPTEs on ``gfn``'s head at ``level`` (``for_each_rmap_spte``)."""
     return list(slot.rmap[level - 1].get(gfn_to_rmap_index(slot, gfn, level), ()))
-
-
-def pte_list_descriptors(n: int) -> int:
-    """Descriptors a head of ``n`` SPTEs uses (0 for a single SPTE held in the head itself)."""
-    return 0 if n <= 1 else -(-n // PTE_LIST_EXT)

@@ -62,7 +62,6 @@ class KvmMmuPage:
     vm: Vm = field(repr=False)
     root_count: int = 0
     role_invalid: bool = False  # role.invalid: zapped while still in use as a root
-    unsync: bool = False
     parent_ptes: list[tuple[int, int]] = field(default_factory=list)
 
     @property
