@@ -140,8 +140,8 @@ def main() -> None:
 
     storm = ["vm.vcpus=64", "workload.per_vcpu_memory=2MiB", "workload.passes=100"]
     calm, _ = best_of(reps, timed_run, storm)
-    hm = [f"host_mm.invalidations={100 if args.quick else 300}", "host_mm.start=2ms", "host_mm.interval=10us", "host_mm.pages=1",
-          "host_mm.pattern=random"]  # fmt: skip
+    hm = [f"host_mm.invalidations={100 if args.quick else 300}", "host_mm.start=2ms", "host_mm.interval=10us",
+          "host_mm.pages=1", "host_mm.pattern=random"]  # fmt: skip
     w, vm_stat = best_of(reps, timed_flush_run, [*storm, *hm])
     flushes, ipis = vm_stat["remote_tlb_flush"], vm_stat["irq_exits"]
     print(

@@ -94,11 +94,54 @@ def _outputs(sets: list[str], mode: str, out: Path) -> tuple[str, bytes]:
     return json.dumps(res.stats), (out / "events.jsonl").read_bytes()
 
 
-@pytest.mark.parametrize("seed", range(32))
-def test_batched_equals_reference(tmp_path: Path, seed: int) -> None:
-    sets = _random_config(seed)
+@pytest.mark.parametrize(("kind", "seed"), [("ept", s) for s in range(32)] + [("shadow", s) for s in range(12)])
+def test_batched_equals_reference(tmp_path: Path, kind: str, seed: int) -> None:
+    sets = _random_config(seed) if kind == "ept" else _random_shadow_config(seed)
     stats_b, events_b = _outputs(sets, "batched", tmp_path / "b")
     stats_r, events_r = _outputs(sets, "reference", tmp_path / "r")
     assert stats_b == stats_r
     assert events_b == events_r  # identical per-vCPU fault sequences, and everything else
     assert b"kvm_page_fault" in events_b
+
+
+def _random_shadow_config(seed: int) -> list[str]:
+    """Shadow paging: every paging mode, processes with context switches and forks, eviction,
+    dirty logging and host-MM invalidations under the running guest."""
+    r = random.Random(seed)
+    paging = r.choice(["paging64", "paging64", "pae", "paging32", "nonpaging"])
+    nv = r.randint(1, 3)
+    sets = [
+        f"seed={seed}",
+        "mmu.mode=shadow",
+        f"guest.paging={paging}",
+        f"vm.vcpus={nv}",
+        f"workload.per_vcpu_memory={r.choice([2, 4])}MiB",
+        f"workload.access={r.choice(['sequential', 'random'])}",
+        f"workload.write_percent={r.choice([0, 30, 100])}",
+        f"workload.passes={r.randint(1, 3)}",
+        f"tlb.entries_4k={r.choice([4, 32, 1536])}",
+        "tlb.ways_4k=4",
+        f"sim.batch_accesses={r.choice([7, 64, 4096])}",
+        "events.level=all",
+        "sim.invariants=true",
+    ]
+    if paging != "paging64":
+        sets.append("vm.base_gpa=0")
+    if paging != "nonpaging":
+        sets += [f"guest.processes={r.randint(1, 3)}", f"guest.process_memory={r.choice([64, 256, 512])}KiB",
+                 f"guest.context_switch_interval={r.choice([0, 20, 150])}us"]  # fmt: skip
+        if r.random() < 0.5:
+            sets += [f"guest.fork_interval={r.choice([100, 300])}us", f"guest.child_writes={r.choice([0, 4, 40])}"]
+    story = r.random()
+    if story < 0.25:
+        sets += ["mmu.nr_mmu_pages=64"]  # make_mmu_pages_available evicts from the fault path
+    elif story < 0.5:
+        t = r.randint(5, 200)
+        sets += [_dirty_log_setting(r).replace("dirty_log.pml=true", "dirty_log.pml=false"),
+                 f'vmm.ops=[{{at="{t}us", op="flags", slot=0, log_dirty=true}}, '
+                 f'{{at="{t + r.randint(1, 300)}us", op="flags", slot=0, log_dirty=false}}]']  # fmt: skip
+    elif story < 0.7:
+        sets += [f"host_mm.invalidations={r.randint(5, 40)}", f"host_mm.interval={r.randint(2, 30)}us",
+                 f"host_mm.pages={r.choice([1, 16])}", f"host_mm.pattern={r.choice(['sequential', 'random'])}",
+                 f"host_mm.action={r.choice(['migrate', 'dontneed'])}"]  # fmt: skip
+    return sets

@@ -7,7 +7,7 @@ from conftest import simulate
 
 from vsim.vcpu.batch import run_accesses
 from vsim.vcpu.tlb import RefTlb, Tlb
-from vsim.vcpu.walk import walk_2d
+from vsim.vcpu.walk import guest_refs_2d, walk_2d
 
 
 def test_ref_tlb_evicts_least_recently_used() -> None:
@@ -55,16 +55,16 @@ def test_batch_kernel_matches_reference_tlb_access_by_access() -> None:
         for i in range(len(gfns)):
             before = int(ctr[1])
             j, _, status, _, _ = run_accesses(
-                gfns, writes, i, i + 1, 1 << 62, vm.mmu.spt, root, 1, tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
-                5, 1, 10, ctr, np.zeros(0, dtype=np.uint8), 0, np.zeros(0, dtype=np.int64),
-                np.zeros(1, dtype=np.int64), -1,
+                gfns, writes, i, i + 1, 1 << 62, vm.mmu.spt, root, guest_refs_2d(1), 0, tlb.tags, tlb.wr, tlb.sets,
+                tlb.ways, tlb.count, 5, 1, 10, ctr, np.zeros(0, dtype=np.uint8), 0, np.zeros(0, dtype=np.int64),
+                np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64), -1,
             )  # fmt: skip
             assert status == 0 and j == i + 1
             hit = int(ctr[1]) > before
             g, w = int(gfns[i]), bool(writes[i])
             ref_hit = ref.lookup(g, w)
             if not ref_hit:
-                ok, _, leaf, writable = walk_2d(vm.mmu.spt, root, g, w, 1)
+                ok, _, leaf, writable = walk_2d(vm.mmu.spt, root, g, w, guest_refs_2d(1))
                 assert ok
                 ref.insert(min(1, leaf) - 1, g, writable)
             assert hit == ref_hit, (caps, i)

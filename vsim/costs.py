@@ -125,6 +125,30 @@ class CostModel(BaseModel):
     dirty_log_word: Duration = _cost(
         10, "ASSUMPTION (no published figure): read or exchange one 64-page dirty-bitmap word and copy it out"
     )
+    walk_gpte: Duration = _cost(
+        50,
+        "ASSUMPTION (no published figure): FNAME(walk_addr) reads one gpte through its hva (__get_user) and "
+        "checks it; also the cost of setting its A/D bits",
+    )
+    track_write: Duration = _cost(
+        200,
+        "ASSUMPTION (no published figure): kvm_mmu_track_write for one emulated unit: the write lock, the "
+        "hash bucket and zapping the written SPTE (row 1.4 puts the emulation itself at ≈0.3–0.37 µs)",
+    )
+    sync_spte: Duration = _cost(
+        60, "ASSUMPTION: FNAME(sync_spte) re-reads a gpte and rebuilds its SPTE (a walk_gpte read plus make_spte)"
+    )
+    guest_page_fault: Duration = _cost(
+        1000,
+        "ASSUMPTION (no cost-anchors row): a native anonymous minor fault ≈1 µs: the #PF delivery and "
+        "handle_mm_fault, without the page zeroing and PTE stores vsim models separately",
+    )
+    guest_context_switch: Duration = _cost(
+        1200, "row 1.13: lmbench context switch 2p/0K ≈1.22–1.26 µs, of which the CR3 write is modelled apart"
+    )
+    guest_fork_table: Duration = _cost(
+        200, "ASSUMPTION: copy_page_range's work per page table copied, besides the PTE stores vsim models"
+    )
     guest_access: Duration = _cost(
         5, "§7.1 memstress guest loop (one 8-byte access per page plus loop work); ASSUMPTION, no published cost"
     )

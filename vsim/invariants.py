@@ -43,7 +43,7 @@ from vsim.mmu.spte import (
     spte_is_legal,
     spte_to_pfn,
 )
-from vsim.requests import KVM_REQ_TLB_FLUSH
+from vsim.requests import IN_GUEST_MODE, KVM_REQ_TLB_FLUSH
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
@@ -92,6 +92,24 @@ class InvariantChecker:
         if old_leaf and new_leaf and spte_to_pfn(old) != spte_to_pfn(new):
             self._violate("leaf_pfn_changed_in_place", f"gfn {gfn:#x} pfn {spte_to_pfn(old):#x}->{spte_to_pfn(new):#x}",
                           t, actor)  # fmt: skip
+
+    def on_write_tracked(self, gfn: int, t: int) -> None:
+        """§13.3: when ``account_shadowed`` returns at ``t``, no vCPU can still write ``gfn`` through
+        its TLB: each writable translation of it belongs to a vCPU whose flush is already due (a
+        pending ``KVM_REQ_TLB_FLUSH`` whose IPI has arrived, or that it takes at its next entry)."""
+        mmu = self.vm.mmu
+        for v in self.vm.vcpus:
+            if v.root is None or v.root.invalid:
+                continue
+            if v.requests & KVM_REQ_TLB_FLUSH and (v.mode != IN_GUEST_MODE or v.kick_at <= t):
+                continue
+            for size_class, key, writable in v.tlb.entries():
+                if not writable:
+                    continue
+                first = mmu.tlb_entry_gfn(v.root, key << (9 * size_class))
+                if first is not None and first <= gfn < first + (1 << (9 * size_class)):
+                    self._violate("write_tracked_writable_tlb", f"vcpu {v.id} can still write gfn {gfn:#x}, which "
+                                  "is now a shadowed guest page table", t)  # fmt: skip
 
     def on_flush(self, t: int, done: int) -> None:
         """A remote flush requested at ``t`` covers every restriction made up to ``t``."""
@@ -169,6 +187,10 @@ class InvariantChecker:
         if check_rmaps is not None:  # the legacy MMU: rmap and SPTEs agree, parent_ptes and links agree
             for problem in check_rmaps():
                 self._violate("rmap_spte_agreement", problem)
+        check_shadow = getattr(self.vm.mmu, "check_shadow", None)
+        if check_shadow is not None:  # shadow paging: role discipline (§13.8), write tracking (§13.3)
+            for rule, problem in check_shadow():
+                self._violate(rule, problem)
 
     def check_tlbs(self) -> None:
         """Every cached translation is backed by the current SPTEs (no stale translation)."""

@@ -39,6 +39,8 @@ class Memslot:
     dirty_bitmap: np.ndarray | None = None
     # slot->arch.rmap[level - 1]: gfn -> the (table, index) of each legacy SPTE mapping it.
     rmap: list[dict[int, list[tuple[int, int]]]] = field(default_factory=lambda: [{}, {}, {}])
+    # gfn_write_track: gfn -> upper-level shadow pages shadowing it (shadow paging).
+    write_track: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.disallow_lpage:
@@ -85,6 +87,12 @@ class Memslot:
     def faultin(self, gfn: int) -> int:
         """The host side of ``kvm_faultin_pfn``: 4K pages the host zeroed to back ``gfn`` (0 if resident)."""
         return self.host.faultin(self.host_offset + gfn - self.base_gfn)
+
+    def disallow_lpage_at(self, gfn: int, delta: int) -> None:
+        """``kvm_mmu_gfn_disallow_lpage`` (+1) / ``kvm_mmu_gfn_allow_lpage`` (-1) at every huge level."""
+        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+            shift = 9 * (level - 1)
+            self.disallow_lpage[level - 2][(gfn >> shift) - (self.base_gfn >> shift)] += delta
 
     def lpage_allowed_level(self, gfn: int, max_level: int) -> int:
         """The highest level ≤ ``max_level`` whose ``disallow_lpage`` counter is zero at ``gfn``."""

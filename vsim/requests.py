@@ -32,6 +32,7 @@ OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE, READING_SHADOW_PAGE_TABLE
 # vcpu->requests bits, named as in include/linux/kvm_host.h and arch/x86/include/asm/kvm_host.h.
 # Every request below is sent with KVM_REQUEST_WAIT | KVM_REQUEST_NO_WAKEUP.
 KVM_REQ_TLB_FLUSH = 1 << 0
+KVM_REQ_MMU_SYNC = 1 << 11  # KVM_ARCH_REQ(3): resync unsync shadow pages before entry
 KVM_REQ_TLB_FLUSH_CURRENT = 1 << 26
 KVM_REQ_UPDATE_CPU_DIRTY_LOGGING = 1 << 30
 KVM_REQ_MMU_FREE_OBSOLETE_ROOTS = 1 << 31

@@ -26,6 +26,10 @@ VCPU_STATS = (
     "pf_mmio_spte_created",  # MMIO SPTEs installed
     "mmio_exits",  # KVM_EXIT_MMIO exits to userspace
     "insn_emulation",  # instructions emulated (MMIO accesses here)
+    "pf_guest",  # page faults KVM injected into the guest (shadow paging)
+    "invlpg",  # INVLPG exits handled (shadow paging)
+    "cr3_writes",  # vsim: MOV to CR3 exits (shadow paging)
+    "guest_forks",  # vsim: fork() calls by the guest kernel
     "pf_retry",  # vsim: RET_PF_RETRY (KVM has no counter; the guest simply faults again)
     "tlb_flush",  # local TLB flushes
     "accesses",  # vsim: guest memory accesses completed
@@ -45,6 +49,10 @@ VM_STATS = (
     "mmu_shadow_zapped",
     "mmu_recycled",  # shadow pages zapped to make room, and rmap heads recycled
     "max_mmu_page_hash_collisions",
+    "mmu_pte_write",  # emulated writes to shadowed guest page tables (kvm_mmu_track_write)
+    "mmu_pte_updated",  # SPTEs zapped because the gpte they shadow was written
+    "mmu_flooded",  # shadow pages zapped for write flooding or a misaligned write
+    "mmu_unsync",  # shadow pages made unsync
     "max_mmu_rmap_size",
     "remote_tlb_flush",
     "remote_tlb_flush_requests",

@@ -16,11 +16,15 @@ import simpy
 
 from vsim.config.schema import PAGE_LEVEL, ScenarioConfig, WorkloadConfig
 from vsim.events.sink import EventSink
+from vsim.guest.kernel import GuestKernel, process_pages
+from vsim.guest.memory import GuestMemory
+from vsim.guest.paging import REGISTERS, PagingMode, shadow_mmu_init_context
 from vsim.host_mm import HostMapping
 from vsim.invariants import InvariantChecker
 from vsim.memslots import Memslot, Memslots, build_test_memslots
 from vsim.mmu.legacy_mmu import LegacyMmu
 from vsim.mmu.mmu_lock import MmuLock
+from vsim.mmu.shadow_mmu import ShadowPagingMmu
 from vsim.mmu.tdp_mmu import TdpMmu
 from vsim.mmu_notifier import HostMm
 from vsim.sched import VmWideActor
@@ -30,6 +34,7 @@ from vsim.selftests.dirty_log_perf import DirtyLogPerf
 from vsim.srcu import Srcu
 from vsim.stats import VmStat
 from vsim.userfaultfd import Userfaultfd
+from vsim.vcpu.shadow_vcpu import ShadowVcpu
 from vsim.vcpu.vcpu import NEVER, Vcpu
 from vsim.vcpu.workloads import Workload, vcpu_region
 from vsim.vmm import DUMMY_SLOT_ID, Vmm
@@ -82,8 +87,21 @@ class Vm:
         self.mmu_invalidate_range_start = 0
         self.mmu_invalidate_range_end = 0
         self.mmu_lock = MmuLock(self.env, self.sink)
-        mmu_class = LegacyMmu if cfg.mmu.mode == "legacy_tdp" else TdpMmu
-        self.mmu: TdpMmu | LegacyMmu = mmu_class(self, initial_tables=self._estimate_tables(nv * per))
+        shadow = cfg.mmu.mode == "shadow"
+        # Shadow paging: the guest's paging mode, and its kernel (none for a non-paging guest).
+        self.guest_mode: PagingMode | None = shadow_mmu_init_context(*REGISTERS[cfg.guest.paging]) if shadow else None
+        self.guest: GuestKernel | None = None
+        tables = self._estimate_tables(nv * per)
+        if self.guest_mode is not None:
+            mode = self.guest_mode
+            if mode.levels:
+                self.guest = GuestKernel(mode, base_gfn, nv * per, nv, cfg.guest.processes,
+                                         process_pages(cfg, mode))  # fmt: skip
+            mem = self.guest.mem if self.guest is not None else GuestMemory(mode.entries)
+            self.mmu: TdpMmu | LegacyMmu = ShadowPagingMmu(self, mode, mem, initial_tables=4 * tables)
+        else:
+            mmu_class = LegacyMmu if cfg.mmu.mode == "legacy_tdp" else TdpMmu
+            self.mmu = mmu_class(self, initial_tables=tables)
         self.uffd = Userfaultfd(self) if cfg.host_mm.uffd else None
         programs = {"dirty_log_perf": DirtyLogPerf, "access_tracking_perf": AccessTrackingPerf,
                     "demand_paging": DemandPaging}  # fmt: skip
@@ -100,16 +118,24 @@ class Vm:
         self._vmm_started = False
         # Set once vCPUs can restrict SPTEs (see horizon): a legacy MMU that may evict shadow pages
         # from the fault path, or dirty logging that splits huge pages.
-        self.lockstep = isinstance(self.mmu, LegacyMmu) and self.mmu.zaps_by_vcpus_possible(nv * per)
+        self.lockstep = shadow or (isinstance(self.mmu, LegacyMmu) and self.mmu.zaps_by_vcpus_possible(nv * per))
         self.nr_memslots_dirty_logging = 0  # with PML: memslots whose logging turned PML on
         self.mmu_valid_gen = 0
         self.vcpus = []
+        vcpu_class = ShadowVcpu if shadow else Vcpu
         for i in range(nv):
-            start, pages = vcpu_region(cfg.workload, i, nv, base_gfn)
+            start, pages = self._region(cfg.workload, i)
             wl = Workload(cfg.workload, start, pages, cfg.sim.batch_accesses, np.random.default_rng(streams[i]))
-            self.vcpus.append(Vcpu(self, i, wl))
+            self.vcpus.append(vcpu_class(self, i, wl))
         if self.program is not None:
             self.program.set_workloads()
+
+    def _region(self, cfg: WorkloadConfig, i: int) -> tuple[int, int]:
+        """The pages vCPU ``i``'s workload touches: its slice of the test region, or under a paging
+        shadow guest the memory of its processes (guest virtual pages)."""
+        if self.guest is not None:
+            return self.guest.mode.user_base, self.guest.user_pages
+        return vcpu_region(cfg, i, self.cfg.vm.vcpus, self.region_base_gfn)
 
     @staticmethod
     def _estimate_tables(pages: int) -> int:
@@ -236,10 +262,9 @@ class Vm:
     def set_workloads(self, cfg: WorkloadConfig) -> None:
         """Give every vCPU a new workload over its same region (for a later :meth:`run`)."""
         nv = len(self.vcpus)
-        base_gfn = self.cfg.vm.base_gpa >> 12
         streams = np.random.SeedSequence(self.cfg.seed).spawn(2)[STREAM_LATER_WORKLOADS].spawn(nv)
         for i, v in enumerate(self.vcpus):
-            start, pages = vcpu_region(cfg, i, nv, base_gfn)
+            start, pages = self._region(cfg, i)
             v.workload = Workload(cfg, start, pages, self.cfg.sim.batch_accesses, np.random.default_rng(streams[i]))
 
     def run(self, wall_deadline: float | None = None) -> int:

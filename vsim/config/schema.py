@@ -44,12 +44,31 @@ class VmConfig(_Table):
 
 
 class GuestConfig(_Table):
-    """The guest's view of the test region: its own page-table leaf size and paging depth."""
+    """The guest: its paging mode and, under shadow paging, its processes and memory management."""
 
-    page_size: PageSize = Field("4K", description="guest page-table leaf size for the test region")
-    paging_levels: Literal[4] = Field(
-        4, description="guest paging depth; 4-level long mode (other paging modes come with shadow paging)"
+    page_size: PageSize = Field(
+        "4K", description="guest page-table leaf size for the test region (EPT modes; a shadow guest maps 4K)"
     )
+    paging: Literal["paging64", "pae", "paging32", "nonpaging"] = Field(
+        "paging64",
+        description="the guest's paging mode (CR0.PG, CR4.PAE, EFER.LMA); modes other than paging64 need "
+        "mmu.mode = shadow",
+    )
+    processes: int = Field(1, ge=1, le=64, description="shadow paging: guest processes per vCPU, run in turn")
+    process_memory: Size = Field(
+        0,
+        description="shadow paging: memory each process touches (the workload's region); 0 fits the processes "
+        "into the vCPU's share of RAM",
+    )
+    context_switch_interval: Duration = Field(
+        0, description="shadow paging: guest time between context switches (a CR3 write); 0: never"
+    )
+    fork_interval: Duration = Field(
+        0,
+        description="shadow paging: guest time between forks; the child writes child_writes pages and exits "
+        "(0: no forks)",
+    )
+    child_writes: int = Field(16, ge=0, le=1 << 20, description="pages each forked child writes before it exits")
 
 
 class WorkloadConfig(_Table):
@@ -106,10 +125,10 @@ class TlbConfig(_Table):
 class MmuConfig(_Table):
     """Which KVM MMU handles the faults."""
 
-    mode: Literal["tdp_mmu", "legacy_tdp"] = Field(
+    mode: Literal["tdp_mmu", "legacy_tdp", "shadow"] = Field(
         "tdp_mmu",
-        description="tdp_mmu (faults under the read lock) or legacy_tdp (the direct MMU of shadow pages, faults "
-        "under the write lock); shadow paging (EPT off) is not built yet",
+        description="tdp_mmu (faults under the read lock), legacy_tdp (the direct MMU of shadow pages, faults "
+        "under the write lock) or shadow (EPT off: shadow paging of the guest's page tables)",
     )
     nr_mmu_pages: int = Field(
         0,
@@ -136,6 +155,11 @@ class MmuConfig(_Table):
     age_flush: bool = Field(
         False,
         description="kvm_age_gfn flushes remote TLBs when it cleared an A bit (before 6.13); 6.13+ does not",
+    )
+    wrprot_flush_on_mmu_writable: bool = Field(
+        True,
+        description="write-protecting a shadowed guest page table flushes whenever MMU-writable was set "
+        "(false brings back R5: the flush is decided by W, missing a dirty-log protection not yet flushed)",
     )
 
 
@@ -300,7 +324,61 @@ class ScenarioConfig(_Table):
             raise ValueError("vm.base_gpa: the test region must end below 4PiB (52-bit guest physical)")
         self._check_schedule(total_pages)
         self._check_selftest()
+        self._check_guest(total_pages)
         return self
+
+    def _check_guest(self, total_pages: int) -> None:
+        g = self.guest
+        shadow = self.mmu.mode == "shadow"
+        if not shadow:
+            if g.paging != "paging64":
+                raise ValueError(f"guest.paging: {g.paging!r} needs mmu.mode = shadow; the EPT modes model a "
+                                 "4-level (paging64) guest")  # fmt: skip
+            if g.processes != 1 or g.context_switch_interval or g.fork_interval or g.process_memory:
+                raise ValueError("guest.processes, process_memory, context_switch_interval and fork_interval: "
+                                 "guest processes are modelled under mmu.mode = shadow only")  # fmt: skip
+            return
+        end = self.vm.base_gpa + total_pages * 4096
+        if g.paging == "paging32" and end > 1 << 32:
+            raise ValueError(f"guest.paging: paging32 addresses at most 4GiB of physical memory (no PSE-36), but "
+                             f"the test region ends at {end:#x}; lower vm.base_gpa or the memory")  # fmt: skip
+        if g.paging in ("paging32", "pae", "nonpaging") and end > 896 << 20:
+            raise ValueError(f"guest.paging: a 32-bit guest kernel maps its RAM in 896MiB of lowmem, but the "
+                             f"test region ends at {end:#x}; lower vm.base_gpa and the memory")  # fmt: skip
+        if g.page_size != "4K":
+            raise ValueError("guest.page_size: a shadow-paged guest maps its processes' memory with 4K pages")
+        if self.dirty_log.pml:
+            raise ValueError("dirty_log.pml: PML logs guest-physical addresses of EPT; it needs EPT (not shadow)")
+        if not self.mmu.ept_ad:
+            raise ValueError("mmu.ept_ad: EPT A/D bits apply to EPT; shadow paging uses the guest's own A/D bits")
+        if self.workload.overlap and g.paging != "nonpaging":
+            raise ValueError("workload.overlap: under shadow paging each vCPU's processes own their memory")
+        if any(op.op != "flags" for op in self.vmm.ops) or self.vm.absent_memslots:
+            raise ValueError("vmm.ops: the shadow guest keeps its page tables in the test region; only flags "
+                             "updates (dirty logging) may change its memslots")  # fmt: skip
+        if g.paging == "nonpaging":
+            if g.processes != 1 or g.context_switch_interval or g.fork_interval or g.process_memory:
+                raise ValueError("guest.processes: a non-paging guest has no address spaces to switch or fork")
+            return
+        self._check_guest_memory()
+
+    def _check_guest_memory(self) -> None:
+        from vsim.guest.kernel import frames_needed, process_pages, vcpu_share  # noqa: PLC0415 (config first)
+        from vsim.guest.paging import REGISTERS, shadow_mmu_init_context  # noqa: PLC0415
+
+        g = self.guest
+        mode = shadow_mmu_init_context(*REGISTERS[g.paging])
+        if g.process_memory % 4096:
+            raise ValueError("guest.process_memory: must be a multiple of 4KiB")
+        pages = process_pages(self, mode)
+        share = vcpu_share(self, mode)
+        need = frames_needed(mode, g.processes, pages, bool(g.fork_interval), g.child_writes)
+        if pages < 1 or need > share:
+            raise ValueError(f"guest.process_memory: {g.processes} process(es) of {pages} pages need {need} frames "
+                             f"with their page tables, but each vCPU's share of RAM is {share}; raise "
+                             "workload.per_vcpu_memory or lower the process memory")  # fmt: skip
+        if mode.user_base + pages > mode.page_offset:
+            raise ValueError("guest.process_memory: the processes' memory runs into the kernel's direct map")
 
     def _check_selftest(self) -> None:
         st = self.selftest

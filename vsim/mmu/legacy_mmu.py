@@ -32,6 +32,8 @@ from vsim.mmu.spte import (
     PFN_MASK,
     PFN_SHIFT,
     PG_LEVEL_4K,
+    PT_WRITABLE,
+    SPTE_HOST_WRITABLE,
     SPTE_MMU_PRESENT,
     TDP_ROOT_LEVEL,
     is_last_spte,
@@ -170,21 +172,31 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         return ret
 
     def mmu_set_spte(self, v: Vcpu, table: int, level: int, fault: KvmPageFault, t: int) -> tuple[int, int]:
-        """``mmu_set_spte`` for the faulting gfn; returns ``(RET_PF_*, time)``."""
+        """``mmu_set_spte`` for the faulting gfn of a direct fault; returns ``(RET_PF_*, time)``."""
+        return self.set_spte_at(v, table, spte_index(fault.gfn, level), level, fault.gfn, fault.slot, fault.pfn,
+                                fault.map_writable, fault.write, t)  # fmt: skip
+
+    def set_spte_at(self, v: Vcpu, table: int, idx: int, level: int, gfn: int, slot: Memslot | None, pfn: int,
+                    writable: bool, write_fault: bool, t: int) -> tuple[int, int]:  # fmt: skip
+        """``mmu_set_spte``: make the leaf at ``(table, idx)`` map ``gfn`` (an MMIO SPTE without a
+        slot). ``writable`` is what the host page and the guest's access allow; ``make_spte`` may
+        still withhold W (``make_spte_writable``), and a write fault then emulates. Returns
+        ``(RET_PF_*, time)``."""
         vm = self.vm
         vid = v.id
-        gfn = fault.gfn
         base = gfn & ~(pages_per_level(level) - 1)
-        idx = spte_index(gfn, level)
         old = self.spt.item(table, idx)
-        slot = fault.slot
         if slot is None:  # mark_mmio_spte
             new = make_mmio_spte(gfn, vm.memslots.generation)
             if new != old:
                 self.set_spte(table, idx, level, base, old, new, vid, t)
+                self.note_mmio_gfn(table, idx, gfn)
                 v.stat.pf_mmio_spte_created += 1
             return RET_PF_EMULATE, t
-        new = make_spte(fault.pfn & ~(pages_per_level(level) - 1), level, fault.map_writable)
+        wrprot = writable and not self.make_spte_writable(v, gfn, level, old, t)
+        new = make_spte(pfn & ~(pages_per_level(level) - 1), level, writable and not wrprot)
+        if wrprot:  # the host page is writable; KVM may make the SPTE writable later
+            new |= SPTE_HOST_WRITABLE
         was_rmapped = False
         if is_shadow_present_pte(old):
             if not is_last_spte(old, level):  # a page table replaced by a huge leaf
@@ -193,22 +205,39 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
                 self.set_spte(table, idx, level, base, old, 0, vid, t)
                 t = kvm_flush_remote_tlbs(vm, t, me=vid)
                 old = 0
-            elif spte_to_pfn(old) != spte_to_pfn(new):
-                self.drop_spte(table, idx, level, base, vid, t)
+            elif spte_to_pfn(old) != spte_to_pfn(new) or self.sp_of[table].get_gfn(idx) != base:
+                self.drop_spte(table, idx, level, self.sp_of[table].get_gfn(idx), vid, t)
                 t = kvm_flush_remote_tlbs(vm, t, me=vid)
                 old = 0
             else:
                 was_rmapped = True
+        ret = RET_PF_EMULATE if wrprot and write_fault else RET_PF_FIXED
         if old == new:
-            return RET_PF_SPURIOUS, t
-        if fault.map_writable:
+            return (ret if ret == RET_PF_EMULATE else RET_PF_SPURIOUS), t
+        if new & PT_WRITABLE:
             mark_page_dirty_in_slot(slot, gfn)
         if was_rmapped:
             self.set_spte(table, idx, level, base, old, new, vid, t)
+            if old & PT_WRITABLE and not new & PT_WRITABLE:  # mmu_spte_update says flush
+                t = kvm_flush_remote_tlbs(vm, t, me=vid)
         elif self.set_leaf(slot, table, idx, level, base, new, vid, t) > RMAP_RECYCLE_THRESHOLD:
             t = self.rmap_recycle(slot, base, level, vid, t)
         vm.note_mapped(base, level)
-        return RET_PF_FIXED, t
+        return ret, t
+
+    def make_spte_writable(self, v: Vcpu, gfn: int, level: int, old: int, t: int) -> bool:
+        """``make_spte``'s check before it sets W: a direct MMU never shadows guest page tables."""
+        return True
+
+    def prefetch_writable(self, slot: Memslot, gfn: int) -> bool:
+        """``make_spte`` for a prefetched SPTE: the same check, without unsyncing anything."""
+        return True
+
+    def note_mmio_gfn(self, table: int, idx: int, gfn: int) -> None:
+        """Record the gfn of an MMIO SPTE in an indirect page (its entry index is by gva)."""
+        gfns = self.sp_of[table].gfns
+        if gfns is not None:
+            gfns[idx] = gfn
 
     def direct_pte_prefetch(self, v: Vcpu, table: int, idx: int, slot: Memslot | None, t: int) -> int:
         """``direct_pte_prefetch``: map the non-present neighbours in the faulting SPTE's aligned
@@ -229,7 +258,7 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
             if not run_ok or not slot.contains(gfn) or not slot.resident(gfn):
                 run_ok = False
                 continue
-            new = make_spte(slot.gfn_to_pfn(gfn), PG_LEVEL_4K, True, prefetch=True)
+            new = make_spte(slot.gfn_to_pfn(gfn), PG_LEVEL_4K, self.prefetch_writable(slot, gfn), prefetch=True)
             self.set_leaf(slot, table, i, PG_LEVEL_4K, gfn, new, v.id, t)
             vm.note_mapped(gfn, PG_LEVEL_4K)
             done += 1

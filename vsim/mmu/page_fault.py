@@ -54,6 +54,7 @@ class KvmPageFault:
     id: int
     write: bool
     present: bool
+    user: bool = False
     prefetch: bool = False
     max_level: int = KVM_MAX_HUGEPAGE_LEVEL
     req_level: int = PG_LEVEL_4K

@@ -71,14 +71,16 @@ class PageTables:
         self.sp_gen = np.zeros(initial_tables, dtype=np.int64)
 
     # -- page-table pool -------------------------------------------------------------------------
-    def alloc_sp(self, level: int, gfn: int) -> int:
-        """A zeroed page table from the pool (``tdp_mmu_alloc_sp`` / ``kvm_mmu_alloc_shadow_page``)."""
+    def alloc_sp(self, level: int, gfn: int, counted: bool = True) -> int:
+        """A zeroed page table from the pool (``tdp_mmu_alloc_sp`` / ``kvm_mmu_alloc_shadow_page``);
+        ``counted`` is False for the PAE root pages, which are not shadow pages."""
         if self._free:
             table = self._free.pop()
             self.sp_gen[table] += 1
             self.sp_level[table] = level
             self.sp_gfn[table] = gfn
-            self.vm.stat.add(self.pages_stat, 1)
+            if counted:
+                self.vm.stat.add(self.pages_stat, 1)
             return table
         n = self.n_tables
         if n == len(self.spt):
@@ -90,13 +92,23 @@ class PageTables:
         self.sp_level[n] = level
         self.sp_gfn[n] = gfn
         self.n_tables = n + 1
-        self.vm.stat.add(self.pages_stat, 1)
+        if counted:
+            self.vm.stat.add(self.pages_stat, 1)
         return n
 
-    def _free_sp(self, table: int) -> None:
+    def _free_sp(self, table: int, counted: bool = True) -> None:
         self.sp_gen[table] += 1
         self._free.append(table)
-        self.vm.stat.add(self.pages_stat, -1)
+        if counted:
+            self.vm.stat.add(self.pages_stat, -1)
+
+    def alloc_vcpu_root(self, v: Vcpu) -> Root:
+        """The root a vCPU loads (``kvm_mmu_load``): the MMU's shared root of its role."""
+        return self.alloc_root()  # type: ignore[attr-defined, no-any-return]
+
+    def tlb_entry_gfn(self, root: Root, page: int) -> int | None:
+        """The first gfn a TLB entry for ``page`` translates to (the page is a gfn under EPT)."""
+        return page
 
     # -- lockless walks --------------------------------------------------------------------------
     def walk_to(self, root: Root, gfn: int, goal: int) -> tuple[int, int, int, int]:
@@ -154,15 +166,20 @@ class PageTables:
         """The part of a direct fault before ``mmu_lock``: ``fast_page_fault``, then
         ``kvm_faultin_pfn`` (snapshot ``mmu_invalidate_seq``, find the slot, resolve the pfn).
         Returns a ``RET_PF_*`` that ends the fault here, or ``None`` to go on under the lock."""
-        vm = self.vm
-        gfn = fault.gfn
         # fast_page_fault, lockless (direct MMUs only).
         if page_fault_can_be_fast(fault, self._ad):
             r = fast_page_fault(self, v, fault)
             v.now += self._c_fast
             if r != RET_PF_INVALID:
                 return r
-        # mmu_topup_memory_caches, then kvm_faultin_pfn: snapshot mmu_seq, GUP.
+        return self.kvm_faultin_pfn(v, fault)
+
+    def kvm_faultin_pfn(self, v: Vcpu, fault: KvmPageFault) -> int | None:
+        """``mmu_topup_memory_caches``, then ``kvm_faultin_pfn``: snapshot ``mmu_invalidate_seq``,
+        find the slot, resolve the pfn. Returns a ``RET_PF_*`` that ends the fault here, or
+        ``None`` to go on under the lock."""
+        vm = self.vm
+        gfn = fault.gfn
         fault.mmu_seq = vm.mmu_invalidate_seq
         slot = v.gfn_to_memslot(gfn)
         if slot is not None and slot.flags & KVM_MEMSLOT_INVALID and not vm.cfg.memslots.invalid_slot_retry:

@@ -51,10 +51,10 @@ class RmapRangeOps:
     vm: Vm
     spt: np.ndarray
     sp_of: dict[int, KvmMmuPage]
+    _flush_on_mmu_writable = True
 
     def _rmap_sptes(self, start: int, end: int, level: int) -> Iterator[RmapSpte]:
         """The SPTEs on the heads for ``[start, end)`` at ``level``, in every overlapping slot."""
-        span = pages_per_level(level)
         for slot in self.vm.memslots.slots:
             lo, hi = max(start, slot.base_gfn), min(end, slot.end_gfn)
             if lo >= hi:
@@ -64,7 +64,7 @@ class RmapRangeOps:
                 continue
             for i in range(gfn_to_rmap_index(slot, lo, level), gfn_to_rmap_index(slot, hi - 1, level) + 1):
                 for table, idx in list(heads.get(i, ())):
-                    yield table, idx, level, self.sp_of[table].gfn + idx * span
+                    yield table, idx, level, self.sp_of[table].get_gfn(idx)
 
     def _all_levels(self, start: int, end: int, min_level: int = PG_LEVEL_4K) -> list[RmapSpte]:
         return [s for level in range(min_level, PG_LEVEL_1G + 1) for s in self._rmap_sptes(start, end, level)]
@@ -112,7 +112,9 @@ class RmapRangeOps:
         bits = PT_WRITABLE | (SPTE_MMU_WRITABLE if clear_mmu_writable else 0)
         writable = any(self.spt.item(tb, i) & PT_WRITABLE for tb, i, _, _ in sptes)
         changed = self._clear_bits(sptes, bits, actor, t)
-        return len(sptes), writable or (clear_mmu_writable and changed)
+        # Protecting a page table flushes whenever MMU-writable was set: a dirty-log protection may
+        # have cleared W without flushing yet (R5 brings back the flush decided by W alone).
+        return len(sptes), writable or (clear_mmu_writable and changed and self._flush_on_mmu_writable)
 
     def clear_dirty_pt_masked(self, gfns: np.ndarray, pml: bool, actor: int, t: int) -> tuple[int, bool]:
         """``kvm_mmu_write_protect_pt_masked`` (W) or ``kvm_mmu_clear_dirty_pt_masked`` (D, PML) on the

@@ -60,17 +60,31 @@ class KvmMmuPage:
     access: int  # role.access
     mmu_valid_gen: int
     vm: Vm = field(repr=False)
+    quadrant: int = 0  # role.quadrant: which part of a 4-byte-gpte guest table this page shadows
+    has_4_byte_gpte: bool = False  # role.has_4_byte_gpte (a paging32 guest)
     root_count: int = 0
     role_invalid: bool = False  # role.invalid: zapped while still in use as a root
     parent_ptes: list[tuple[int, int]] = field(default_factory=list)
+    # Indirect pages only (shadow paging): shadowed_translation's gfn per entry.
+    gfns: dict[int, int] | None = None
+    unsync: bool = False
+    unsync_children: int = 0
+    unsync_child_bitmap: set[int] = field(default_factory=set)
+    write_flooding_count: int = 0
 
     @property
     def invalid(self) -> bool:
         """Obsolete (``is_obsolete_sp``): zapped, or from before the last fast zap."""
         return self.role_invalid or self.mmu_valid_gen != self.vm.mmu_valid_gen
 
-    def role(self) -> tuple[int, bool, int]:
-        return (self.level, self.direct, self.access)
+    def role(self) -> tuple[int, bool, int, int, bool]:
+        return (self.level, self.direct, self.access, self.quadrant, self.has_4_byte_gpte)
+
+    def get_gfn(self, idx: int) -> int:
+        """``kvm_mmu_page_get_gfn``: the gfn entry ``idx`` maps (linear for direct pages)."""
+        if self.gfns is None:
+            return self.gfn + idx * pages_per_level(self.level)
+        return self.gfns[idx]
 
 
 class ShadowMmu(PageTables):
@@ -93,23 +107,43 @@ class ShadowMmu(PageTables):
 
     # -- finding and creating shadow pages -------------------------------------------------------
     def kvm_mmu_get_shadow_page(self, gfn: int, level: int, direct: bool, access: int = ACC_ALL) -> KvmMmuPage:
-        """``kvm_mmu_get_shadow_page``: the valid page of this gfn and role, else a new one."""
-        vm = self.vm
-        bucket = self.hash[kvm_page_table_hashfn(gfn)]
+        """``kvm_mmu_get_shadow_page`` for a direct page: the valid page of this gfn and role, else
+        a new one. (Indirect pages, which may be unsync, go through the shadow MMU's lookup.)"""
+        role = (level, direct, access, 0, False)
+        sp = self.find_valid_sp(gfn, role)
+        if sp is None:
+            self.vm.stat.mmu_cache_miss += 1
+            sp = self.kvm_mmu_alloc_shadow_page(gfn, role)
+        return sp
+
+    def valid_sps(self, gfn: int) -> list[KvmMmuPage]:
+        """``for_each_valid_sp`` over the gfn's bucket: the valid pages of ``gfn``; notes collisions."""
+        found = []
         collisions = 0
-        for sp in bucket:
+        for sp in self.hash[kvm_page_table_hashfn(gfn)]:
             if sp.invalid:
-                continue  # for_each_valid_sp skips obsolete pages
+                continue  # obsolete pages are skipped
             if sp.gfn != gfn:
                 collisions += 1
                 continue
-            if sp.role() == (level, direct, access):
-                vm.stat.max_mmu_page_hash_collisions = max(vm.stat.max_mmu_page_hash_collisions, collisions)
+            found.append(sp)
+        st = self.vm.stat
+        st.max_mmu_page_hash_collisions = max(st.max_mmu_page_hash_collisions, collisions)
+        return found
+
+    def find_valid_sp(self, gfn: int, role: tuple[int, bool, int, int, bool]) -> KvmMmuPage | None:
+        for sp in self.valid_sps(gfn):
+            if sp.role() == role:
                 return sp
-        vm.stat.max_mmu_page_hash_collisions = max(vm.stat.max_mmu_page_hash_collisions, collisions)
-        vm.stat.mmu_cache_miss += 1
-        sp = KvmMmuPage(self.alloc_sp(level, gfn), gfn, level, direct, access, vm.mmu_valid_gen, vm)
-        bucket.append(sp)
+        return None
+
+    def kvm_mmu_alloc_shadow_page(self, gfn: int, role: tuple[int, bool, int, int, bool]) -> KvmMmuPage:
+        """``kvm_mmu_alloc_shadow_page``: a new page at the head of ``active_mmu_pages``, hashed."""
+        vm = self.vm
+        level, direct, access, quadrant, has4 = role
+        sp = KvmMmuPage(self.alloc_sp(level, gfn), gfn, level, direct, access, vm.mmu_valid_gen, vm,
+                        quadrant=quadrant, has_4_byte_gpte=has4, gfns=None if direct else {})  # fmt: skip
+        self.hash[kvm_page_table_hashfn(gfn)].append(sp)
         self.active[sp] = None  # the head of active_mmu_pages: the newest
         self.sp_of[sp.table] = sp
         self.n_used_mmu_pages += 1
@@ -128,6 +162,9 @@ class ShadowMmu(PageTables):
         old = self.spt.item(table, idx)
         self.set_spte(table, idx, level, gfn, old, new, actor, t)
         self.leaf_slot[(table, idx)] = slot
+        gfns = self.sp_of[table].gfns
+        if gfns is not None:
+            gfns[idx] = gfn
         n = rmap_add(slot, gfn, level, (table, idx))
         self.vm.stat.max_mmu_rmap_size = max(self.vm.stat.max_mmu_rmap_size, n)
         return n
@@ -138,6 +175,9 @@ class ShadowMmu(PageTables):
         self.set_spte(table, idx, level, gfn, old, 0, actor, t)
         slot = self.leaf_slot.pop((table, idx))
         rmap_remove(slot, gfn, level, (table, idx))
+        gfns = self.sp_of[table].gfns
+        if gfns is not None:
+            del gfns[idx]
         self.vm.note_zapped(gfn, level)
 
     def rmap_recycle(self, slot: Memslot, gfn: int, level: int, actor: int, t: int) -> int:
@@ -153,24 +193,29 @@ class ShadowMmu(PageTables):
         move it to ``invalid_list`` (a root in use stays, marked invalid). Returns entries visited."""
         vm = self.vm
         vm.stat.mmu_shadow_zapped += 1
-        visited = 0
-        span = pages_per_level(sp.level)
+        visited = self.mmu_zap_unsync_children(sp, invalid_list, actor, t)
         for i in np.flatnonzero(self.spt[sp.table]).tolist():
             spte = self.spt.item(sp.table, i)
             visited += 1
             if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
-                self.set_spte(sp.table, i, sp.level, sp.gfn + i * span, spte, 0, actor, t)  # MMIO
+                gfn = sp.gfn + i * pages_per_level(sp.level) if sp.gfns is None else sp.gfns.pop(i, sp.gfn)
+                self.set_spte(sp.table, i, sp.level, gfn, spte, 0, actor, t)  # an MMIO SPTE
             elif is_last_spte(spte, sp.level):
-                self.drop_spte(sp.table, i, sp.level, sp.gfn + i * span, actor, t)
+                self.drop_spte(sp.table, i, sp.level, sp.get_gfn(i), actor, t)
             else:  # kvm_mmu_unlink_children: the child loses this parent
                 child = self.sp_of[(spte & PFN_MASK) >> PFN_SHIFT]
                 child.parent_ptes.remove((sp.table, i))
-                self.set_spte(sp.table, i, sp.level, sp.gfn + i * span, spte, 0, actor, t)
+                self.set_spte(sp.table, i, sp.level, child.gfn, spte, 0, actor, t)
         for table, idx in sp.parent_ptes:  # kvm_mmu_unlink_parents
             old = self.spt.item(table, idx)
             self.set_spte(table, idx, sp.level + 1, sp.gfn, old, 0, actor, t)
             visited += 1
         sp.parent_ptes.clear()
+        sp.unsync_child_bitmap.clear()
+        sp.unsync_children = 0
+        if sp.gfns is not None and not sp.role_invalid:  # a root zapped before was unaccounted then
+            self.unaccount_shadowed(sp)
+        sp.unsync = False  # kvm_unlink_unsync_page
         if sp.root_count:
             sp.role_invalid = True
             self.active.pop(sp)
@@ -179,6 +224,14 @@ class ShadowMmu(PageTables):
             self._unhash(sp)
             invalid_list.append(sp)
         return visited
+
+    def mmu_zap_unsync_children(self, sp: KvmMmuPage, invalid_list: list[KvmMmuPage], actor: int, t: int) -> int:
+        """``mmu_zap_unsync_children``: nothing to do without shadow paging (no page is unsync)."""
+        return 0
+
+    def unaccount_shadowed(self, sp: KvmMmuPage) -> None:
+        """``unaccount_shadowed``: only indirect pages (shadow paging) track their gfn."""
+        raise AssertionError("only shadow paging creates indirect shadow pages")
 
     def _unhash(self, sp: KvmMmuPage) -> None:
         self.hash[kvm_page_table_hashfn(sp.gfn)].remove(sp)
@@ -209,7 +262,7 @@ class ShadowMmu(PageTables):
         for sp in list(self.active):  # kvm_mmu_zap_oldest_mmu_pages: from the tail (oldest)
             if len(invalid) >= want:
                 break
-            if sp.root_count:
+            if sp.root_count or sp not in self.active:  # a root in use, or zapped with its parent
                 continue
             visited += self.kvm_mmu_prepare_zap_page(sp, invalid, actor, t)
         self.vm.stat.mmu_recycled += len(invalid)
@@ -224,7 +277,7 @@ class ShadowMmu(PageTables):
         seen: set[tuple[int, int]] = set()
         for (table, idx), slot in self.leaf_slot.items():
             sp = self.sp_of[table]
-            gfn = sp.gfn + idx * pages_per_level(sp.level)
+            gfn = sp.get_gfn(idx)
             spte = self.spt.item(table, idx)
             if not (spte & SPTE_MMU_PRESENT) or not is_last_spte(spte, sp.level):
                 problems.append(f"rmap holds a non-leaf at table {table} index {idx}")

@@ -15,7 +15,6 @@ from numba import njit
 # The helpers are inlined into the kernel: a real call would reference-count every array argument
 # (atomic operations), which costs more than the TLB work itself.
 from vsim.mmu.spte import PFN_MASK, PT_PAGE_SIZE, PT_PRESENT_R, PT_WRITABLE, SPTE_ACCESSED, SPTE_DIRTY
-from vsim.vcpu.walk import BOOT_PT_EPT_LEVELS
 
 STOP_DONE = 0
 STOP_EPT_VIOLATION = 1
@@ -83,7 +82,8 @@ def run_accesses(
     limit,
     spt,
     root_table,
-    guest_level,
+    guest_refs,
+    max_class,
     tags,
     wr,
     sets,
@@ -95,11 +95,17 @@ def run_accesses(
     counters,
     written,
     wbase,
+    wmap,
     pml_buf,
     pml_n,
     synced,
 ):  # type: ignore[no-untyped-def]
     """Run accesses ``start..stop``; returns ``(index, elapsed_ns, status, fault_refs, present)``.
+
+    Each access is a page number (a gfn under EPT, a guest virtual page under shadow paging) walked
+    through the four levels below ``root_table``; a walk makes ``guest_refs`` references besides
+    those (the guest's levels of a 2D walk, or minus the PAE stand-in levels of a shadow walk), and
+    a translation is cached at size class ``min(leaf - 1, max_class)``.
 
     ``status`` is ``STOP_DONE`` (all ran), or ``STOP_EPT_VIOLATION`` / ``STOP_EPT_MISCONFIG`` at
     ``index``, whose walk made ``fault_refs`` references and found an EPT leaf (``present``) or
@@ -107,7 +113,8 @@ def run_accesses(
     A walk that would set A on a leaf (prefetched or aged) stops with ``STOP_SET_ACCESSED`` unless
     its access is ``synced`` (the caller brought the vCPU to that access's instant first), because
     other actors read A (``mmu_set_spte`` compares whole SPTEs, aging tests it). Completed writes are
-    noted in ``written[gfn - wbase]`` where that index exists. A walk sets A
+    noted in ``written[k]`` for ``k = key - wbase``, mapped through ``wmap[k]`` when ``wmap`` is not
+    empty (a process's pages → test-region frames), where that index exists. A walk sets A
     on a leaf with A clear, and a write through a writable leaf with D clear sets D (hardware A/D);
     with PML on (``pml_buf`` not empty) the write first appends the gfn to ``pml_buf`` (``pml_n[0]``
     entries used), or stops with ``STOP_PML_FULL``.
@@ -116,7 +123,6 @@ def run_accesses(
     stretch (a kick could arrive by then).
     """
     t = 0
-    guest_refs = (5 - guest_level) * (BOOT_PT_EPT_LEVELS + 1)
     hits = 0
     walks = 0
     walk_refs = 0
@@ -138,7 +144,7 @@ def run_accesses(
                 break
         if hit:
             if w:
-                _note_write(written, g - wbase)
+                _note_write(written, wmap, g - wbase)
             t += c_guest + c_hit
             hits += 1
             i += 1
@@ -183,10 +189,10 @@ def run_accesses(
         e |= SPTE_ACCESSED  # the CPU sets A on the leaf it used (aging may have cleared it)
         if e != e0:
             spt[table, (g >> (9 * (level - 1))) & 511] = e
-        eff = min(guest_level, leaf) - 1
+        eff = min(max_class, leaf - 1)
         _insert(tags, wr, sets, ways, count, eff, g >> (9 * eff), (2 if dirty else 1) if writable else 0)
         if w:
-            _note_write(written, g - wbase)
+            _note_write(written, wmap, g - wbase)
         t += c_guest + refs * c_ref
         walks += 1
         walk_refs += refs
@@ -196,8 +202,12 @@ def run_accesses(
 
 
 @njit(cache=True, inline="always")
-def _note_write(written, k):  # type: ignore[no-untyped-def]
+def _note_write(written, wmap, k):  # type: ignore[no-untyped-def]
     """The invariant checker's record of completed writes (an empty array when it is off)."""
+    if wmap.shape[0]:
+        if not 0 <= k < wmap.shape[0]:
+            return
+        k = wmap[k]
     if 0 <= k < written.shape[0]:
         written[k] = 1
 

@@ -36,6 +36,24 @@ class Tlb:
         self.wr[:] = 0
         self.count[:] = 0
 
+    def invalidate(self, page: int) -> None:
+        """Drop the translations of one page in every size class (INVLPG / INVVPID address)."""
+        for c in range(NCLASSES):
+            key = page >> (9 * c)
+            row = key % int(self.sets[c])
+            n = int(self.ways[c])
+            tags, wr = self.tags[c, row], self.wr[c, row]
+            for i in range(n):
+                if tags[i] == EMPTY:
+                    break
+                if tags[i] == key:
+                    tags[i : n - 1] = tags[i + 1 : n].copy()
+                    wr[i : n - 1] = wr[i + 1 : n].copy()
+                    tags[n - 1] = EMPTY
+                    wr[n - 1] = 0
+                    self.count[c] -= 1
+                    break
+
     def entries(self) -> list[tuple[int, int, bool]]:
         """``(size_class, key, writable)`` for every cached translation, by set, MRU first."""
         out = []
@@ -83,6 +101,15 @@ class RefTlb:
             if len(row) == self.ways[size_class]:
                 row.pop()
         row.insert(0, [key, writable])
+
+    def invalidate(self, page: int) -> None:
+        for c in range(NCLASSES):
+            key = page >> (9 * c)
+            row = self.sets[c][key % self.nsets[c]]
+            for i, entry in enumerate(row):
+                if entry[0] == key:
+                    row.pop(i)
+                    break
 
     def flush(self) -> None:
         for sets in self.sets:

@@ -50,7 +50,7 @@ from vsim.vcpu.batch import (
 )
 from vsim.vcpu.tlb import RefTlb, Tlb
 from vsim.vcpu.vcpu_requests import VcpuRequests
-from vsim.vcpu.walk import MISCONFIG, walk_2d
+from vsim.vcpu.walk import MISCONFIG, guest_refs_2d, walk_2d
 from vsim.vcpu.workloads import Workload
 
 if TYPE_CHECKING:
@@ -88,12 +88,18 @@ class Vcpu(VcpuRequests, Actor):
         self.pml_buf = np.zeros(0, dtype=np.int64)
         self.pml_n = np.zeros(1, dtype=np.int64)
         self.pml_on = False
-        self.guest_level = vm.guest_level
+        # The hardware walk: references besides the walk below the root, and the largest TLB size
+        # class (the guest's leaf under EPT; shadow paging caches the shadow leaf's size).
+        self.guest_refs = guest_refs_2d(vm.guest_level)
+        self.max_class = vm.guest_level - 1
+        self.wmap = np.zeros(0, dtype=np.int64)  # access key -> written index (empty: the key is a gfn)
+        self.prev_roots: list = []  # type: ignore[type-arg]  # shadow paging's cached previous roots
         self.finished_at = -1
         self.last_used_slot = None
         self.last_used_slot_gen = 0
         self.ipis: list[int] = []  # arrival times of IPIs sent to this vCPU, in order
         self.kick_at = NEVER  # the first of them
+        self.guest_event_at = NEVER  # the guest kernel's next scheduled action (shadow paging)
         self.mmio_gfn = -1  # the per-vCPU MMIO cache (vcpu->arch.mmio_gfn / mmio_gen)
         self.mmio_gen = -1
         # Span ids are per vCPU, so allocating one never touches state another vCPU can see.
@@ -157,7 +163,7 @@ class Vcpu(VcpuRequests, Actor):
     def kvm_mmu_load(self) -> None:
         """``kvm_mmu_reload`` → ``kvm_mmu_load``: get the shared root of the MMU's role, flush the
         context."""
-        self.root = self.vm.mmu.alloc_root()
+        self.root = self.vm.mmu.alloc_vcpu_root(self)
         self.tlb.flush()  # flush_tlb_current, called directly: KVM does not count it in tlb_flush
         if self.vm.checker is not None:
             self.vm.checker.on_local_flush(self)
@@ -168,17 +174,16 @@ class Vcpu(VcpuRequests, Actor):
         c = self.vm.costs
         vm = self.vm
         mmu = vm.mmu
-        guest_level = self.guest_level
         i, n = 0, len(gfns)
         synced = -1  # the access brought to its own instant, whose walk may set A
         while i < n:
             assert self.root is not None
             # Run no further than a kick could arrive (an IPI after the VMM's next possible action).
-            limit = min(vm.horizon(self), self.kick_at) - self.now
+            limit = min(vm.horizon(self), self.kick_at, self.guest_event_at) - self.now
             j, dt, status, refs, present = run_accesses(
-                gfns, writes, i, n, limit, mmu.spt, self.root.table, guest_level,
+                gfns, writes, i, n, limit, mmu.spt, self.root.table, self.guest_refs, self.max_class,
                 tlb.tags, tlb.wr, tlb.sets, tlb.ways, tlb.count,
-                c.guest_access, c.tlb_hit, c.walk_ref, self.counters, self.written, self.wbase,
+                c.guest_access, c.tlb_hit, c.walk_ref, self.counters, self.written, self.wbase, self.wmap,
                 self.pml_buf, self.pml_n, synced,
             )  # fmt: skip
             self.now += dt
@@ -186,6 +191,14 @@ class Vcpu(VcpuRequests, Actor):
             if status == STOP_DONE:
                 return
             if status == STOP_HORIZON and self.kick_at > self.now:
+                if self.guest_event_at <= self.now:
+                    # Reach the instant first: a kick due by then is taken before the guest's work.
+                    ev = self.sync()
+                    if ev is not None:
+                        yield ev
+                        continue
+                    yield from self.guest_event()
+                    continue
                 # Let the clock catch up so the VMM can act (or show it will not yet).
                 yield At(self.env, self.now - self.env.now, self.prio)
                 continue
@@ -225,6 +238,9 @@ class Vcpu(VcpuRequests, Actor):
             if self.kick_at <= self.now:
                 yield from self.handle_external_interrupt()
                 continue
+            if self.guest_event_at <= self.now:
+                yield from self.guest_event()
+                continue
             g, w = int(gfns[i]), bool(writes[i])
             if tlb.lookup(g, w):
                 self._note_write(g, w)
@@ -233,7 +249,7 @@ class Vcpu(VcpuRequests, Actor):
                 st[1] += 1
                 i += 1
                 continue
-            ok, refs, leaf, writable = walk_2d(mmu.spt, self.root.table, g, w, self.guest_level)  # type: ignore[attr-defined]
+            ok, refs, leaf, writable = walk_2d(mmu.spt, self.root.table, g, w, self.guest_refs)  # type: ignore[attr-defined]
             if not ok:
                 if leaf == MISCONFIG:
                     done = yield from self.handle_ept_misconfig(g, w, refs)
@@ -257,7 +273,7 @@ class Vcpu(VcpuRequests, Actor):
                 mmu.spt[table, idx] = new
             if set_d:
                 writable = 2
-            tlb.insert(min(self.guest_level, leaf) - 1, g, writable)
+            tlb.insert(min(self.max_class, leaf - 1), g, writable)
             self._note_write(g, w)
             self.now += c.guest_access + refs * c.walk_ref
             st[0] += 1
@@ -265,9 +281,20 @@ class Vcpu(VcpuRequests, Actor):
             st[3] += refs
             i += 1
 
-    def _note_write(self, gfn: int, write: bool) -> None:
-        k = gfn - self.wbase
-        if write and 0 <= k < len(self.written):
+    def guest_event(self) -> Generator[object, object, None]:
+        """The guest kernel's scheduled work (context switches, forks): ``ShadowVcpu`` only."""
+        raise AssertionError("a guest event without a guest kernel")
+        yield
+
+    def _note_write(self, key: int, write: bool) -> None:
+        k = key - self.wbase
+        if not write:
+            return
+        if len(self.wmap):
+            if not 0 <= k < len(self.wmap):
+                return
+            k = int(self.wmap[k])
+        if 0 <= k < len(self.written):
             self.written[k] = 1
 
     # -- exits -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 from vsim.dirty_log import mark_page_dirty_in_slot
 from vsim.requests import (
     KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
+    KVM_REQ_MMU_SYNC,
     KVM_REQ_TLB_FLUSH,
     KVM_REQ_TLB_FLUSH_CURRENT,
     KVM_REQ_UPDATE_CPU_DIRTY_LOGGING,
@@ -32,8 +33,12 @@ class VcpuRequests:
         """The ``KVM_REQ_*`` handled at the top of ``vcpu_enter_guest``, in the kernel's order."""
         req = self.requests
         self.requests = 0
-        if req & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and self.root is not None and self.root.invalid:
+        if req & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and (
+            (self.root is not None and self.root.invalid) or any(r.invalid for r in self.prev_roots)
+        ):
             yield from self.kvm_mmu_free_obsolete_roots()
+        if req & KVM_REQ_MMU_SYNC:
+            yield from self.kvm_mmu_sync_roots()
         if req & KVM_REQ_UPDATE_CPU_DIRTY_LOGGING:
             # vmx_update_cpu_dirty_logging: PML on while any memslot is dirty-logged.
             if self.vm.nr_memslots_dirty_logging:
@@ -62,13 +67,24 @@ class VcpuRequests:
         ev = (lock.write_lock if write else lock.read_lock)(self.id, self.now)
         if ev is not None:
             self.now = yield ev  # type: ignore[assignment]
-        self.now = vm.mmu.put_root(self.root, self.id, self.now)  # type: ignore[arg-type]
-        self.root = None
+        for r in [r for r in self.prev_roots if r.invalid]:  # KVM_MMU_ROOTS_ALL: the cached ones too
+            self.prev_roots.remove(r)
+            self.now = vm.mmu.put_root(r, self.id, self.now)
+        reload = self.root is not None and self.root.invalid
+        if reload:
+            self.now = vm.mmu.put_root(self.root, self.id, self.now)  # type: ignore[arg-type]
+            self.root = None
         ev = self.sync()
         if ev is not None:
             yield ev
         (lock.write_unlock if write else lock.read_unlock)(self.id, self.now)
-        self.kvm_mmu_load()
+        if reload:
+            self.kvm_mmu_load()
+
+    def kvm_mmu_sync_roots(self: Vcpu) -> Generator[object, object, None]:
+        """``KVM_REQ_MMU_SYNC``: only shadow paging has unsync pages (``ShadowVcpu``)."""
+        return
+        yield
 
     def kvm_vcpu_flush_tlb_all(self: Vcpu) -> None:
         """``kvm_vcpu_flush_tlb_all``: drop every translation of this vCPU (INVEPT all contexts)."""

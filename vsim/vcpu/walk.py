@@ -50,12 +50,19 @@ def ept_walk(spt: np.ndarray, root_table: int, gfn: int) -> tuple[int, int, int]
         level -= 1
 
 
-def walk_2d(spt: np.ndarray, root_table: int, gfn: int, write: bool, guest_level: int) -> tuple[bool, int, int, int]:
-    """One 2D walk: ``(ok, references, leaf_level, write_state)``; ``ok`` is False on an EPT
+def guest_refs_2d(guest_level: int) -> int:
+    """References a 2D walk makes besides the EPT walk of the data page: each guest level's entry,
+    and the EPT walk that translates its table."""
+    return guest_walk_levels(guest_level) * (BOOT_PT_EPT_LEVELS + 1)
+
+
+def walk_2d(spt: np.ndarray, root_table: int, gfn: int, write: bool, guest_refs: int) -> tuple[bool, int, int, int]:
+    """One hardware walk: ``(ok, references, leaf_level, write_state)``; ``ok`` is False on an EPT
     violation or misconfiguration (``leaf_level == MISCONFIG``). ``write_state`` is what a TLB entry
-    caches: 0 read-only, 1 writable with D clear, 2 writable and dirty."""
+    caches: 0 read-only, 1 writable with D clear, 2 writable and dirty. ``guest_refs`` are the
+    references besides the walk of ``root_table`` (``guest_refs_2d``; a shadow walk's own offset)."""
     refs, leaf_level, spte = ept_walk(spt, root_table, gfn)
-    refs += guest_walk_levels(guest_level) * (BOOT_PT_EPT_LEVELS + 1)
+    refs += guest_refs
     writable = bool(spte & PT_WRITABLE)
     ok = leaf_level > 0 and (writable or not write)
     return ok, refs, leaf_level, (2 if spte & SPTE_DIRTY else 1) if writable else 0
