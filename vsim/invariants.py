@@ -60,6 +60,7 @@ class InvariantChecker:
         self._last_restriction = -1  # time of the latest SPTE restriction not yet covered by a flush
         # (done, latest restriction it covers) for every remote flush, in request order.
         self._flushes: list[tuple[int, int]] = []
+        self._covered_base = -1  # the latest restriction covered by a flush done before the clock
         self._local_flush: dict[int, int] = {}  # vCPU id -> time of its last full TLB flush
         self._carry: dict[int, list[int]] = {}  # slot -> written pages still in PML buffers
         # Test-region pages the guest wrote since the last harvest of their slot returned; the vCPUs
@@ -97,19 +98,15 @@ class InvariantChecker:
         """§13.3: when ``account_shadowed`` returns at ``t``, no vCPU can still write ``gfn`` through
         its TLB: each writable translation of it belongs to a vCPU whose flush is already due (a
         pending ``KVM_REQ_TLB_FLUSH`` whose IPI has arrived, or that it takes at its next entry)."""
-        mmu = self.vm.mmu
+        keys = self.vm.mmu.tlb_keys_of_gfn(gfn)
         for v in self.vm.vcpus:
             if v.root is None or v.root.invalid:
                 continue
             if v.requests & KVM_REQ_TLB_FLUSH and (v.mode != IN_GUEST_MODE or v.kick_at <= t):
                 continue
-            for size_class, key, writable in v.tlb.entries():
-                if not writable:
-                    continue
-                first = mmu.tlb_entry_gfn(v.root, key << (9 * size_class))
-                if first is not None and first <= gfn < first + (1 << (9 * size_class)):
-                    self._violate("write_tracked_writable_tlb", f"vcpu {v.id} can still write gfn {gfn:#x}, which "
-                                  "is now a shadowed guest page table", t)  # fmt: skip
+            if any(v.tlb.peek(c, key) > 0 for c, key in keys):
+                self._violate("write_tracked_writable_tlb", f"vcpu {v.id} can still write gfn {gfn:#x}, which "
+                              "is now a shadowed guest page table", t)  # fmt: skip
 
     def on_flush(self, t: int, done: int) -> None:
         """A remote flush requested at ``t`` covers every restriction made up to ``t``."""
@@ -144,7 +141,13 @@ class InvariantChecker:
 
     def on_entry(self, vcpu: Vcpu) -> None:
         """§13.1 at VM entry: a completed flush's restrictions are out of this vCPU's TLB."""
-        covered = max((r for done, r in self._flushes if done <= vcpu.now), default=-1)
+        # Flushes done by the global clock are covered for every vCPU (none is behind it): fold them.
+        now = self.vm.env.now
+        if any(done <= now for done, _ in self._flushes):
+            self._covered_base = max([self._covered_base] + [r for done, r in self._flushes if done <= now])
+            self._flushes = [(done, r) for done, r in self._flushes if done > now]
+        covered = max((r for done, r in self._flushes if done <= vcpu.now), default=self._covered_base)
+        covered = max(covered, self._covered_base)
         if covered >= 0 and self._local_flush.get(vcpu.id, -1) < covered:
             self._check_tlb(vcpu, "stale_tlb_after_flush", vcpu.now)
 

@@ -28,6 +28,7 @@ VCPU_STATS = (
     "insn_emulation",  # instructions emulated (MMIO accesses here)
     "pf_guest",  # page faults KVM injected into the guest (shadow paging)
     "invlpg",  # INVLPG exits handled (shadow paging)
+    "gpte_reads",  # vsim: guest PTEs FNAME(walk_addr) read from guest memory
     "cr3_writes",  # vsim: MOV to CR3 exits (shadow paging)
     "guest_forks",  # vsim: fork() calls by the guest kernel
     "pf_retry",  # vsim: RET_PF_RETRY (KVM has no counter; the guest simply faults again)

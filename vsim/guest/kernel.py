@@ -237,14 +237,18 @@ class GuestKernel:
     def _copy_table(self, v: ShadowVcpu, src: int, dst: int, level: int,
                     pool: FramePool) -> Generator[object, object, None]:  # fmt: skip
         mode, mem = self.mode, self.mem
-        for i in self._user_entries(src, level):
-            e = mem.read(src, i)
-            if level == 1:  # copy_present_pte: COW, both sides read-only
+        if level == 1:  # copy_pte_range → copy_present_pte: COW, both sides read-only
+            stores: list[tuple[int, int, int | None]] = []
+            for i in self._user_entries(src, level):
+                e = mem.read(src, i)
                 if e & PT_WRITABLE_MASK:
                     e &= ~PT_WRITABLE_MASK
-                    yield from v.guest_store(src, i, e)
-                yield from v.guest_store(dst, i, e)
-                continue
+                    stores.append((src, i, e))
+                stores.append((dst, i, e))
+            yield from v.guest_stores(stores)
+            return
+        for i in self._user_entries(src, level):
+            e = mem.read(src, i)
             child_src = gpte_to_gfn(e, level, mode)
             if level == 3 and mode.levels == 3:  # PAE: the child's PMD exists already
                 child_dst = gpte_to_gfn(mem.read(dst, i), level, mode)
@@ -268,6 +272,9 @@ class GuestKernel:
 
     def _free_table(self, v: ShadowVcpu, table: int, level: int, pool: FramePool) -> Generator[object, object, None]:
         mode, mem = self.mode, self.mem
+        if level == 1:  # zap_pte_range
+            yield from v.guest_stores([(table, i, 0) for i in self._user_entries(table, level)])
+            return
         for i in self._user_entries(table, level):
             e = mem.read(table, i)
             if level > 1:

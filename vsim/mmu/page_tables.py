@@ -106,9 +106,9 @@ class PageTables:
         """The root a vCPU loads (``kvm_mmu_load``): the MMU's shared root of its role."""
         return self.alloc_root()  # type: ignore[attr-defined, no-any-return]
 
-    def tlb_entry_gfn(self, root: Root, page: int) -> int | None:
-        """The first gfn a TLB entry for ``page`` translates to (the page is a gfn under EPT)."""
-        return page
+    def tlb_keys_of_gfn(self, gfn: int) -> list[tuple[int, int]]:
+        """``(size_class, key)`` of every TLB entry that could translate to ``gfn``."""
+        return [(c, gfn >> (9 * c)) for c in range(3)]
 
     # -- lockless walks --------------------------------------------------------------------------
     def walk_to(self, root: Root, gfn: int, goal: int) -> tuple[int, int, int, int]:

@@ -42,7 +42,7 @@ class GuestWalker:
     gfn: int = 0  # the 4K gfn the address translates to
     pte_access: int = ACC_ALL  # access of the leaf (AND over every level)
     fault: int = 0  # the #PF error code when the walk failed, else 0
-    reads: int = 0  # gptes read (the walk's memory accesses)
+    reads: int = 0  # gptes read from guest memory (PAE's PDPTE comes from the PDPTRs)
     ad_updates: int = 0  # gptes whose A/D bits the walk set
     table_gfn: dict[int, int] = field(default_factory=dict)  # level -> gfn of the table read there
     pte_index: dict[int, int] = field(default_factory=dict)  # level -> index of the gpte used
@@ -59,13 +59,14 @@ def walk_addr(mem: GuestMemory, mode: PagingMode, cr3_gfn: int, gvpn: int, write
     while True:
         idx = mode.index(gvpn, level)
         gpte = mem.read(table, idx)
-        w.reads += 1
+        pdpte = mode.levels == 3 and level == 3  # PAE: from the PDPTRs loaded with CR3, not memory
+        w.reads += not pdpte
         w.table_gfn[level] = table
         w.pte_index[level] = idx
         if not gpte & PT_PRESENT_MASK:
             w.fault = (PFERR_WRITE_MASK if write else 0) | (PFERR_USER_MASK if user else 0)
             return w
-        if not (mode.levels == 3 and level == 3):  # PAE PDPTEs carry no access bits
+        if not pdpte:  # PAE PDPTEs carry no access bits
             access &= gpte_access(gpte)
             used.append((table, idx, gpte))
         w.pt_access[level] = access

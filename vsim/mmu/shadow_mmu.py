@@ -145,6 +145,7 @@ class ShadowPagingMmu(PageTrack, UnsyncOps, LegacyMmu):
             else:
                 sp, v.now = self.get_indirect_sp(v.id, cr3, 2, ACC_ALL, i, v.now)
             sp.root_count += 1
+            sp.pae_index = i
             self.spt[pae, i] = make_nonleaf_spte(sp.table)
             sps.append(sp)
         return ShadowRoot(pml4, cr3, sps, (pml4, pae))
@@ -205,6 +206,7 @@ class ShadowPagingMmu(PageTrack, UnsyncOps, LegacyMmu):
         gvpn = fault.addr >> 12
         w = walk_addr(self.guest_mem, mode, v.cr3, gvpn, fault.write, fault.user)  # type: ignore[attr-defined]
         v.now += (w.reads + w.ad_updates) * self._c_gpte
+        v.stat.gpte_reads += w.reads
         if w.fault:  # kvm_inject_emulated_page_fault: the guest's own #PF
             v.inject_page_fault(gvpn, w.fault)  # type: ignore[attr-defined]
             return RET_PF_RETRY
@@ -334,12 +336,30 @@ class ShadowPagingMmu(PageTrack, UnsyncOps, LegacyMmu):
                 break
         return t + self._c_sync
 
-    def tlb_entry_gfn(self, root: ShadowRoot, page: int) -> int | None:  # type: ignore[override]
-        """The gfn the shadow leaf for a guest virtual page maps, if there is one."""
-        table, idx, level, spte = self.walk_last(root, page)
-        if not is_shadow_present_pte(spte) or not is_last_spte(spte, level) or table not in self.sp_of:
-            return None
-        return self.sp_of[table].get_gfn(idx) + (page & (pages_per_level(level) - 1))
+    def tlb_keys_of_gfn(self, gfn: int) -> list[tuple[int, int]]:
+        """``(size_class, key)`` of the guest virtual pages whose shadow leaves map ``gfn``: from
+        each leaf on the gfn's rmaps up its ``parent_ptes`` to the roots."""
+        keys = []
+        slot = self.vm.memslots.gfn_to_memslot(gfn)
+        if slot is None:
+            return keys
+        for level in (1, 2, 3):
+            for table, idx in slot.rmap[level - 1].get(gfn_to_rmap_index(slot, gfn, level), ()):
+                for gvpn in self._gvpns_of(table, idx << (9 * (level - 1))):
+                    keys.append((level - 1, gvpn >> (9 * (level - 1))))
+        return keys
+
+    def _gvpns_of(self, table: int, low: int) -> list[int]:
+        """The virtual pages reaching entry bits ``low`` of page ``table`` from a root."""
+        sp = self.sp_of[table]
+        if sp.pae_index is not None:  # a PAE root: its place in pae_root gives gva bits 31:30
+            return [low | sp.pae_index << 18]
+        if not sp.parent_ptes:  # a 4-level root: canonical addresses above the lower half
+            return [low | (0xFFFF << 36 if low >> 35 & 1 else 0)]
+        out = []
+        for ptable, pidx in sp.parent_ptes:
+            out += self._gvpns_of(ptable, low | pidx << (9 * sp.level))
+        return out
 
     def check_shadow(self) -> list[tuple[str, str]]:
         """Role discipline (§13.8): only indirect 4K pages are unsync, and each unsync page is

@@ -30,7 +30,7 @@ from vsim.mmu.spte import (
     make_nonleaf_spte,
     pages_per_level,
 )
-from vsim.requests import kvm_flush_remote_tlbs
+from vsim.requests import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_flush_remote_tlbs, kvm_make_all_cpus_request
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
@@ -71,6 +71,7 @@ class KvmMmuPage:
     unsync_children: int = 0
     unsync_child_bitmap: set[int] = field(default_factory=set)
     write_flooding_count: int = 0
+    pae_index: int | None = None  # a PAE root page: its entry in pae_root
 
     @property
     def invalid(self) -> bool:
@@ -217,9 +218,12 @@ class ShadowMmu(PageTables):
             self.unaccount_shadowed(sp)
         sp.unsync = False  # kvm_unlink_unsync_page
         if sp.root_count:
+            was_valid = not sp.invalid
             sp.role_invalid = True
             self.active.pop(sp)
             self.active[sp] = None  # moved to the head: not revisited by the tail walk
+            if was_valid:  # its users must drop it before they enter again
+                kvm_make_all_cpus_request(vm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, t, me=actor)
         else:
             self._unhash(sp)
             invalid_list.append(sp)
@@ -270,6 +274,11 @@ class ShadowMmu(PageTables):
         return self.kvm_mmu_commit_zap_page(invalid, actor, t)
 
     # -- inspection --------------------------------------------------------------------------------
+    def tlb_keys_of_gfn(self, gfn: int) -> list[tuple[int, int]]:
+        """``(size_class, key)`` of every TLB entry that could translate to ``gfn`` (a direct MMU's
+        key is the gfn at the leaf's size)."""
+        return [(level - 1, gfn >> (9 * (level - 1))) for level in (1, 2, 3)]
+
     def check_rmaps(self) -> list[str]:
         """Every leaf SPTE is on its gfn's rmap exactly once and every rmap entry is a present
         leaf of that gfn; every ``parent_ptes`` entry points at its child (spec §13)."""

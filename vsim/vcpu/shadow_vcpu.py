@@ -54,7 +54,8 @@ class ShadowVcpu(Vcpu):
         self.max_class = 2
         self.kernel: GuestKernel | None = vm.guest
         self.cr3 = 0
-        self.pending_store: tuple[int, int, int | None, int, int] | None = None  # gfn, idx, value, bytes, units
+        self._stores: list[tuple[int, int, int | None]] | None = None  # the kernel's stores in flight
+        self._stored: list[bool] = []  # which of them the emulator completed
         self.injected: tuple[int, int] | None = None  # (gvpn, error code) of the #PF KVM injected
         self.procs: list[GuestProcess] = []
         if self.kernel is not None:
@@ -110,42 +111,40 @@ class ShadowVcpu(Vcpu):
 
     def emulate_write(self, fault: KvmPageFault) -> Generator[object, object, bool]:
         """``x86_emulate_instruction`` on a store to a write-protected guest page: the emulator
-        writes guest memory (``emulator_write_phys``), and each written unit goes to
-        ``kvm_mmu_track_write``. A string store (``clear_page``) is emulated unit by unit in this
-        exit."""
+        writes guest memory (``emulator_write_phys``) and reports it to ``kvm_mmu_track_write``.
+        A string store (``clear_page``) is not a page-table-writing instruction: KVM unprotects
+        the page and lets the guest run it again (``retry_instruction``). Returns whether the
+        access is complete."""
         c = self.vm.costs
         self.stat.insn_emulation += 1
+        self.now += c.emulate
         gfn = fault.gfn
-        ps = self.pending_store
-        mine = ps is not None and self.kernel is not None and self.kernel.kva(ps[0]) == fault.addr >> 12
-        if mine and ps[4] > 1:  # type: ignore[index]
-            # retry_instruction: a string store is not a page-table-writing instruction, so KVM
-            # stops shadowing the gfn and lets the guest execute it again (no emulation).
-            self.now += c.emulate
+        store = None
+        if self._stores is not None:
+            store = self._stores[self.cur_access]
+            assert self.kernel is not None and self.kernel.kva(store[0]) == fault.addr >> 12
+        if store is not None and store[2] is None:
             yield from self.mmu.kvm_mmu_unprotect_page(self, gfn)
             return False
-        if mine:
-            _, idx, _, nbytes, _ = ps  # type: ignore[misc]
-            self.now += c.emulate
-            yield from self.mmu.kvm_mmu_track_write(self, gfn, idx * nbytes, nbytes)
-            self._apply_store()
+        if store is not None:
+            nbytes = self.kernel.mode.pte_bytes  # type: ignore[union-attr]
+            yield from self.mmu.kvm_mmu_track_write(self, gfn, store[1] * nbytes, nbytes)
+            self._apply(store)
+            self._stored[self.cur_access] = True
         else:  # a data store (memstress) to a frame that still shadows a guest page table
-            self.now += c.emulate
             yield from self.mmu.kvm_mmu_track_write(self, gfn, 0, 8, 1)
             self._note_frame_write(gfn)
         self.counters[0] += 1
         return True
 
-    def _apply_store(self) -> None:
-        ps = self.pending_store
-        assert ps is not None and self.kernel is not None
-        gfn, idx, value, _, _ = ps
+    def _apply(self, store: tuple[int, int, int | None]) -> None:
+        assert self.kernel is not None
+        gfn, idx, value = store
         if value is None:
             self.kernel.mem.zero(gfn)
         else:
             self.kernel.mem.write(gfn, idx, value)
         self._note_frame_write(gfn)
-        self.pending_store = None
 
     def _note_frame_write(self, gfn: int) -> None:
         k = gfn - self.vm.region_base_gfn
@@ -153,30 +152,35 @@ class ShadowVcpu(Vcpu):
             self.written[k] = 1
 
     # -- guest kernel code ---------------------------------------------------------------------------
-    def _access_one(self, gvpn: int, write: bool) -> Generator[object, object, None]:
-        """One access by guest kernel code; its timers wait until the kernel is done."""
+    def guest_stores(self, stores: list[tuple[int, int, int | None]]) -> Generator[object, object, None]:
+        """Guest kernel stores through the direct map, in order: ``(gfn, index, gpte)`` is a
+        ``set_pte``, ``(gfn, 0, None)`` a ``clear_page`` string store. They run as guest accesses
+        (TLB hits, shadow walks, exits); a store that is not emulated reaches memory at the end
+        (only this vCPU's kernel reads these pages meanwhile). The kernel's timers wait."""
+        assert self.kernel is not None and self._stores is None
+        n = len(stores)
+        if not n:
+            return
+        keys = np.fromiter((self.kernel.kva(g) for g, _, _ in stores), dtype=np.int64, count=n)
+        self._stores, self._stored = stores, [False] * n
         step = self._run_reference if self.reference else self._run_batched
         due, self.guest_event_at = self.guest_event_at, NEVER
-        yield from step(np.array([gvpn], dtype=np.int64), np.array([write], dtype=np.bool_))
+        yield from step(keys, np.ones(n, dtype=np.bool_))
         self.guest_event_at = due
+        for store, done in zip(stores, self._stored, strict=True):
+            if not done:
+                if store[2] is None:
+                    self.now += self.vm.costs.zero_4k
+                self._apply(store)
+        self._stores = None
 
     def guest_store(self, gfn: int, idx: int, value: int) -> Generator[object, object, None]:
-        """A store of one gpte through the direct map (``set_pte``)."""
-        assert self.kernel is not None
-        self.pending_store = (gfn, idx, value, self.kernel.mode.pte_bytes, 1)
-        yield from self._access_one(self.kernel.kva(gfn), True)
-        if self.pending_store is not None:  # the store ran natively, not emulated
-            self._apply_store()
+        """One ``set_pte``."""
+        yield from self.guest_stores([(gfn, idx, value)])
 
     def guest_clear_page(self, gfn: int) -> Generator[object, object, None]:
-        """``clear_page``: a string store over the page through the direct map."""
-        assert self.kernel is not None
-        pte_bytes = self.kernel.mode.pte_bytes
-        self.pending_store = (gfn, 0, None, pte_bytes, 4096 // pte_bytes)
-        yield from self._access_one(self.kernel.kva(gfn), True)
-        if self.pending_store is not None:
-            self.now += self.vm.costs.zero_4k
-            self._apply_store()
+        """``clear_page``: a string store over the page."""
+        yield from self.guest_stores([(gfn, 0, None)])
 
     def guest_page_fault(self) -> Generator[object, object, None]:
         """The guest's #PF handler for the fault KVM injected."""

@@ -36,6 +36,17 @@ class Tlb:
         self.wr[:] = 0
         self.count[:] = 0
 
+    def peek(self, size_class: int, key: int) -> int:
+        """The write state of the entry for ``key`` (-1 if absent), without touching LRU order."""
+        row = key % int(self.sets[size_class])
+        for i in range(int(self.ways[size_class])):
+            k = int(self.tags[size_class, row, i])
+            if k == EMPTY:
+                break
+            if k == key:
+                return int(self.wr[size_class, row, i])
+        return -1
+
     def invalidate(self, page: int) -> None:
         """Drop the translations of one page in every size class (INVLPG / INVVPID address)."""
         for c in range(NCLASSES):
@@ -101,6 +112,12 @@ class RefTlb:
             if len(row) == self.ways[size_class]:
                 row.pop()
         row.insert(0, [key, writable])
+
+    def peek(self, size_class: int, key: int) -> int:
+        for entry in self.sets[size_class][key % self.nsets[size_class]]:
+            if entry[0] == key:
+                return int(entry[1])  # type: ignore[call-overload]
+        return -1
 
     def invalidate(self, page: int) -> None:
         for c in range(NCLASSES):

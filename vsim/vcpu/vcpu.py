@@ -100,6 +100,7 @@ class Vcpu(VcpuRequests, Actor):
         self.ipis: list[int] = []  # arrival times of IPIs sent to this vCPU, in order
         self.kick_at = NEVER  # the first of them
         self.guest_event_at = NEVER  # the guest kernel's next scheduled action (shadow paging)
+        self.cur_access = 0  # index in the current stretch of the access being handled
         self.mmio_gfn = -1  # the per-vCPU MMIO cache (vcpu->arch.mmio_gfn / mmio_gen)
         self.mmio_gen = -1
         # Span ids are per vCPU, so allocating one never touches state another vCPU can see.
@@ -215,6 +216,7 @@ class Vcpu(VcpuRequests, Actor):
             if status == STOP_HORIZON:
                 yield from self.handle_external_interrupt()
                 continue
+            self.cur_access = j
             if status == STOP_EPT_VIOLATION:
                 done = yield from self.handle_ept_violation(int(gfns[j]), bool(writes[j]), bool(present), int(refs))
             elif status == STOP_PML_FULL:
@@ -242,6 +244,7 @@ class Vcpu(VcpuRequests, Actor):
                 yield from self.guest_event()
                 continue
             g, w = int(gfns[i]), bool(writes[i])
+            self.cur_access = i
             if tlb.lookup(g, w):
                 self._note_write(g, w)
                 self.now += c.guest_access + c.tlb_hit
