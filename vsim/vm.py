@@ -120,6 +120,7 @@ class Vm:
         # from the fault path, or dirty logging that splits huge pages.
         self.lockstep = shadow or (isinstance(self.mmu, LegacyMmu) and self.mmu.zaps_by_vcpus_possible(nv * per))
         self.nr_memslots_dirty_logging = 0  # with PML: memslots whose logging turned PML on
+        self.parked: set[object] = set()  # queued wake-ups of vCPUs between stretches of accesses
         self.mmu_valid_gen = 0
         self.vcpus = []
         vcpu_class = ShadowVcpu if shadow else Vcpu
@@ -175,6 +176,23 @@ class Vm:
         t, p = q[0][0], q[0][1]
         return t + 1 if prio < p else t
 
+    def _lockstep_limit(self, prio: int) -> int:
+        """The queue's bound on a batched vCPU in lockstep mode: each queued actor may act at its
+        time, except a vCPU parked in guest mode between two stretches of accesses, which changes
+        nothing others read before it exits (``vmexit`` later at the earliest)."""
+        q = self.env._queue  # noqa: SLF001
+        parked = self.parked
+        if not q:
+            return NEVER
+        if q[0][3] not in parked:
+            return self._queue_head_limit(prio)
+        lookahead = self.costs.vmexit
+        h = NEVER
+        for t, p, _, ev in q:
+            acts = t + lookahead if ev in parked and lookahead else t + 1 if prio < p else t
+            h = min(h, acts)
+        return h
+
     def horizon(self, v: Vcpu) -> int:
         """How far vCPU ``v`` may run guest accesses without a sync: every access that starts
         before this time reads SPTEs no other actor can change first.
@@ -186,7 +204,7 @@ class Vm:
         (huge-page splits and collapses around dirty logging), and the bound is the queue's head.
         """
         if self.lockstep:
-            return self._queue_head_limit(v.prio)
+            return self._lockstep_limit(v.prio)
         h = NEVER
         for a in self.actors:
             if not a.done:

@@ -7,9 +7,10 @@ when the buffer fills, the sink hands it to the consumer the runner attached (th
 
 Actors stamp some events a little ahead of the global clock (a vCPU logs ``kvm_page_fault`` at
 exit time plus the exit cost before it next yields), but never before the clock. So on each flush
-the sink sorts its buffer by time (stably: simultaneous events keep their emission order) and hands
-on only the records older than the clock; the rest wait for the next flush. The log is thus in
-simulated-time order.
+the sink sorts its buffer by time and then by actor (stably: one actor's simultaneous events keep
+their emission order) and hands on only the records older than the clock; the rest wait for the
+next flush. The log is thus in simulated-time order, and simultaneous events of different actors
+come in actor order however far each ran ahead of the clock.
 """
 
 from __future__ import annotations
@@ -75,5 +76,5 @@ class EventSink:
         return self._buf
 
 
-def _time(record: Record) -> object:
-    return record[1]
+def _time(record: Record) -> tuple[object, object]:
+    return record[1], record[2]

@@ -200,8 +200,13 @@ class Vcpu(VcpuRequests, Actor):
                         continue
                     yield from self.guest_event()
                     continue
-                # Let the clock catch up so the VMM can act (or show it will not yet).
-                yield At(self.env, self.now - self.env.now, self.prio)
+                # Let the clock catch up so the VMM can act (or show it will not yet). Parked in
+                # guest mode, this vCPU cannot change shared state before an exit (Vm.horizon).
+                ev = At(self.env, self.now - self.env.now, self.prio)
+                parked = vm.parked
+                parked.add(ev)
+                yield ev
+                parked.discard(ev)
                 continue
             # Reach the exiting access's own instant before handling it: exit handling reads shared
             # state (SPTEs, memslots, host pages). If anything ran meanwhile, look again: another
