@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vsim.host_mm import HostMapping
+from vsim.mmu.rmap import PteList
 from vsim.mmu.spte import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, pages_per_level
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -37,8 +38,8 @@ class Memslot:
     disallow_lpage: list[np.ndarray] = field(default_factory=list)
     # dirty_bitmap, one byte per page, while KVM_MEM_LOG_DIRTY_PAGES is set.
     dirty_bitmap: np.ndarray | None = None
-    # slot->arch.rmap[level - 1]: gfn -> the (table, index) of each legacy SPTE mapping it.
-    rmap: list[dict[int, list[tuple[int, int]]]] = field(default_factory=lambda: [{}, {}, {}])
+    # slot->arch.rmap[level - 1]: head index -> the pte_list of the legacy SPTEs mapping it.
+    rmap: list[dict[int, PteList]] = field(default_factory=lambda: [{}, {}, {}])
     # gfn_write_track: gfn -> upper-level shadow pages shadowing it (shadow paging).
     write_track: dict[int, int] = field(default_factory=dict)
 

@@ -63,8 +63,10 @@ class RmapRangeOps:
             if not heads:
                 continue
             for i in range(gfn_to_rmap_index(slot, lo, level), gfn_to_rmap_index(slot, hi - 1, level) + 1):
-                for table, idx in list(heads.get(i, ())):
-                    yield table, idx, level, self.sp_of[table].get_gfn(idx)
+                head = heads.get(i)
+                if head is not None:
+                    for table, idx in head.entries():
+                        yield table, idx, level, self.sp_of[table].get_gfn(idx)
 
     def _all_levels(self, start: int, end: int, min_level: int = PG_LEVEL_4K) -> list[RmapSpte]:
         return [s for level in range(min_level, PG_LEVEL_1G + 1) for s in self._rmap_sptes(start, end, level)]

@@ -37,7 +37,7 @@ from vsim.mmu.paging_tmpl import (
     sp_quadrant,
     walk_addr,
 )
-from vsim.mmu.rmap import gfn_to_rmap_index
+from vsim.mmu.rmap import rmap_entries
 from vsim.mmu.shadow_page import KvmMmuPage
 from vsim.mmu.spte import (
     PFN_MASK,
@@ -344,7 +344,7 @@ class ShadowPagingMmu(PageTrack, UnsyncOps, LegacyMmu):
         if slot is None:
             return keys
         for level in (1, 2, 3):
-            for table, idx in slot.rmap[level - 1].get(gfn_to_rmap_index(slot, gfn, level), ()):
+            for table, idx in rmap_entries(slot, gfn, level):
                 for gvpn in self._gvpns_of(table, idx << (9 * (level - 1))):
                     keys.append((level - 1, gvpn >> (9 * (level - 1))))
         return keys
@@ -384,7 +384,7 @@ class ShadowPagingMmu(PageTrack, UnsyncOps, LegacyMmu):
                 if slot is None:
                     continue
                 for level in (1, 2, 3):
-                    for table, idx in slot.rmap[level - 1].get(gfn_to_rmap_index(slot, sp.gfn, level), ()):
+                    for table, idx in rmap_entries(slot, sp.gfn, level):
                         if self.spt.item(table, idx) & PT_WRITABLE:
                             problems.append(("write_tracking", f"gfn {sp.gfn:#x} is shadowed but an SPTE maps "
                                              "it writable"))  # fmt: skip
