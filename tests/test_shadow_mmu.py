@@ -157,3 +157,16 @@ def test_r5_protecting_a_page_table_must_flush_on_mmu_writable(r5: bool) -> None
     rules = {rule for _, rule, _ in vm.checker.violations}  # type: ignore[union-attr]
     assert ("write_tracked_writable_tlb" in rules) == r5
     assert bool(holder.requests) != r5  # the correct kernel sent the flush
+
+
+def test_a_paging32_page_directory_is_shadowed_by_four_pages_one_per_quadrant() -> None:
+    vm, st, _ = _one_process("paging32")
+    mmu = vm.mmu
+    assert isinstance(mmu, ShadowPagingMmu)
+    pgd = vm.vcpus[0].cr3  # type: ignore[attr-defined]
+    roots = [sp for sp in mmu.valid_sps(pgd) if sp.gfns is not None]  # (a direct page may share the gfn)
+    assert sorted((sp.level, sp.quadrant) for sp in roots) == [(2, 0), (2, 1), (2, 2), (2, 3)]
+    assert all(sp.has_4_byte_gpte for sp in roots)
+    # The process's 1024-entry page table: its first half (quadrant 0) shadows the 64 pages.
+    pt = next(sp for sp in mmu.sp_of.values() if sp.level == 1 and not sp.direct and sp.gfns)
+    assert pt.has_4_byte_gpte and pt.quadrant == 0 and len(pt.gfns) == 64  # type: ignore[arg-type]
