@@ -140,7 +140,9 @@ def _random_shadow_config(seed: int) -> list[str]:
         sets += [_dirty_log_setting(r).replace("dirty_log.pml=true", "dirty_log.pml=false"),
                  f'vmm.ops=[{{at="{t}us", op="flags", slot=0, log_dirty=true}}, '
                  f'{{at="{t + r.randint(1, 300)}us", op="flags", slot=0, log_dirty=false}}]']  # fmt: skip
-    elif story < 0.7:
+    elif story < 0.6:  # dummy-slot deletes: fast zaps make every root obsolete, current and cached
+        sets += [f"vmm.stress.iterations={r.randint(1, 12)}", f"vmm.stress.interval={r.randint(5, 40)}us"]
+    elif story < 0.75:
         sets += [f"host_mm.invalidations={r.randint(5, 40)}", f"host_mm.interval={r.randint(2, 30)}us",
                  f"host_mm.pages={r.choice([1, 16])}", f"host_mm.pattern={r.choice(['sequential', 'random'])}",
                  f"host_mm.action={r.choice(['migrate', 'dontneed'])}"]  # fmt: skip
