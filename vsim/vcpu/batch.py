@@ -123,6 +123,7 @@ def run_accesses(
     stretch (a kick could arrive by then).
     """
     t = 0
+    track = written.shape[0] > 0  # the invariant checker is on
     hits = 0
     walks = 0
     walk_refs = 0
@@ -143,7 +144,7 @@ def run_accesses(
             if r != 0:
                 break
         if hit:
-            if w:
+            if w and track:
                 _note_write(written, wmap, g - wbase)
             t += c_guest + c_hit
             hits += 1
@@ -191,7 +192,7 @@ def run_accesses(
             spt[table, (g >> (9 * (level - 1))) & 511] = e
         eff = min(max_class, leaf - 1)
         _insert(tags, wr, sets, ways, count, eff, g >> (9 * eff), (2 if dirty else 1) if writable else 0)
-        if w:
+        if w and track:
             _note_write(written, wmap, g - wbase)
         t += c_guest + refs * c_ref
         walks += 1
