@@ -187,10 +187,20 @@ class Vm:
         if q[0][3] not in parked:
             return self._queue_head_limit(prio)
         lookahead = self.costs.vmexit
+        if not lookahead:
+            return self._queue_head_limit(prio)
+        if len(parked) == len(q):  # only parked vCPUs are queued: the earliest acts after an exit
+            return q[0][0] + lookahead
+        if len(q) > 16:  # a long mixed queue: scanning it would cost more than the lookahead saves
+            return self._queue_head_limit(prio)
         h = NEVER
         for t, p, _, ev in q:
-            acts = t + lookahead if ev in parked and lookahead else t + 1 if prio < p else t
-            h = min(h, acts)
+            if ev in parked:
+                t += lookahead
+            elif prio < p:
+                t += 1
+            if t < h:
+                h = t
         return h
 
     def horizon(self, v: Vcpu) -> int:
