@@ -180,7 +180,11 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
                     self.kvm_mmu_prepare_zap_page(sp, invalid, actor, t)
                 continue
             if sp.unsync:  # synced in place but left unsync and writable (no write protection)
-                self._transient_sync(sp, actor, invalid)
+                v = self.vm.vcpus[actor]  # only vCPUs look shadow pages up
+                v.now = t
+                if self.kvm_sync_page(v, sp, invalid):
+                    v.now = self.flush_remote(actor, v.now)
+                t = v.now
                 if sp not in self.active or sp.role_invalid:
                     continue
             sp.write_flooding_count = 0
@@ -191,11 +195,6 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
         self.vm.stat.mmu_cache_miss += 1
         sp = self.kvm_mmu_alloc_shadow_page(gfn, role)
         return sp, self.account_shadowed(sp, actor, t)
-
-    def _transient_sync(self, sp: KvmMmuPage, actor: int, invalid: list[KvmMmuPage]) -> None:
-        v = self.vm.vcpus[actor] if 0 <= actor < len(self.vm.vcpus) else None
-        if v is not None:
-            self.kvm_sync_page(v, sp, invalid)
 
     # -- the fault ---------------------------------------------------------------------------------
     def page_fault(self, v: Vcpu, fault: KvmPageFault) -> Generator[object, object, int]:
