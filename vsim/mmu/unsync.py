@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vsim.dirty_log import mark_page_dirty_in_slot
 from vsim.guest.paging import (
     ACC_WRITE_MASK,
     PT_ACCESSED_MASK,
@@ -210,5 +211,7 @@ class UnsyncOps:
             new |= PT_WRITABLE | SPTE_MMU_WRITABLE | SPTE_HOST_WRITABLE
         if new == spte:
             return False
+        if new & PT_WRITABLE and not spte & PT_WRITABLE:
+            mark_page_dirty_in_slot(slot, gfn)  # make_spte: a writable SPTE in a logged slot
         self.set_spte(sp.table, idx, sp.level, gfn, spte, new, v.id, v.now)
         return bool(spte & PT_WRITABLE) and not new & PT_WRITABLE
