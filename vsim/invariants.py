@@ -137,7 +137,9 @@ class InvariantChecker:
                 self.written[a + k] = 1
 
     def on_local_flush(self, vcpu: Vcpu) -> None:
-        self._local_flush[vcpu.id] = vcpu.now
+        """The vCPU emptied its TLB: every restriction made so far is covered, including one made
+        at a later time by an actor running ahead (the walks that refill the TLB see it)."""
+        self._local_flush[vcpu.id] = max(vcpu.now, self._last_restriction)
 
     def on_entry(self, vcpu: Vcpu) -> None:
         """§13.1 at VM entry: a completed flush's restrictions are out of this vCPU's TLB."""

@@ -52,8 +52,10 @@ class VcpuRequests:
         if req & KVM_REQ_TLB_FLUSH:
             self.kvm_vcpu_flush_tlb_all()
         elif req & KVM_REQ_TLB_FLUSH_CURRENT:  # a flush of everything covers the current context
-            self.tlb.flush()
+            self.tlb.flush()  # vsim's TLB holds only the current context: this empties it
             self.now += self.vm.costs.tlb_flush
+            if self.vm.checker is not None:
+                self.vm.checker.on_local_flush(self)
 
     def kvm_mmu_free_obsolete_roots(self: Vcpu) -> Generator[object, object, None]:
         """``kvm_mmu_free_obsolete_roots`` → ``kvm_mmu_free_roots`` under ``mmu_lock`` (read for
