@@ -331,11 +331,15 @@ class Vcpu(VcpuRequests, Actor):
 
         Entry publishes ``IN_GUEST_MODE`` and then reads the requests, so it happens at a synced
         instant whenever another actor could make a request or send an IPI before it."""
-        if self.requests or self.now >= self.vm.horizon(self):
-            ev = self.sync()
-            if ev is not None:
-                yield ev
-        if self.requests:
+        while True:
+            if self.requests or self.now >= self.vm.horizon(self):
+                ev = self.sync()
+                if ev is not None:
+                    yield ev
+            if not self.requests:
+                break
+            # kvm_vcpu_exit_request: a request made while these were serviced (say, a fast zap
+            # while waiting for mmu_lock) is handled before entry too.
             yield from self.service_requests()
         self.vm.srcu.read_unlock(token, self.now)
         self.enter_guest(exit_id)
