@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
 from vsim.costs import CostModel, Duration
+from vsim.guest.paging import LOWMEM_PAGES_32
 from vsim.units import format_size, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
@@ -342,7 +343,7 @@ class ScenarioConfig(_Table):
         if g.paging == "paging32" and end > 1 << 32:
             raise ValueError(f"guest.paging: paging32 addresses at most 4GiB of physical memory (no PSE-36), but "
                              f"the test region ends at {end:#x}; lower vm.base_gpa or the memory")  # fmt: skip
-        if g.paging in ("paging32", "pae", "nonpaging") and end > 896 << 20:
+        if g.paging in ("paging32", "pae", "nonpaging") and end >> 12 > LOWMEM_PAGES_32:
             raise ValueError(f"guest.paging: a 32-bit guest kernel maps its RAM in 896MiB of lowmem, but the "
                              f"test region ends at {end:#x}; lower vm.base_gpa and the memory")  # fmt: skip
         if g.page_size != "4K":

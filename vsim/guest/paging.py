@@ -35,7 +35,6 @@ ACC_ALL = ACC_EXEC_MASK | ACC_WRITE_MASK | ACC_USER_MASK
 
 PT64_ROOT_4LEVEL = 4
 PT32E_ROOT_LEVEL = 3
-PT32_ROOT_LEVEL = 2
 
 
 @dataclass(frozen=True)
@@ -60,11 +59,6 @@ class PagingMode:
     @property
     def has_4_byte_gpte(self) -> bool:
         return self.pte_bytes == 4
-
-    @property
-    def va_pages(self) -> int:
-        """Guest virtual pages the mode can address."""
-        return 1 << (48 - 12) if self.levels == 4 else 1 << (32 - 12)
 
     def index(self, gvpn: int, level: int) -> int:
         """The gpte index for ``gvpn`` in a table at ``level`` (PAE's top level: the PDPTE)."""

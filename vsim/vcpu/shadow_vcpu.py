@@ -29,6 +29,7 @@ from vsim.mmu.page_fault import (
     RET_PF_EMULATE,
     KvmPageFault,
 )
+from vsim.mmu.shadow_mmu import KVM_MMU_NUM_PREV_ROOTS
 from vsim.requests import KVM_REQ_MMU_SYNC, KVM_REQ_TLB_FLUSH_CURRENT
 from vsim.vcpu.vcpu import NEVER, Vcpu
 from vsim.vcpu.workloads import Workload
@@ -227,8 +228,8 @@ class ShadowVcpu(Vcpu):
                 self.cr3 = pgd
                 hit.sps[0].write_flooding_count = 0  # type: ignore[union-attr]
                 return
-            evicted = self.prev_roots[3:]
-            del self.prev_roots[3:]
+            evicted = self.prev_roots[KVM_MMU_NUM_PREV_ROOTS:]
+            del self.prev_roots[KVM_MMU_NUM_PREV_ROOTS:]
         else:
             evicted = [root]  # type: ignore[list-item]
         self.root = None
