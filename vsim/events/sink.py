@@ -15,7 +15,9 @@ come in actor order however far each ran ahead of the clock.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
+from operator import itemgetter
 
 from vsim.events.kinds import LEVELS
 
@@ -49,6 +51,13 @@ class EventSink:
         if len(buf) >= self._next and self._consumer is not None:
             self.flush(final=False)
 
+    def extend(self, records: list[Record]) -> None:
+        """Append many records at once (in the order they were emitted)."""
+        buf = self._buf
+        buf.extend(records)
+        if len(buf) >= self._next and self._consumer is not None:
+            self.flush(final=False)
+
     def flush(self, final: bool = True) -> None:
         """Hand the buffered records, in time order, to the consumer (if any).
 
@@ -58,23 +67,21 @@ class EventSink:
         buf.sort(key=_time)
         keep: list[Record] = []
         if not final and self.clock is not None:
-            now = self.clock()
-            cut = len(buf)
-            while cut and buf[cut - 1][1] >= now:  # type: ignore[operator]
-                cut -= 1
+            cut = bisect_left(buf, self.clock(), key=_t)
             buf, keep = buf[:cut], buf[cut:]
         self.emitted += len(buf)
         if self._consumer is not None and buf:
             self._consumer(buf)
         self._buf = keep
-        # Records ahead of the clock stay; wait for a full buffer's worth of new ones before sorting
-        # again (an actor far ahead of the clock would otherwise make every emit re-sort them).
-        self._next = len(keep) + self._limit
+        # Records ahead of the clock stay; wait for a full buffer's worth of new ones, and at least
+        # as many as stayed, before sorting again (actors far ahead of the clock would otherwise
+        # make the flushes re-sort what stays, over and over).
+        self._next = len(keep) + max(self._limit, len(keep))
 
     def records(self) -> list[Record]:
         """The records still buffered (all of them when no consumer is attached)."""
         return self._buf
 
 
-def _time(record: Record) -> tuple[object, object]:
-    return record[1], record[2]
+_time = itemgetter(1, 2)  # (t_ns, vcpu)
+_t = itemgetter(1)
