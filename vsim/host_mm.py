@@ -9,6 +9,8 @@ the pfn behind the address, after the MMU notifiers have told KVM (``vsim.mmu_no
 
 from __future__ import annotations
 
+import numpy as np
+
 from vsim.mmu.spte import pages_per_level
 
 FRESH_PFN_BASE = 1 << 37  # replacement pages, far from every mapping's own pfns (52-bit physical)
@@ -25,7 +27,8 @@ class HostMapping:
         self.npages = npages
         self.page_level = page_level
         self._span_shift = 9 * (page_level - 1)
-        self.resident = bytearray(-(-npages // span))
+        self.resident = np.zeros(-(-npages // span), dtype=np.uint8)
+        self.moved = np.zeros(len(self.resident), dtype=np.uint8)  # host pages with a new pfn
         self.populated_pages = 0
         self._moved: dict[int, int] = {}  # host page index -> its new first pfn
         self._next_free = FRESH_PFN_BASE  # where replacement pages come from (aligned)
@@ -42,6 +45,7 @@ class HostMapping:
         """Host page ``idx`` moves to a new pfn (migration keeps its contents; ``free`` drops it, so
         the next touch allocates and zeroes)."""
         self._moved[idx] = self._next_free
+        self.moved[idx] = 1
         self._next_free += 1 << self._span_shift
         if free and self.resident[idx]:
             self.resident[idx] = 0

@@ -34,6 +34,7 @@ from vsim.selftests.dirty_log_perf import DirtyLogPerf
 from vsim.srcu import Srcu
 from vsim.stats import VmStat
 from vsim.userfaultfd import Userfaultfd
+from vsim.vcpu.group import VcpuGroup, group_enabled
 from vsim.vcpu.shadow_vcpu import ShadowVcpu
 from vsim.vcpu.vcpu import NEVER, Vcpu
 from vsim.vcpu.workloads import Workload, vcpu_region
@@ -130,6 +131,7 @@ class Vm:
             self.vcpus.append(vcpu_class(self, i, wl))
         if self.program is not None:
             self.program.set_workloads()
+        self.group = VcpuGroup(self) if group_enabled(self) else None
 
     def _region(self, cfg: WorkloadConfig, i: int) -> tuple[int, int]:
         """The pages vCPU ``i``'s workload touches: its slice of the test region, or under a paging
@@ -247,12 +249,15 @@ class Vm:
         step = env.step
         try:
             while True:
-                for _ in range(4096):
+                # Few steps when a vCPU group runs many faults per event: check often.
+                for _ in range(64):
                     step()
                 if time.perf_counter() > deadline:
-                    raise WallClockTimeout(f"wall-clock timeout at simulated time {env.now} ns")
+                    break
         except simpy.core.EmptySchedule:
-            return
+            if time.perf_counter() <= deadline:
+                return
+        raise WallClockTimeout(f"wall-clock timeout at simulated time {env.now} ns")
 
     def start(self) -> None:
         """Start a ``KVM_RUN`` session on every vCPU (they first act now, in vCPU order), and the

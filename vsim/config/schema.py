@@ -289,6 +289,11 @@ class SimConfig(_Table):
     )
     batch_accesses: int = Field(4096, ge=1, le=1 << 24, description="accesses generated and batched per chunk")
     invariants: bool = Field(False, description="run the invariant checker (spec §13); slower")
+    fault_kernel: bool = Field(
+        True,
+        description="batched TDP MMU runs: interleave the vCPUs' accesses and common faults in compiled code "
+        "(vsim.vcpu.group); off with the invariant checker or events at 'all'",
+    )
 
 
 class ScenarioConfig(_Table):

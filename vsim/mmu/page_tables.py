@@ -84,17 +84,21 @@ class PageTables:
             return table
         n = self.n_tables
         if n == len(self.spt):
-            grow = max(64, n)
-            self.spt = np.concatenate([self.spt, np.zeros((grow, SPTE_ENT_PER_PAGE), dtype=np.int64)])
-            self.sp_level = np.concatenate([self.sp_level, np.zeros(grow, dtype=np.int8)])
-            self.sp_gfn = np.concatenate([self.sp_gfn, np.zeros(grow, dtype=np.int64)])
-            self.sp_gen = np.concatenate([self.sp_gen, np.zeros(grow, dtype=np.int64)])
+            self.grow_pool()
         self.sp_level[n] = level
         self.sp_gfn[n] = gfn
         self.n_tables = n + 1
         if counted:
             self.vm.stat.add(self.pages_stat, 1)
         return n
+
+    def grow_pool(self) -> None:
+        """Make room for more tables (the arrays are replaced: walks re-read ``spt``)."""
+        grow = max(64, len(self.spt))
+        self.spt = np.concatenate([self.spt, np.zeros((grow, SPTE_ENT_PER_PAGE), dtype=np.int64)])
+        self.sp_level = np.concatenate([self.sp_level, np.zeros(grow, dtype=np.int8)])
+        self.sp_gfn = np.concatenate([self.sp_gfn, np.zeros(grow, dtype=np.int64)])
+        self.sp_gen = np.concatenate([self.sp_gen, np.zeros(grow, dtype=np.int64)])
 
     def _free_sp(self, table: int, counted: bool = True) -> None:
         self.sp_gen[table] += 1

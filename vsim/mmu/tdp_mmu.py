@@ -141,13 +141,18 @@ class TdpMmu(TdpRangeOps, PageTables):
     # -- the fault -------------------------------------------------------------------------------
     def page_fault(self, v: Vcpu, fault: KvmPageFault) -> FaultGen:
         """``kvm_tdp_mmu_page_fault`` (spec §1.4), as a SimPy generator returning ``RET_PF_*``."""
-        vm = self.vm
-        gfn = fault.gfn
         # 1-4. page tracking (nothing is write-tracked without shadow pages), fast_page_fault,
         # mmu_topup_memory_caches and kvm_faultin_pfn.
         r = self.fast_path_and_faultin(v, fault)
         if r is not None:
             return r
+        return (yield from self.page_fault_locked(v, fault))
+
+    def page_fault_locked(self, v: Vcpu, fault: KvmPageFault) -> FaultGen:
+        """The fault from ``read_lock(mmu_lock)`` on (where a vCPU group member that found the lock
+        contended goes on in Python)."""
+        vm = self.vm
+        gfn = fault.gfn
         # 5-6. read_lock(mmu_lock), is_page_fault_stale.
         if not (yield from self.lock_for_fault(v, fault, write=False)):
             return RET_PF_RETRY

@@ -25,6 +25,7 @@ from vsim.mmu.page_fault import (
     ept_violation_error_code,
 )
 from vsim.requests import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
+from vsim.vcpu.group_kernel import LEAVE_LOCK
 
 if TYPE_CHECKING:
     from vsim.vcpu.vcpu import Vcpu
@@ -101,10 +102,31 @@ class VcpuExits:
         fault = KvmPageFault(addr=gfn << 12, gfn=gfn, error_code=ept_violation_error_code(write, present),
                              id=self._next_fault_id(), write=write, present=present)  # fmt: skip
         r = yield from self.kvm_mmu_do_page_fault(fault)
+        return (yield from self._ept_violation_done(r, gfn, write, exit_id, t_exit, token))
+
+    def _ept_violation_done(
+        self: Vcpu, r: int, gfn: int, write: bool, exit_id: int, t_exit: int, token: int
+    ) -> Generator[object, object, bool]:
+        """The end of ``handle_ept_violation``: emulate an MMIO access, re-enter, and record the
+        fault's service time."""
         done = r == RET_PF_EMULATE and self.emulate_mmio(gfn, write)
         yield from self._reenter(exit_id, token)
         self.stat.fault_service_ns.append(self.now - t_exit)
         return done
+
+    def resume_group_fault(self: Vcpu, why: int, f: dict) -> Generator[object, object, None]:  # type: ignore[type-arg]
+        """Go on with a not-present EPT violation that a vCPU group member began in compiled code:
+        from ``read_lock(mmu_lock)`` when the lock was contended (``LEAVE_LOCK``), or from entry when
+        requests or an SRCU grace period need Python (``LEAVE_ENTRY``; the outcome is counted)."""
+        r = f["ret"]
+        if why == LEAVE_LOCK:
+            gfn, write = f["gfn"], f["write"]
+            fault = KvmPageFault(addr=gfn << 12, gfn=gfn, error_code=ept_violation_error_code(write, False),
+                                 id=f["id"], write=write, present=False, slot=f["slot"], pfn=f["pfn"],
+                                 map_writable=True, mmu_seq=f["mmu_seq"])  # fmt: skip
+            r = yield from self.vm.mmu.page_fault_locked(self, fault)  # type: ignore[union-attr]
+            self._page_fault_ret(fault, r)
+        yield from self._ept_violation_done(r, f["gfn"], f["write"], f["exit_id"], f["t_exit"], f["token"])
 
     def handle_ept_misconfig(self: Vcpu, gfn: int, write: bool, refs: int) -> Generator[object, object, bool]:
         """``handle_ept_misconfig``: an MMIO SPTE. ``handle_mmio_page_fault`` first; a stale
@@ -127,6 +149,13 @@ class VcpuExits:
         if sink.faults:
             sink.emit("kvm_page_fault", self.now, self.id, fault.id, fault.addr, fault.error_code)
         r = yield from self.vm.mmu.page_fault(self, fault)
+        self._page_fault_ret(fault, r)
+        return r
+
+    def _page_fault_ret(self: Vcpu, fault: KvmPageFault, r: int) -> None:
+        """``kvm_mmu_do_page_fault``'s outcome: the ``pf_*`` count and the return tracepoint."""
+        st = self.stat
+        sink = self.vm.sink
         if r == RET_PF_FIXED:
             st.pf_fixed += 1
         elif r == RET_PF_SPURIOUS:
@@ -137,7 +166,6 @@ class VcpuExits:
             st.pf_emulate += 1
         if sink.faults:
             sink.emit("vsim_page_fault_ret", self.now, self.id, fault.id, RET_PF_NAMES[r], fault.goal_level)
-        return r
 
     def emulate_mmio(self: Vcpu, gfn: int, write: bool) -> bool:
         """``x86_emulate_instruction`` on an MMIO access: no device in KVM claims it, so it exits

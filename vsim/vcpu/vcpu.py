@@ -36,6 +36,7 @@ from vsim.vcpu.batch import (
     run_accesses,
 )
 from vsim.vcpu.exits import NEVER, VcpuExits
+from vsim.vcpu.group_kernel import LEAVE_PYFAULT
 from vsim.vcpu.tlb import RefTlb, Tlb
 from vsim.vcpu.vcpu_requests import VcpuRequests
 from vsim.vcpu.walk import MISCONFIG, guest_refs_2d, walk_2d
@@ -157,6 +158,8 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
         mmu = vm.mmu
         i, n = 0, len(gfns)
         synced = -1  # the access brought to its own instant, whose walk may set A
+        group = vm.group
+        no_join = -1  # an access whose fault the group handed back to this process
         while i < n:
             assert self.root is not None
             # Run no further than a kick could arrive (an IPI after the VMM's next possible action).
@@ -171,6 +174,18 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
             i = j
             if status == STOP_DONE:
                 return
+            if (
+                group is not None
+                and (status == STOP_SET_ACCESSED or (status == STOP_EPT_VIOLATION and not present and j != no_join)
+                     or (status == STOP_HORIZON and self.kick_at > self.now))
+                and group.can_join(self)
+            ):  # fmt: skip
+                # Sync by joining the group; it hands the vCPU back where Python must go on.
+                why, i, synced, fault = yield group.join(self, gfns, writes, j, synced)  # type: ignore[misc]
+                no_join = i if why == LEAVE_PYFAULT else -1
+                if fault is not None:
+                    yield from self.resume_group_fault(why, fault)
+                continue
             if status == STOP_HORIZON and self.kick_at > self.now:
                 if self.guest_event_at <= self.now:
                     # Reach the instant first: a kick due by then is taken before the guest's work.

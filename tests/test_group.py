@@ -1,0 +1,104 @@
+"""The vCPU group (vsim.vcpu.group): compiled accesses and TDP faults give the reference results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_config
+from test_equivalence import _random_config
+
+from vsim.config import load_config
+from vsim.events.sink import EventSink
+from vsim.mmu.spte import PT_PAGE_SIZE, SPTE_MMU_PRESENT, make_huge_page_split_spte, make_spte
+from vsim.runner import run_scenario
+from vsim.vcpu import group_kernel as k
+from vsim.vcpu.group_kernel import _split_spte
+from vsim.vm import Vm
+
+
+def _group_sets(seed: int, backing_4k: bool) -> list[str]:
+    """A random equivalence config with the group on: events at ``faults``, no checker."""
+    sets = [s for s in _random_config(seed) if s not in ("events.level=all", "sim.invariants=true")]
+    return [*sets, "events.level=faults", *(["vm.backing_page_size=4K"] if backing_4k else [])]
+
+
+def _outputs(sets: list[str], mode: str, out: Path) -> tuple[str, bytes]:
+    res = run_scenario(load_config(None, [*sets, f"sim.mode={mode}"]), out)
+    return json.dumps(res.stats), (out / "events.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(("seed", "backing_4k"), [(s, True) for s in range(16)] + [(s, False) for s in (2, 3, 6)])
+def test_group_equals_reference(tmp_path: Path, seed: int, backing_4k: bool) -> None:
+    """Memslot churn, host-MM invalidations, dirty logging and the selftests under the group:
+    byte-identical stats and fault logs to one SimPy event per access."""
+    sets = _group_sets(seed, backing_4k)
+    stats_g, events_g = _outputs(sets, "batched", tmp_path / "g")
+    stats_r, events_r = _outputs(sets, "reference", tmp_path / "r")
+    assert stats_g == stats_r
+    assert events_g == events_r
+    # And the same page tables and host pages at the end (SPTE values are not in these logs).
+    vms = [Vm(load_config(None, [*sets, f"sim.mode={mode}"])) for mode in ("batched", "reference")]
+    for vm in vms:
+        vm.run()
+    g, r = (vm.mmu for vm in vms)
+    assert g.n_tables == r.n_tables and g._free == r._free
+    assert np.array_equal(g.spt[: g.n_tables], r.spt[: r.n_tables])
+    assert np.array_equal(g.sp_level[: g.n_tables], r.sp_level[: r.n_tables])
+    hosts = [{id(s.host): s.host for s in vm.memslots.slots} for vm in vms]
+    for hg, hr in zip(*(sorted(h.values(), key=lambda x: x.pfn_base) for h in hosts), strict=True):
+        assert np.array_equal(hg.resident, hr.resident) and hg.populated_pages == hr.populated_pages
+
+
+@pytest.mark.parametrize("seed", [9, 31])
+def test_members_leave_for_a_contended_lock_and_for_requests_at_entry(seed: int) -> None:
+    """Faults begun in compiled code finish in Python when a writer holds ``mmu_lock`` (or waits
+    for it: the last reader hands it over) and when requests are pending at entry; the run still
+    equals the run without the group."""
+    sets = _group_sets(seed, True)
+    vm = Vm(load_config(None, sets))
+    vm.run()
+    assert vm.group is not None and vm.group.faults > 0
+    assert vm.group.leaves[k.LEAVE_LOCK] > 0 and vm.group.leaves[k.LEAVE_ENTRY] > 0
+    off = Vm(load_config(None, [*sets, "sim.fault_kernel=false"]))
+    off.run()
+    assert off.group is None
+    for a, b in zip(vm.vcpus, off.vcpus, strict=True):
+        assert a.stat.as_dict() == b.stat.as_dict()
+        assert list(a.stat.fault_service_ns) == list(b.stat.fault_service_ns)
+    assert vm.stat.as_dict() == off.stat.as_dict()
+
+
+def test_racing_members_fix_retry_and_see_spurious_faults_as_python_does() -> None:
+    """Eight vCPUs populating the same pages at once: the compiled cmpxchg races end as KVM's do."""
+    sets = ["vm.vcpus=8", "workload.per_vcpu_memory=512KiB", "workload.overlap=true", "workload.access=random"]
+    runs = []
+    for kernel in ("true", "false"):
+        vm = Vm(make_config(*sets, f"sim.fault_kernel={kernel}", "sim.invariants=false"))
+        vm.run()
+        runs.append(vm)
+    on, off = runs
+    assert on.group is not None and on.group.faults > 0
+    assert sum(v.stat.pf_spurious + v.stat.pf_retry for v in on.vcpus) > 0
+    for a, b in zip(on.vcpus, off.vcpus, strict=True):
+        assert a.stat.as_dict() == b.stat.as_dict()
+    assert on.stat.as_dict() == off.stat.as_dict()
+    assert np.array_equal(on.mmu.spt[: on.mmu.n_tables], off.mmu.spt[: off.mmu.n_tables])
+
+
+def test_group_is_off_where_compiled_code_cannot_follow() -> None:
+    for extra in (["sim.invariants=true"], ["mmu.mode=legacy_tdp"], ["sim.mode=reference"], ["mmu.ept_ad=false"],
+                  ["sim.fault_kernel=false"]):  # fmt: skip
+        assert Vm(make_config("sim.invariants=false", *extra)).group is None, extra
+    assert Vm(make_config("sim.invariants=false"), EventSink("all")).group is None  # records at every SPTE change
+    assert Vm(make_config("sim.invariants=false"), EventSink("faults")).group is not None
+
+
+def test_compiled_spte_helpers_match_spte_py() -> None:
+    huge = make_spte(5 << 9, 2, True)
+    assert huge & PT_PAGE_SIZE and huge & SPTE_MMU_PRESENT
+    for level, spte in ((2, huge), (3, make_spte(7 << 18, 3, False))):
+        for i in (0, 1, 511):
+            assert _split_spte(spte, level, i) == make_huge_page_split_spte(spte, level, i)

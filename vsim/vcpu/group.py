@@ -1,0 +1,364 @@
+"""vCPUs that run together in compiled code: the driver of ``vsim.vcpu.group_kernel``.
+
+A SimPy event costs more than a whole TDP MMU fault's work, and with many vCPUs faulting at once
+nearly every fault would wait for others at its syncs (exit, ``mmu_lock``, install). So a batched
+vCPU that would sync joins the VM's group instead: its process waits on an event, and the group
+runs every member's accesses and common faults in key order in one compiled loop, woken by a
+single SimPy event at the smallest member key. The loop stops at the head of SimPy's queue (the
+VMM, the host MM, vCPUs in Python) and at any member that needs Python; that member's process is
+resumed at its key with what to do next (``Vcpu._run_batched``).
+
+Between runs of the loop the driver copies the state the rest of the model reads into the Python
+objects (clocks, modes, stats, ``mmu_lock``, SRCU readers, page-table pool, event records) and
+reads back what others may have changed (requests, kicks, obsolete roots, the lock, memslots).
+
+The group serves the TDP MMU in batched mode, with the invariant checker off and events at most at
+the ``faults`` level (``sim.fault_kernel`` turns it off). The checker's hooks and ``all``-level
+records are Python calls at each SPTE change, which compiled code cannot make.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from simpy.events import Event
+
+from vsim.host_mm import HostMapping
+from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID
+from vsim.mmu.page_fault import RET_PF_NAMES
+from vsim.mmu.spte import PG_LEVEL_4K
+from vsim.sched import At
+from vsim.vcpu import group_kernel as k
+from vsim.vcpu.group_kernel import run_group
+
+if TYPE_CHECKING:
+    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vm import Vm
+
+NEVER = k.NEVER
+
+
+def group_enabled(vm: Vm) -> bool:
+    """The group serves this VM: TDP MMU, batched, no checker, events at most at ``faults``."""
+    cfg = vm.cfg
+    return (
+        cfg.sim.fault_kernel
+        and cfg.sim.mode == "batched"
+        and cfg.mmu.mode == "tdp_mmu"
+        and cfg.mmu.ept_ad
+        and vm.checker is None
+        and not vm.sink.all
+        and not vm.lockstep
+    )
+
+
+class VcpuGroup:
+    """The VM's vCPU group: member state in arrays, and the SimPy wake-ups that run it."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.env = vm.env
+        vcpus = vm.vcpus
+        nv = len(vcpus)
+        self.ms = np.zeros((nv, k.M_COLS), dtype=np.int64)
+        self.ms[:, k.M_PRIO] = [v.prio for v in vcpus]
+        self.ss = np.zeros((nv, k.S_COLS), dtype=np.int64)
+        chunk = vm.cfg.sim.batch_accesses
+        self.gfns = np.zeros((nv, chunk), dtype=np.int64)
+        self.writes = np.zeros((nv, chunk), dtype=np.bool_)
+        self._chunk_of: list[object] = [None] * nv  # the chunk array loaded in each row
+        # The TLBs and access counters become rows of VM-wide arrays (the vCPUs keep views).
+        t0 = vcpus[0].tlb
+        self.sets, self.ways = t0.sets, t0.ways  # type: ignore[union-attr]
+        self.tags = np.stack([v.tlb.tags for v in vcpus])  # type: ignore[union-attr]
+        self.wr = np.stack([v.tlb.wr for v in vcpus])  # type: ignore[union-attr]
+        self.count = np.stack([v.tlb.count for v in vcpus])  # type: ignore[union-attr]
+        self.counters = np.stack([v.counters for v in vcpus])
+        for m, v in enumerate(vcpus):
+            v.tlb.tags, v.tlb.wr, v.tlb.count = self.tags[m], self.wr[m], self.count[m]  # type: ignore[union-attr]
+            v.counters = self.counters[m]
+        self.g = np.zeros(k.G_COLS, dtype=np.int64)
+        g = self.g
+        hm = vm.cfg.host_mm
+        g[k.G_ROOT_CHECK] = vm.cfg.mmu.stale_root_check
+        g[k.G_LOCKED_CHECK] = hm.locked_retry_check
+        g[k.G_PRE_LOCK] = hm.pre_lock_retry and bool(hm.invalidations)
+        g[k.G_EVENTS] = vm.sink.faults
+        g[k.G_UFFD] = vm.uffd is not None
+        g[k.G_GUEST_REFS] = vcpus[0].guest_refs
+        g[k.G_MAX_CLASS] = vcpus[0].max_class
+        g[k.G_REGION_BASE] = vm.region_base_gfn
+        c = vm.costs
+        costs = (c.guest_access, c.tlb_hit, c.walk_ref, c.vmexit, c.vmentry, c.faultin_present, c.host_fault,
+                 c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte)  # fmt: skip
+        self.c = np.array(costs, dtype=np.int64)  # in the order of group_kernel's C_* indices
+        self.evbuf = np.zeros((8192, 6), dtype=np.int64)
+        self.srvbuf = np.zeros((8192, 2), dtype=np.int64)
+        self.srcubuf = np.zeros((1024, 3), dtype=np.int64)
+        self._empty8 = np.zeros(0, dtype=np.uint8)
+        self._empty64 = np.zeros(0, dtype=np.int64)
+        self._pml_n = np.zeros(1, dtype=np.int64)
+        self._resume: list[Event | None] = [None] * nv
+        self._fault_slot: list[object] = [None] * nv  # the memslot each member's fault found
+        self._slot_objs: list[object] = []
+        self._slots_key: tuple[int, int] | None = None
+        self._slots = np.zeros((0, 4), dtype=np.int64)
+        self._host = None
+        self._wakes: list[tuple[int, int]] = []  # keys of the scheduled wake-ups
+        self.members = 0
+        self.faults = 0  # faults taken in compiled code
+        self.leaves = dict.fromkeys((k.LEAVE_RUN, k.LEAVE_PYFAULT, k.LEAVE_LOCK, k.LEAVE_ENTRY), 0)
+
+    # -- joining and leaving -----------------------------------------------------------------------
+    @staticmethod
+    def can_join(v: Vcpu) -> bool:
+        """Nothing the compiled loop does not model is pending on ``v``."""
+        return not v.requests and v.kick_at == NEVER and not v.pml_on
+
+    def join(self, v: Vcpu, gfns: np.ndarray, writes: np.ndarray, i: int, synced: int) -> Event:
+        """``v`` joins at its clock, about to run access ``i`` of the chunk; the event fires when
+        it leaves, with ``(why, i, synced, fault)`` (see ``Vcpu._run_batched``)."""
+        m = v.id
+        if self._chunk_of[m] is not gfns:
+            n = len(gfns)
+            self.gfns[m, :n] = gfns
+            self.writes[m, :n] = writes
+            self._chunk_of[m] = gfns
+        ms = self.ms[m]
+        ms[k.M_NOW] = v.now
+        ms[k.M_PHASE] = k.PH_RUN
+        ms[k.M_I] = i
+        ms[k.M_N] = len(gfns)
+        ms[k.M_SYNCED] = synced
+        ms[k.M_ROOT] = v.root.table  # type: ignore[union-attr]
+        ms[k.M_EXIT_SEQ] = v._exit_seq  # noqa: SLF001
+        ms[k.M_FAULT_SEQ] = v._fault_seq  # noqa: SLF001
+        ms[k.M_LEAVE] = 0
+        ev = Event(self.env)
+        self._resume[m] = ev
+        self.members += 1
+        self._wake_at(v.now, v.prio)
+        return ev
+
+    def _wake_at(self, t: int, prio: int) -> None:
+        """Make sure the group runs by key ``(t, prio)``."""
+        key = (t, prio)
+        if any(w <= key for w in self._wakes):
+            return
+        self._wakes.append(key)
+        ev = At(self.env, t - self.env.now, prio)
+        ev.callbacks.append(lambda _ev, key=key: self._on_wake(key))
+
+    # -- a run of the compiled loop --------------------------------------------------------------
+    def _on_wake(self, key: tuple[int, int]) -> None:
+        self._wakes.remove(key)
+        if not self.members:
+            return
+        self._read_in()
+        g = self.g
+        vm = self.vm
+        while True:
+            mmu = vm.mmu
+            run_group(self.ms, self.ss, self.gfns, self.writes, self.tags, self.wr, self.sets, self.ways,
+                      self.count, self.counters, mmu.spt, mmu.sp_level, mmu.sp_gfn, mmu.sp_gen, self._free, g,
+                      self.c, self._slots, self._host.resident, self._host.moved, vm._zapped,  # type: ignore[union-attr]  # noqa: SLF001
+                      self.evbuf, self.srvbuf, self.srcubuf, self._empty8, self._empty64, self._empty64,
+                      self._pml_n)  # fmt: skip
+            self._drain()
+            stop = int(g[k.G_STOP])
+            if stop == k.GS_GROW:
+                self._grow()
+            elif stop != k.GS_FLUSH:
+                break
+        self._write_out()
+        if stop == k.GS_LEAVE:
+            self._leave(int(g[k.G_STOP_M]))
+        elif stop == k.GS_GRANT:
+            vm.mmu_lock._grant(int(g[k.G_GRANT_T]))  # noqa: SLF001 - the hand-over read_unlock makes
+        if self.members:
+            ms = self.ms
+            live = ms[:, k.M_PHASE] != k.PH_OUT
+            t = ms[live, k.M_NOW].min()
+            p = ms[live & (ms[:, k.M_NOW] == t), k.M_PRIO].min()
+            self._wake_at(int(t), int(p))
+
+    def _leave(self, m: int) -> None:
+        ms = self.ms[m]
+        v = self.vm.vcpus[m]
+        why = int(ms[k.M_LEAVE])
+        self.leaves[why] += 1
+        fault = None
+        if why in (k.LEAVE_LOCK, k.LEAVE_ENTRY):
+            fault = {
+                "gfn": int(ms[k.M_GFN]), "write": bool(ms[k.M_WRITE]), "pfn": int(ms[k.M_PFN]),
+                "mmu_seq": int(ms[k.M_MMU_SEQ]), "t_exit": int(ms[k.M_T_EXIT]), "token": int(ms[k.M_TOKEN]),
+                "exit_id": int(ms[k.M_EXIT_SEQ]), "id": int(ms[k.M_FAULT_SEQ]), "ret": int(ms[k.M_RET]),
+                "slot": self._fault_slot[m],
+            }  # fmt: skip
+        ms[k.M_PHASE] = k.PH_OUT
+        self.members -= 1
+        ev = self._resume[m]
+        self._resume[m] = None
+        ev._ok = True  # type: ignore[union-attr]  # noqa: SLF001 - fires at the member's own key
+        ev._value = (why, int(ms[k.M_I]), int(ms[k.M_SYNCED]), fault)  # type: ignore[union-attr]  # noqa: SLF001
+        self.env.schedule(ev, v.prio, v.now - self.env.now)  # type: ignore[arg-type]
+
+    # -- state in and out --------------------------------------------------------------------------
+    def _read_in(self) -> None:
+        vm = self.vm
+        g = self.g
+        q = self.env._queue  # noqa: SLF001
+        g[k.G_EXT_T], g[k.G_EXT_P] = (q[0][0], q[0][1]) if q else (NEVER, 0)
+        hz, waiting = NEVER, False
+        for a in vm.actors:
+            if not a.done:
+                if a.sleeping_until is not None:
+                    hz = min(hz, a.sleeping_until)
+                else:
+                    waiting = True
+        g[k.G_HZ], g[k.G_EXT_WAITING] = hz, waiting
+        lock = vm.mmu_lock
+        g[k.G_READERS] = lock.readers
+        g[k.G_LOCK_BUSY] = lock.writer is not None or bool(lock._queue)  # noqa: SLF001
+        g[k.G_LOCK_WAITERS] = bool(lock._queue)  # noqa: SLF001
+        g[k.G_LOCK_NEXT_ID] = lock._next_id  # noqa: SLF001
+        g[k.G_ZERO_WAITS] = lock.zero_waits["read"]
+        srcu = vm.srcu
+        g[k.G_SRCU_NEXT] = srcu._next  # noqa: SLF001
+        g[k.G_SRCU_WAITS] = bool(srcu._waits)  # noqa: SLF001
+        g[k.G_NEXT_SYNC] = srcu.next_sync()
+        g[k.G_MMU_SEQ] = vm.mmu_invalidate_seq
+        g[k.G_INV_IN_PROGRESS] = vm.mmu_invalidate_in_progress
+        g[k.G_INV_START] = vm.mmu_invalidate_range_start
+        g[k.G_INV_END] = vm.mmu_invalidate_range_end
+        g[k.G_ANY_ZAPPED] = vm._any_zapped  # noqa: SLF001
+        mmu = vm.mmu
+        g[k.G_NTABLES] = mmu.n_tables
+        g[k.G_CAP] = len(mmu.spt)
+        self._free = np.array(mmu._free, dtype=np.int64)  # noqa: SLF001
+        g[k.G_NFREE] = len(self._free)
+        self._load_slots()
+        ms = self.ms
+        for m, v in enumerate(vm.vcpus):
+            if ms[m, k.M_PHASE] == k.PH_OUT:
+                continue
+            flags = k.F_LEAVE if (v.requests or v.kick_at != NEVER or v.pml_on) else 0
+            if v.root is not None and v.root.invalid:
+                flags |= k.F_ROOT_INVALID
+            ms[m, k.M_FLAGS] = flags
+            ms[m, k.M_MODE] = v.mode
+
+    def _load_slots(self) -> None:
+        """Rows ``(base_gfn, npages, host_offset, simple)`` of the current memslots."""
+        memslots = self.vm.memslots
+        key = (id(memslots), memslots.generation)
+        if key == self._slots_key:
+            return
+        self._slots_key = key
+        slots = memslots.slots
+        self._slot_objs = list(slots)
+        host = self._host if isinstance(self._host, HostMapping) else None
+        rows = []
+        for s in slots:
+            if host is None and s.host.page_level == PG_LEVEL_4K:
+                host = s.host
+            simple = (
+                s.host is host
+                and not s.flags & (KVM_MEMSLOT_INVALID | KVM_MEM_LOG_DIRTY_PAGES)
+                and s.dirty_bitmap is None
+            )
+            rows.append((s.base_gfn, s.npages, s.host_offset, int(simple)))
+        self._host = host if host is not None else _NoHost()  # a stand-in that no row names
+        self.g[k.G_PFN_BASE] = self._host.pfn_base
+        self._slots = np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+    def _grow(self) -> None:
+        mmu = self.vm.mmu
+        mmu.n_tables = int(self.g[k.G_NTABLES])
+        mmu.grow_pool()
+        self.g[k.G_CAP] = len(mmu.spt)
+
+    def _drain(self) -> None:
+        """Hand the loop's records to the sink, the service times to the vCPUs, and the SRCU
+        readers a synchronize may still need to ``kvm->srcu``."""
+        vm = self.vm
+        g = self.g
+        n = int(g[k.G_NEV])
+        if n:
+            names = RET_PF_NAMES
+            vm.sink.extend([("kvm_page_fault", t, m, fid, a, b) if kind == k.EV_PAGE_FAULT
+                            else ("vsim_page_fault_ret", t, m, fid, names[a], b)
+                            for kind, t, m, fid, a, b in self.evbuf[:n].tolist()])  # fmt: skip
+            g[k.G_NEV] = 0
+        n = int(g[k.G_NSRV])
+        if n:
+            vcpus = vm.vcpus
+            rows = self.srvbuf[:n]
+            for m in np.unique(rows[:, 0]).tolist():
+                vcpus[m].stat.fault_service_ns.frombytes(rows[rows[:, 0] == m, 1].tobytes())
+            g[k.G_NSRV] = 0
+        n = int(g[k.G_NSRCU])
+        if n:
+            readers = vm.srcu._readers  # noqa: SLF001
+            for token, start, end in self.srcubuf[:n].tolist():
+                if end == k.SRCU_FORGET:
+                    readers.pop(token, None)
+                else:
+                    readers[token] = [start, end]
+            g[k.G_NSRCU] = 0
+
+    def _write_out(self) -> None:
+        vm = self.vm
+        g = self.g
+        ms, ss = self.ms, self.ss
+        readers = vm.srcu._readers  # noqa: SLF001
+        for m in np.flatnonzero(ms[:, k.M_PHASE] != k.PH_OUT).tolist():
+            v = vm.vcpus[m]
+            row = ms[m]
+            v.now = int(row[k.M_NOW])
+            v.mode = int(row[k.M_MODE])
+            v._exit_seq = int(row[k.M_EXIT_SEQ])  # noqa: SLF001
+            v._fault_seq = int(row[k.M_FAULT_SEQ])  # noqa: SLF001
+            st = v.stat
+            d = ss[m].tolist()
+            st.exits += d[k.S_EXITS]
+            st.pf_taken += d[k.S_PF_TAKEN]
+            self.faults += d[k.S_PF_TAKEN]
+            st.pf_fixed += d[k.S_PF_FIXED]
+            st.pf_spurious += d[k.S_PF_SPURIOUS]
+            st.pf_retry += d[k.S_PF_RETRY]
+            st.host_page_allocs += d[k.S_HOST_ALLOCS]
+            ss[m] = 0
+            if row[k.M_PHASE] in (k.PH_LOCK, k.PH_INSTALL, k.PH_ENTRY) and not row[k.M_SRCU_REG]:
+                # Mid-fault: its SRCU reader is visible to a synchronize, and its slot is kept.
+                readers[int(row[k.M_TOKEN])] = [int(row[k.M_TOKEN_T]), -1]
+                row[k.M_SRCU_REG] = 1
+                self._fault_slot[m] = vm.memslots.gfn_to_memslot(int(row[k.M_GFN]))
+        lock = vm.mmu_lock
+        lock.readers = int(g[k.G_READERS])
+        lock._next_id = int(g[k.G_LOCK_NEXT_ID])  # noqa: SLF001
+        lock.zero_waits["read"] = int(g[k.G_ZERO_WAITS])
+        vm.srcu._next = int(g[k.G_SRCU_NEXT])  # noqa: SLF001
+        st = vm.stat
+        st.pages_4k += int(g[k.G_PAGES_4K])
+        st.pages_2m += int(g[k.G_PAGES_4K + 1])
+        st.pages_1g += int(g[k.G_PAGES_4K + 2])
+        st.tdp_mmu_pages += int(g[k.G_TDP_PAGES])
+        st.refaults += int(g[k.G_REFAULTS])
+        g[k.G_PAGES_4K : k.G_PAGES_4K + 3] = 0
+        g[k.G_TDP_PAGES] = g[k.G_REFAULTS] = 0
+        mmu = vm.mmu
+        mmu.n_tables = int(g[k.G_NTABLES])
+        del mmu._free[int(g[k.G_NFREE]) :]  # noqa: SLF001
+        self._host.populated_pages += int(g[k.G_POPULATED])  # type: ignore[union-attr]
+        g[k.G_POPULATED] = 0
+
+
+class _NoHost:
+    """No 4K host mapping backs any memslot: every fault goes to Python."""
+
+    resident = np.zeros(0, dtype=np.uint8)
+    moved = np.zeros(0, dtype=np.uint8)
+    populated_pages = 0
+    pfn_base = 0
