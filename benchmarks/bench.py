@@ -35,8 +35,7 @@ from pathlib import Path
 import simpy
 
 from vsim.config import load_config
-from vsim.events.sink import EventSink
-from vsim.events.writer import render_records
+from vsim.events.sink import EventBatch, EventSink
 from vsim.sweeps import SweepSpec
 from vsim.sweeps.sweeper import run_sweep
 from vsim.vm import Vm
@@ -61,8 +60,8 @@ def timed_run(sets: list[str], level: str = "off") -> tuple[float, dict[str, int
     cfg = load_config(None, [*sets, f"events.level={level}"])
     rendered = [0]
 
-    def consume(records: list) -> None:  # type: ignore[type-arg]
-        rendered[0] += len(render_records(records))
+    def consume(batch: EventBatch) -> None:
+        rendered[0] += len(batch.render())
 
     vm = Vm(cfg, EventSink(level, consumer=consume))
     t = time.perf_counter()

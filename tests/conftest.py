@@ -22,7 +22,7 @@ def simulate(*sets: str, level: str = "off") -> tuple[Vm, dict[str, Any], EventS
     sink = EventSink(level, consumer=None)
     vm = Vm(cfg, sink)
     records: list = []
-    sink._consumer = records.extend  # keep every record in memory
+    sink._consumer = lambda batch: records.extend(batch.records())  # keep every record in memory
     end = vm.run()
     sink.kept = records  # type: ignore[attr-defined]
     stats = collect_stats(vm, end)

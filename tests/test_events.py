@@ -17,6 +17,27 @@ def test_fast_rendering_equals_structlog_for_every_kind() -> None:
         fields = [f"v{i}" if f in kind.str_fields else (1 << 40) + i for i, f in enumerate(kind.fields)]
         rec = (kind.name, 123456789 + n, n % 3 - 1, *fields)
         assert render_records([rec]) == render_structlog(record_to_dict(rec))
+    # Strings are JSON-escaped, negative and 19-digit integers rendered whole.
+    rec = ("vsim_invariant_violation", 9_223_372_036_854_775_807, -1, 'stale "tlb"', "gfn\\1\n é")
+    assert render_records([rec]) == render_structlog(record_to_dict(rec))
+    for gva in (0xFFFF_8880_0000_1000, 2**64 - 1, 2**63):  # a 64-bit guest's kernel addresses (shadow #PF)
+        rec = ("kvm_exit", 1, 0, 2, "EXCEPTION_NMI", gva)
+        assert render_records([rec]) == render_structlog(record_to_dict(rec))
+
+
+def test_sink_rows_decode_to_the_records_and_sort_stably() -> None:
+    """Records emitted one by one and as rows come out in (time, actor) order, simultaneous
+    records of one actor in emission order."""
+    got: list = []
+    sink = EventSink("faults", consumer=lambda b: got.extend(b.records()))
+    sink.emit("kvm_page_fault", 20, 1, 1, 4096, 2)
+    codec = sink.codec
+    rows = codec.encode([("vsim_page_fault_ret", 20, 1, 1, "FIXED", 1), ("kvm_page_fault", 10, 2, 1, 8192, 2)])
+    sink.emit_rows(rows[:, :6])
+    sink.emit("vsim_page_fault_ret", 10, 2, 1, "RETRY", 1)
+    sink.flush()
+    assert got == [("kvm_page_fault", 10, 2, 1, 8192, 2), ("vsim_page_fault_ret", 10, 2, 1, "RETRY", 1),
+                   ("kvm_page_fault", 20, 1, 1, 4096, 2), ("vsim_page_fault_ret", 20, 1, 1, "FIXED", 1)]  # fmt: skip
 
 
 def test_levels_select_events() -> None:

@@ -15,18 +15,9 @@ from typing import IO
 
 import structlog
 
-from vsim.events.kinds import KINDS, SCHEMA_VERSION, EventKind
-from vsim.events.sink import Record
-
-
-def _template(kind: EventKind) -> str:
-    parts = [f'{{"event": "{kind.name}", "t_ns": %d, "vcpu": %d']
-    for f in kind.fields:
-        parts.append(f', "{f}": "%s"' if f in kind.str_fields else f', "{f}": %d')
-    return "".join(parts) + "}\n"
-
-
-TEMPLATES: dict[str, str] = {k.name: _template(k) for k in KINDS}
+from vsim.events.kinds import KINDS, SCHEMA_VERSION
+from vsim.events.rows import RowCodec
+from vsim.events.sink import EventBatch, Record
 
 _renderer = structlog.processors.JSONRenderer()
 
@@ -46,9 +37,10 @@ def record_to_dict(record: Record) -> dict[str, object]:
 
 
 def render_records(records: list[Record]) -> str:
-    """Render records to JSON lines; byte-identical to :func:`render_structlog` of each dict."""
-    tpl = TEMPLATES
-    return "".join([tpl[r[0]] % r[1:] for r in records])  # type: ignore[index]
+    """Render records to JSON lines (``vsim.events.rows``, as a sink renders its batches);
+    byte-identical to :func:`render_structlog` of each dict."""
+    codec = RowCodec()
+    return codec.render(codec.encode(records)).decode()
 
 
 class JsonlWriter:
@@ -57,14 +49,14 @@ class JsonlWriter:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self._fh: IO[str] | None = open(self._tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._fh: IO[bytes] | None = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()
         self.lines = 0
-        self._fh.write(render_structlog({"event": "vsim_log_header", "schema_version": SCHEMA_VERSION}))
+        self._fh.write(render_structlog({"event": "vsim_log_header", "schema_version": SCHEMA_VERSION}).encode())
 
-    def __call__(self, records: list[Record]) -> None:
+    def __call__(self, batch: EventBatch | list[Record]) -> None:
         assert self._fh is not None
-        self._fh.write(render_records(records))
-        self.lines += len(records)
+        self._fh.write(batch.render() if isinstance(batch, EventBatch) else render_records(batch).encode())
+        self.lines += len(batch)
 
     def close(self) -> None:
         """Finish the file and move it into place."""

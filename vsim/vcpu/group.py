@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from simpy.events import Event
 
+from vsim.events.rows import KIND_ID
 from vsim.host_mm import HostMapping
 from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID
 from vsim.mmu.page_fault import RET_PF_NAMES
@@ -93,7 +94,10 @@ class VcpuGroup:
         costs = (c.guest_access, c.tlb_hit, c.walk_ref, c.vmexit, c.vmentry, c.faultin_present, c.host_fault,
                  c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte)  # fmt: skip
         self.c = np.array(costs, dtype=np.int64)  # in the order of group_kernel's C_* indices
+        # Event rows (group_kernel.EV_*): a fault and its outcome, as kvm_mmu_do_page_fault logs them.
         self.evbuf = np.zeros((8192, 6), dtype=np.int64)
+        self._kind_ids = np.array([KIND_ID["kvm_page_fault"], KIND_ID["vsim_page_fault_ret"]], dtype=np.int64)
+        self._ret_ids = np.array([vm.sink.codec.intern(RET_PF_NAMES[r]) for r in range(len(RET_PF_NAMES))])
         self.srvbuf = np.zeros((8192, 2), dtype=np.int64)
         self.srcubuf = np.zeros((1024, 3), dtype=np.int64)
         self._empty8 = np.zeros(0, dtype=np.uint8)
@@ -286,10 +290,11 @@ class VcpuGroup:
         g = self.g
         n = int(g[k.G_NEV])
         if n:
-            names = RET_PF_NAMES
-            vm.sink.extend([("kvm_page_fault", t, m, fid, a, b) if kind == k.EV_PAGE_FAULT
-                            else ("vsim_page_fault_ret", t, m, fid, names[a], b)
-                            for kind, t, m, fid, a, b in self.evbuf[:n].tolist()])  # fmt: skip
+            rows = self.evbuf[:n]
+            ret = rows[:, 0] == k.EV_PAGE_FAULT_RET
+            rows[ret, 4] = self._ret_ids[rows[ret, 4]]  # the codes' names, as the sink's string ids
+            rows[:, 0] = self._kind_ids[rows[:, 0]]
+            vm.sink.emit_rows(rows)
             g[k.G_NEV] = 0
         n = int(g[k.G_NSRV])
         if n:
