@@ -53,6 +53,9 @@ def kvm_make_all_cpus_request(vm: Vm, req: int, t: int, wait: bool = True, me: i
             v.mode = EXITING_GUEST_MODE
         sent += 1
         v.post_ipi(t + sent * c.ipi_send + c.ipi_latency)
+    if vm.group is not None:
+        for v in vm.vcpus:
+            vm.group.notify(v)
     done = t + sent * c.ipi_send + (c.ipi_latency + sent * c.ipi_ack if wait and sent else 0)
     return sent, done
 

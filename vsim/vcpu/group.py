@@ -65,6 +65,8 @@ class VcpuGroup:
         self.ms = np.zeros((nv, k.M_COLS), dtype=np.int64)
         self.ms[:, k.M_PRIO] = [v.prio for v in vcpus]
         self.ss = np.zeros((nv, k.S_COLS), dtype=np.int64)
+        self.touched = np.zeros(nv, dtype=np.int64)  # members the loop ran since the last write-out
+        self.left = np.zeros(nv, dtype=np.int64)  # members that left, in key order
         chunk = vm.cfg.sim.batch_accesses
         self.gfns = np.zeros((nv, chunk), dtype=np.int64)
         self.writes = np.zeros((nv, chunk), dtype=np.bool_)
@@ -100,6 +102,7 @@ class VcpuGroup:
         self._ret_ids = np.array([vm.sink.codec.intern(RET_PF_NAMES[r]) for r in range(len(RET_PF_NAMES))])
         self.srvbuf = np.zeros((8192, 2), dtype=np.int64)
         self.srcubuf = np.zeros((1024, 3), dtype=np.int64)
+        self._free = np.zeros(0, dtype=np.int64)  # the page-table pool's free list, when loaded
         self._empty8 = np.zeros(0, dtype=np.uint8)
         self._empty64 = np.zeros(0, dtype=np.int64)
         self._pml_n = np.zeros(1, dtype=np.int64)
@@ -139,6 +142,8 @@ class VcpuGroup:
         ms[k.M_EXIT_SEQ] = v._exit_seq  # noqa: SLF001
         ms[k.M_FAULT_SEQ] = v._fault_seq  # noqa: SLF001
         ms[k.M_LEAVE] = 0
+        ms[k.M_FLAGS] = 0
+        ms[k.M_MODE] = v.mode
         ev = Event(self.env)
         self._resume[m] = ev
         self.members += 1
@@ -164,11 +169,11 @@ class VcpuGroup:
         vm = self.vm
         while True:
             mmu = vm.mmu
-            run_group(self.ms, self.ss, self.gfns, self.writes, self.tags, self.wr, self.sets, self.ways,
-                      self.count, self.counters, mmu.spt, mmu.sp_level, mmu.sp_gfn, mmu.sp_gen, self._free, g,
-                      self.c, self._slots, self._host.resident, self._host.moved, vm._zapped,  # type: ignore[union-attr]  # noqa: SLF001
-                      self.evbuf, self.srvbuf, self.srcubuf, self._empty8, self._empty64, self._empty64,
-                      self._pml_n)  # fmt: skip
+            run_group(self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags, self.wr,
+                      self.sets, self.ways, self.count, self.counters, mmu.spt, mmu.sp_level, mmu.sp_gfn,
+                      mmu.sp_gen, self._free, g, self.c, self._slots, self._host.resident, self._host.moved,  # type: ignore[union-attr]
+                      vm._zapped, self.evbuf, self.srvbuf, self.srcubuf, self._empty8, self._empty64,  # noqa: SLF001
+                      self._empty64, self._pml_n)  # fmt: skip
             self._drain()
             stop = int(g[k.G_STOP])
             if stop == k.GS_GROW:
@@ -176,16 +181,21 @@ class VcpuGroup:
             elif stop != k.GS_FLUSH:
                 break
         self._write_out()
-        if stop == k.GS_LEAVE:
-            self._leave(int(g[k.G_STOP_M]))
-        elif stop == k.GS_GRANT:
+        for m in self.left[: g[k.G_NLEFT]].tolist():
+            self._leave(m)
+        g[k.G_NLEFT] = 0
+        if stop == k.GS_GRANT:
             vm.mmu_lock._grant(int(g[k.G_GRANT_T]))  # noqa: SLF001 - the hand-over read_unlock makes
         if self.members:
-            ms = self.ms
-            live = ms[:, k.M_PHASE] != k.PH_OUT
-            t = ms[live, k.M_NOW].min()
-            p = ms[live & (ms[:, k.M_NOW] == t), k.M_PRIO].min()
-            self._wake_at(int(t), int(p))
+            self._wake_at(int(g[k.G_NEXT_T]), int(g[k.G_NEXT_P]))
+
+    def notify(self, v: Vcpu) -> None:
+        """Another actor set requests on ``v``, changed its mode or sent it an IPI: a member leaves
+        at its next access or entry."""
+        row = self.ms[v.id]
+        if row[k.M_PHASE] != k.PH_OUT:
+            row[k.M_FLAGS] |= k.F_LEAVE
+            row[k.M_MODE] = v.mode
 
     def _leave(self, m: int) -> None:
         ms = self.ms[m]
@@ -240,18 +250,15 @@ class VcpuGroup:
         mmu = vm.mmu
         g[k.G_NTABLES] = mmu.n_tables
         g[k.G_CAP] = len(mmu.spt)
-        self._free = np.array(mmu._free, dtype=np.int64)  # noqa: SLF001
-        g[k.G_NFREE] = len(self._free)
+        g[k.G_NFREE] = len(mmu._free)  # noqa: SLF001 - loaded only if an install needs them (_grow)
+        g[k.G_FREE_LOADED] = 0
         self._load_slots()
-        ms = self.ms
-        for m, v in enumerate(vm.vcpus):
-            if ms[m, k.M_PHASE] == k.PH_OUT:
-                continue
-            flags = k.F_LEAVE if (v.requests or v.kick_at != NEVER or v.pml_on) else 0
-            if v.root is not None and v.root.invalid:
-                flags |= k.F_ROOT_INVALID
-            ms[m, k.M_FLAGS] = flags
-            ms[m, k.M_MODE] = v.mode
+        if any(r.invalid for r in mmu.roots):  # type: ignore[union-attr]  # a fast zap: is_page_fault_stale
+            ms = self.ms
+            for m in np.flatnonzero(ms[:, k.M_PHASE] != k.PH_OUT).tolist():
+                root = vm.vcpus[m].root
+                if root is not None and root.invalid:
+                    ms[m, k.M_FLAGS] |= k.F_ROOT_INVALID
 
     def _load_slots(self) -> None:
         """Rows ``(base_gfn, npages, host_offset, simple)`` of the current memslots."""
@@ -278,10 +285,16 @@ class VcpuGroup:
         self._slots = np.array(rows, dtype=np.int64).reshape(-1, 4)
 
     def _grow(self) -> None:
+        """Load the free tables, or grow the pool."""
         mmu = self.vm.mmu
-        mmu.n_tables = int(self.g[k.G_NTABLES])
+        g = self.g
+        if g[k.G_NFREE] and not g[k.G_FREE_LOADED]:
+            self._free = np.array(mmu._free, dtype=np.int64)  # noqa: SLF001
+            g[k.G_FREE_LOADED] = 1
+            return
+        mmu.n_tables = int(g[k.G_NTABLES])
         mmu.grow_pool()
-        self.g[k.G_CAP] = len(mmu.spt)
+        g[k.G_CAP] = len(mmu.spt)
 
     def _drain(self) -> None:
         """Hand the loop's records to the sink, the service times to the vCPUs, and the SRCU
@@ -318,14 +331,29 @@ class VcpuGroup:
         g = self.g
         ms, ss = self.ms, self.ss
         readers = vm.srcu._readers  # noqa: SLF001
-        for m in np.flatnonzero(ms[:, k.M_PHASE] != k.PH_OUT).tolist():
-            v = vm.vcpus[m]
-            row = ms[m]
-            v.now = int(row[k.M_NOW])
-            v.mode = int(row[k.M_MODE])
-            v._exit_seq = int(row[k.M_EXIT_SEQ])  # noqa: SLF001
-            v._fault_seq = int(row[k.M_FAULT_SEQ])  # noqa: SLF001
-            st = v.stat
+        touched = self.touched
+        idx = np.flatnonzero(touched)
+        vcpus = vm.vcpus
+        cols = [k.M_NOW, k.M_MODE, k.M_EXIT_SEQ, k.M_FAULT_SEQ, k.M_PHASE, k.M_LEAVE, k.M_SRCU_REG]
+        for m, (now, mode, exit_seq, fault_seq, phase, why, reg) in zip(
+            idx.tolist(), ms[np.ix_(idx, cols)].tolist(), strict=True
+        ):
+            v = vcpus[m]
+            v.now = now
+            v.mode = mode
+            v._exit_seq = exit_seq  # noqa: SLF001
+            v._fault_seq = fault_seq  # noqa: SLF001
+            mid_fault = phase in (k.PH_LOCK, k.PH_INSTALL, k.PH_ENTRY) or (
+                phase == k.PH_LEFT and why in (k.LEAVE_LOCK, k.LEAVE_ENTRY)
+            )
+            if mid_fault and not reg:
+                # Mid-fault: its SRCU reader is visible to a synchronize, and its slot is kept.
+                row = ms[m]
+                readers[int(row[k.M_TOKEN])] = [int(row[k.M_TOKEN_T]), -1]
+                row[k.M_SRCU_REG] = 1
+                self._fault_slot[m] = vm.memslots.gfn_to_memslot(int(row[k.M_GFN]))
+        for m in np.flatnonzero(ss.any(axis=1)).tolist():
+            st = vcpus[m].stat
             d = ss[m].tolist()
             st.exits += d[k.S_EXITS]
             st.pf_taken += d[k.S_PF_TAKEN]
@@ -335,11 +363,7 @@ class VcpuGroup:
             st.pf_retry += d[k.S_PF_RETRY]
             st.host_page_allocs += d[k.S_HOST_ALLOCS]
             ss[m] = 0
-            if row[k.M_PHASE] in (k.PH_LOCK, k.PH_INSTALL, k.PH_ENTRY) and not row[k.M_SRCU_REG]:
-                # Mid-fault: its SRCU reader is visible to a synchronize, and its slot is kept.
-                readers[int(row[k.M_TOKEN])] = [int(row[k.M_TOKEN_T]), -1]
-                row[k.M_SRCU_REG] = 1
-                self._fault_slot[m] = vm.memslots.gfn_to_memslot(int(row[k.M_GFN]))
+        touched[:] = 0
         lock = vm.mmu_lock
         lock.readers = int(g[k.G_READERS])
         lock._next_id = int(g[k.G_LOCK_NEXT_ID])  # noqa: SLF001
@@ -355,7 +379,7 @@ class VcpuGroup:
         g[k.G_TDP_PAGES] = g[k.G_REFAULTS] = 0
         mmu = vm.mmu
         mmu.n_tables = int(g[k.G_NTABLES])
-        del mmu._free[int(g[k.G_NFREE]) :]  # noqa: SLF001
+        del mmu._free[int(g[k.G_NFREE]) :]  # noqa: SLF001 - the loop took these from the end
         self._host.populated_pages += int(g[k.G_POPULATED])  # type: ignore[union-attr]
         g[k.G_POPULATED] = 0
 

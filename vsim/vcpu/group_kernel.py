@@ -50,7 +50,7 @@ M_MODE, M_LEAVE, M_NO_JOIN = 24, 25, 26
 M_COLS = 27
 
 # Member phases: where its next action is (PH_OUT: not a member).
-PH_OUT, PH_RUN, PH_LOCK, PH_INSTALL, PH_ENTRY, PH_DONE = 0, 1, 2, 3, 4, 5
+PH_OUT, PH_RUN, PH_LOCK, PH_INSTALL, PH_ENTRY, PH_DONE, PH_LEFT = 0, 1, 2, 3, 4, 5, 6  # PH_LEFT: left, not resumed
 # M_FLAGS bits, set by the driver from the vCPU's Python state.
 F_LEAVE = 1  # a kick or pending requests: leave at the next access or entry
 F_ROOT_INVALID = 2  # the root is obsolete (is_page_fault_stale)
@@ -66,7 +66,7 @@ S_COLS = 6
  G_LOCK_WAITERS, G_LOCK_NEXT_ID, G_ZERO_WAITS, G_SRCU_NEXT, G_SRCU_WAITS, G_NEXT_SYNC, G_TDP_PAGES, G_REFAULTS,
  G_POPULATED, G_MMU_SEQ, G_INV_IN_PROGRESS, G_INV_START, G_INV_END, G_ROOT_CHECK, G_LOCKED_CHECK, G_PRE_LOCK,
  G_ANY_ZAPPED, G_REGION_BASE, G_EVENTS, G_UFFD, G_PFN_BASE, G_GUEST_REFS, G_MAX_CLASS, G_NEV, G_NSRV, G_NSRCU,
- G_GRANT_T, G_PAGES_4K) = range(39)  # fmt: skip
+ G_GRANT_T, G_NLEFT, G_FREE_LOADED, G_NEXT_T, G_NEXT_P, G_PAGES_4K) = range(43)  # fmt: skip
 G_COLS = G_PAGES_4K + 3
 
 # The costs ``c``.
@@ -74,8 +74,8 @@ C_GUEST, C_HIT, C_REF, C_VMEXIT, C_VMENTRY, C_FAULTIN, C_HOST, C_ZERO, C_MAP, C_
 
 # Why run_group returned (G_STOP).
 GS_EXTERNAL = 1  # the next member acts at or after the queue head (or there is none)
-GS_LEAVE = 2  # member G_STOP_M left the group
-GS_GROW = 3  # an install needs more page tables than the pool has: grow it and call again
+GS_LEAVE = 2  # members left the group (``left[:g[G_NLEFT]]``, in key order)
+GS_GROW = 3  # an install needs the free tables loaded, or more than the pool has: call again after
 GS_FLUSH = 4  # an output buffer is full: drain it and call again
 GS_GRANT = 5  # the last reader left mmu_lock with a writer waiting: hand it over at G_GRANT_T
 
@@ -124,34 +124,65 @@ def _find_slot(slots, gfn):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def run_group(ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, sp_level, sp_gfn, sp_gen, free,
-              g, c, slots, resident, moved, zapped, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, counters, spt, sp_level, sp_gfn,
+              sp_gen, free, g, c, slots, resident, moved, zapped, evbuf, srvbuf, srcubuf, written, wmap, pml_buf,
+              pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Run the members in key order until one leaves or the next key reaches the queue head.
 
     ``slots`` rows are ``(base_gfn, npages, host_offset, simple)``: ``simple`` when the compiled
     fault may serve the slot (valid, not dirty-logged, backed by the 4K host mapping ``resident``
-    / ``moved`` index, and A/D bits on). Sets ``g[G_STOP]`` (``GS_*``) and ``g[G_STOP_M]``.
+    / ``moved`` index, and A/D bits on). Sets ``g[G_STOP]`` (``GS_*``), ``g[G_STOP_M]``, the next
+    member key ``g[G_NEXT_T/P]``; marks each member it ran in ``touched``, each that left in ``left``.
     """
-    nv = ms.shape[0]
     while True:
-        m = -1
-        bt = NEVER
-        bp = 0
-        for k in range(nv):
-            if ms[k, M_PHASE] != PH_OUT and (m < 0 or _before(ms[k, M_NOW], ms[k, M_PRIO], bt, bp)):
-                m = k
-                bt = ms[k, M_NOW]
-                bp = ms[k, M_PRIO]
-        if m < 0 or not _before(bt, bp, g[G_EXT_T], g[G_EXT_P]):
-            g[G_STOP] = GS_EXTERNAL
+        m = _next_member(ms, g)
+        if m < 0 or not _before(g[G_NEXT_T], g[G_NEXT_P], g[G_EXT_T], g[G_EXT_P]):
+            g[G_STOP] = GS_LEAVE if g[G_NLEFT] else GS_EXTERNAL
             return
+        if g[G_NLEFT] and not _leaves_now(ms, g, m):
+            g[G_STOP] = GS_LEAVE  # the members that left act in Python first
+            return
+        touched[m] = 1
         r = _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, sp_level, sp_gfn,
                   sp_gen, free, g, c, slots, resident, moved, zapped, evbuf, srvbuf, srcubuf, written, wmap,
                   pml_buf, pml_n)  # fmt: skip
-        if r:
+        if r == GS_LEAVE:
+            ms[m, M_PHASE] = PH_LEFT
+            left[g[G_NLEFT]] = m
+            g[G_NLEFT] += 1
+        elif r:
             g[G_STOP] = r
             g[G_STOP_M] = m
+            _next_member(ms, g)
             return
+
+
+@njit(cache=True)
+def _next_member(ms, g):  # type: ignore[no-untyped-def]
+    """The member with the smallest key (-1 if none); its key goes to ``g[G_NEXT_T/P]``."""
+    m = -1
+    bt = NEVER
+    bp = 0
+    for k in range(ms.shape[0]):
+        ph = ms[k, M_PHASE]
+        if ph != PH_OUT and ph != PH_LEFT and (m < 0 or _before(ms[k, M_NOW], ms[k, M_PRIO], bt, bp)):
+            m = k
+            bt = ms[k, M_NOW]
+            bp = ms[k, M_PRIO]
+    g[G_NEXT_T] = bt
+    g[G_NEXT_P] = bp
+    return m
+
+
+@njit(cache=True)
+def _leaves_now(ms, g, m):  # type: ignore[no-untyped-def]
+    """Member ``m``'s next action is to leave, touching nothing (``_step``'s first checks)."""
+    ph = ms[m, M_PHASE]
+    if ph == PH_DONE or (ph == PH_RUN and ms[m, M_FLAGS] & F_LEAVE):
+        return True
+    if ph == PH_LOCK:
+        return g[G_LOCK_BUSY] != 0
+    return ph == PH_ENTRY and (ms[m, M_FLAGS] & F_LEAVE or g[G_SRCU_WAITS])
 
 
 @njit(cache=True)
@@ -174,7 +205,7 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, s
             return 0  # the next action waits for its key
     elif phase == PH_INSTALL:
         need = ms[m, M_LEVEL] - 1 if ms[m, M_OLD] != REMOVED_SPTE else 0
-        if need > g[G_NFREE] + g[G_CAP] - g[G_NTABLES]:
+        if need and (need > g[G_NFREE] + g[G_CAP] - g[G_NTABLES] or (g[G_NFREE] and not g[G_FREE_LOADED])):
             return GS_GROW
         r = _fault_install(m, ms, ss, spt, sp_level, sp_gfn, sp_gen, free, g, zapped, evbuf)
         if r:
