@@ -97,11 +97,11 @@ class VcpuGroup:
                  c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte)  # fmt: skip
         self.c = np.array(costs, dtype=np.int64)  # in the order of group_kernel's C_* indices
         # Event rows (group_kernel.EV_*): a fault and its outcome, as kvm_mmu_do_page_fault logs them.
-        self.evbuf = np.zeros((8192, 6), dtype=np.int64)
+        self.evbuf = np.zeros((max(8192, 4 * nv), 6), dtype=np.int64)
         self._kind_ids = np.array([KIND_ID["kvm_page_fault"], KIND_ID["vsim_page_fault_ret"]], dtype=np.int64)
         self._ret_ids = np.array([vm.sink.codec.intern(RET_PF_NAMES[r]) for r in range(len(RET_PF_NAMES))])
-        self.srvbuf = np.zeros((8192, 2), dtype=np.int64)
-        self.srcubuf = np.zeros((1024, 3), dtype=np.int64)
+        self.srvbuf = np.zeros((max(8192, 2 * nv), 2), dtype=np.int64)
+        self.srcubuf = np.zeros((max(1024, 2 * nv), 3), dtype=np.int64)
         self._free = np.zeros(0, dtype=np.int64)  # the page-table pool's free list, when loaded
         self._empty8 = np.zeros(0, dtype=np.uint8)
         self._empty64 = np.zeros(0, dtype=np.int64)
@@ -302,6 +302,7 @@ class VcpuGroup:
         vm = self.vm
         g = self.g
         n = int(g[k.G_NEV])
+        assert n <= len(self.evbuf) and g[k.G_NSRV] <= len(self.srvbuf) and g[k.G_NSRCU] <= len(self.srcubuf)
         if n:
             rows = self.evbuf[:n]
             ret = rows[:, 0] == k.EV_PAGE_FAULT_RET

@@ -250,7 +250,9 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, s
     hidx = slots[s, 2] + gfn - slots[s, 0]
     if moved[hidx] or (g[G_UFFD] and not resident[hidx]):
         return _leave(ms, m, LEAVE_PYFAULT)
-    if g[G_NEV] + 2 > evbuf.shape[0] or g[G_NSRV] + 1 > srvbuf.shape[0] or g[G_NSRCU] + 1 > srcubuf.shape[0]:
+    # Room for this fault's records and for those of every other member's fault under way.
+    nv = ms.shape[0]
+    if g[G_NEV] + 2 * nv > evbuf.shape[0] or g[G_NSRV] + nv > srvbuf.shape[0] or g[G_NSRCU] + nv > srcubuf.shape[0]:
         return GS_FLUSH
     _fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, writes[m, j], refs, hidx)
     return 0
