@@ -30,10 +30,11 @@ def _outputs(sets: list[str], mode: str, out: Path) -> tuple[str, bytes]:
     return json.dumps(res.stats), (out / "events.jsonl").read_bytes()
 
 
-@pytest.mark.parametrize(("seed", "backing_4k"), [(s, True) for s in range(16)] + [(s, False) for s in (2, 3, 6)])
+@pytest.mark.parametrize(("seed", "backing_4k"), [(s, True) for s in range(16)] + [(s, False) for s in (0, 6, 26, 29)])
 def test_group_equals_reference(tmp_path: Path, seed: int, backing_4k: bool) -> None:
     """Memslot churn, host-MM invalidations, dirty logging and the selftests under the group:
-    byte-identical stats and fault logs to one SimPy event per access."""
+    byte-identical stats and fault logs to one SimPy event per access. With 2M backing, dirty
+    logging makes vCPUs split huge pages (``Vm.lockstep``) and the members leave the group."""
     sets = _group_sets(seed, backing_4k)
     stats_g, events_g = _outputs(sets, "batched", tmp_path / "g")
     stats_r, events_r = _outputs(sets, "reference", tmp_path / "r")

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from vsim.vm import Vm
 
 NEVER = k.NEVER
+_NOT_SIMPLE = KVM_MEMSLOT_INVALID | KVM_MEM_LOG_DIRTY_PAGES
 
 
 def group_enabled(vm: Vm) -> bool:
@@ -115,13 +116,30 @@ class VcpuGroup:
         self._wakes: list[tuple[int, int]] = []  # keys of the scheduled wake-ups
         self.members = 0
         self.faults = 0  # faults taken in compiled code
+        self._gain = [0] * nv  # faults each member took in compiled code since it joined
+        self._idle = [False] * nv  # its last stay ended in a Python fault before any other
         self.leaves = dict.fromkeys((k.LEAVE_RUN, k.LEAVE_PYFAULT, k.LEAVE_LOCK, k.LEAVE_ENTRY), 0)
 
     # -- joining and leaving -----------------------------------------------------------------------
-    @staticmethod
-    def can_join(v: Vcpu) -> bool:
-        """Nothing the compiled loop does not model is pending on ``v``."""
-        return not v.requests and v.kick_at == NEVER and not v.pml_on
+    def can_join(self, v: Vcpu) -> bool:
+        """Nothing the compiled loop does not model is pending on ``v``, and vCPUs do not restrict
+        SPTEs themselves (``Vm.lockstep``: the loop's horizon assumes they only add)."""
+        return not v.requests and v.kick_at == NEVER and not v.pml_on and not self.vm.lockstep
+
+    def serves(self, v: Vcpu, gfn: int) -> bool:
+        """The compiled loop can take a not-present fault on ``gfn`` (``group_kernel._step``'s
+        checks): a valid slot, not dirty-logged, on the 4K host mapping, its page not moved."""
+        self._load_slots()
+        slot = v.gfn_to_memslot(gfn)
+        if slot is None or slot.host is not self._host or slot.flags & _NOT_SIMPLE or slot.dirty_bitmap is not None:
+            return False
+        off = slot.host_offset + gfn - slot.base_gfn
+        return not slot.host.moved[off] and (self.vm.uffd is None or bool(slot.host.resident[off]))
+
+    def worth_joining(self, v: Vcpu) -> bool:
+        """Join to wait or to set an A bit: not if the vCPU's last stay ended in a fault the loop
+        could not take before it took any (it would likely leave again at once)."""
+        return not self._idle[v.id]
 
     def join(self, v: Vcpu, gfns: np.ndarray, writes: np.ndarray, i: int, synced: int) -> Event:
         """``v`` joins at its clock, about to run access ``i`` of the chunk; the event fires when
@@ -144,6 +162,7 @@ class VcpuGroup:
         ms[k.M_LEAVE] = 0
         ms[k.M_FLAGS] = 0
         ms[k.M_MODE] = v.mode
+        self._gain[m] = 0
         ev = Event(self.env)
         self._resume[m] = ev
         self.members += 1
@@ -202,6 +221,7 @@ class VcpuGroup:
         v = self.vm.vcpus[m]
         why = int(ms[k.M_LEAVE])
         self.leaves[why] += 1
+        self._idle[m] = why == k.LEAVE_PYFAULT and not self._gain[m]
         fault = None
         if why in (k.LEAVE_LOCK, k.LEAVE_ENTRY):
             fault = {
@@ -253,6 +273,9 @@ class VcpuGroup:
         g[k.G_NFREE] = len(mmu._free)  # noqa: SLF001 - loaded only if an install needs them (_grow)
         g[k.G_FREE_LOADED] = 0
         self._load_slots()
+        if vm.lockstep:  # dirty logging began on a huge-page slot or with PML: everyone goes back
+            live = self.ms[:, k.M_PHASE] != k.PH_OUT
+            self.ms[live, k.M_FLAGS] |= k.F_LEAVE
         if any(r.invalid for r in mmu.roots):  # type: ignore[union-attr]  # a fast zap: is_page_fault_stale
             ms = self.ms
             for m in np.flatnonzero(ms[:, k.M_PHASE] != k.PH_OUT).tolist():
@@ -274,11 +297,7 @@ class VcpuGroup:
         for s in slots:
             if host is None and s.host.page_level == PG_LEVEL_4K:
                 host = s.host
-            simple = (
-                s.host is host
-                and not s.flags & (KVM_MEMSLOT_INVALID | KVM_MEM_LOG_DIRTY_PAGES)
-                and s.dirty_bitmap is None
-            )
+            simple = s.host is host and not s.flags & _NOT_SIMPLE and s.dirty_bitmap is None
             rows.append((s.base_gfn, s.npages, s.host_offset, int(simple)))
         self._host = host if host is not None else _NoHost()  # a stand-in that no row names
         self.g[k.G_PFN_BASE] = self._host.pfn_base
@@ -359,6 +378,7 @@ class VcpuGroup:
             st.exits += d[k.S_EXITS]
             st.pf_taken += d[k.S_PF_TAKEN]
             self.faults += d[k.S_PF_TAKEN]
+            self._gain[m] += d[k.S_PF_TAKEN]
             st.pf_fixed += d[k.S_PF_FIXED]
             st.pf_spurious += d[k.S_PF_SPURIOUS]
             st.pf_retry += d[k.S_PF_RETRY]
