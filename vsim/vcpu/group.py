@@ -113,6 +113,8 @@ class VcpuGroup:
         self._slots_key: tuple[int, int] | None = None
         self._slots = np.zeros((0, 4), dtype=np.int64)
         self._host = None
+        self._uffd = vm.uffd
+        self._load_slots()  # picks the 4K host mapping
         self._wakes: list[tuple[int, int]] = []  # keys of the scheduled wake-ups
         self.members = 0
         self.faults = 0  # faults taken in compiled code
@@ -121,25 +123,26 @@ class VcpuGroup:
         self.leaves = dict.fromkeys((k.LEAVE_RUN, k.LEAVE_PYFAULT, k.LEAVE_LOCK, k.LEAVE_ENTRY), 0)
 
     # -- joining and leaving -----------------------------------------------------------------------
-    def can_join(self, v: Vcpu) -> bool:
+    def _can_join(self, v: Vcpu) -> bool:
         """Nothing the compiled loop does not model is pending on ``v``, and vCPUs do not restrict
         SPTEs themselves (``Vm.lockstep``: the loop's horizon assumes they only add)."""
         return not v.requests and v.kick_at == NEVER and not v.pml_on and not self.vm.lockstep
 
-    def serves(self, v: Vcpu, gfn: int) -> bool:
-        """The compiled loop can take a not-present fault on ``gfn`` (``group_kernel._step``'s
-        checks): a valid slot, not dirty-logged, on the 4K host mapping, its page not moved."""
-        self._load_slots()
+    def takes_fault(self, v: Vcpu, gfn: int) -> bool:
+        """``v`` joins for a not-present fault on ``gfn`` if the compiled loop can take it
+        (``group_kernel._step``'s checks): a valid slot, not dirty-logged, on the 4K host mapping,
+        its page not moved (and, with userfaultfd, resident)."""
         slot = v.gfn_to_memslot(gfn)
         if slot is None or slot.host is not self._host or slot.flags & _NOT_SIMPLE or slot.dirty_bitmap is not None:
             return False
         off = slot.host_offset + gfn - slot.base_gfn
-        return not slot.host.moved[off] and (self.vm.uffd is None or bool(slot.host.resident[off]))
+        host = slot.host
+        return (self._uffd is None or host.resident.item(off) != 0) and not host.moved.item(off) and self._can_join(v)
 
-    def worth_joining(self, v: Vcpu) -> bool:
-        """Join to wait or to set an A bit: not if the vCPU's last stay ended in a fault the loop
-        could not take before it took any (it would likely leave again at once)."""
-        return not self._idle[v.id]
+    def takes_wait(self, v: Vcpu) -> bool:
+        """``v`` joins to wait for the clock or to set an A bit, unless its last stay ended in a
+        fault the loop could not take before it took any (it would likely leave again at once)."""
+        return not self._idle[v.id] and self._can_join(v)
 
     def join(self, v: Vcpu, gfns: np.ndarray, writes: np.ndarray, i: int, synced: int) -> Event:
         """``v`` joins at its clock, about to run access ``i`` of the chunk; the event fires when

@@ -174,15 +174,10 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
             i = j
             if status == STOP_DONE:
                 return
-            if (
-                group is not None
-                and group.can_join(self)
-                and (
-                    (status == STOP_EPT_VIOLATION and not present and j != no_join
-                     and group.serves(self, int(gfns[j])))
-                    or ((status == STOP_SET_ACCESSED or (status == STOP_HORIZON and self.kick_at > self.now))
-                        and group.worth_joining(self))
-                )
+            if group is not None and (
+                group.takes_fault(self, gfns.item(j)) if status == STOP_EPT_VIOLATION and not present and j != no_join
+                else (status == STOP_SET_ACCESSED or (status == STOP_HORIZON and self.kick_at > self.now))
+                and group.takes_wait(self)
             ):  # fmt: skip
                 # Sync by joining the group; it hands the vCPU back where Python must go on.
                 why, i, synced, fault = yield group.join(self, gfns, writes, j, synced)  # type: ignore[misc]
