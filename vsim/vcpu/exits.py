@@ -115,9 +115,13 @@ class VcpuExits:
         return done
 
     def resume_group_fault(self: Vcpu, why: int, f: dict) -> Generator[object, object, None]:  # type: ignore[type-arg]
-        """Go on with a not-present EPT violation that a vCPU group member began in compiled code:
-        from ``read_lock(mmu_lock)`` when the lock was contended (``LEAVE_LOCK``), or from entry when
-        requests or an SRCU grace period need Python (``LEAVE_ENTRY``; the outcome is counted)."""
+        """Go on with an exit that a vCPU group member began in compiled code (a not-present EPT
+        violation, or an IPI's): from ``read_lock(mmu_lock)`` when the lock was contended
+        (``LEAVE_LOCK``), or from entry when requests or an SRCU grace period need Python
+        (``LEAVE_ENTRY``; a fault's outcome is already counted)."""
+        if f["irq"]:  # the IPI's exit: only entry is left
+            yield from self._reenter(f["exit_id"], f["token"])
+            return
         r = f["ret"]
         if why == LEAVE_LOCK:
             gfn, write = f["gfn"], f["write"]

@@ -71,7 +71,8 @@ class VcpuGroup:
         chunk = vm.cfg.sim.batch_accesses
         self.gfns = np.zeros((nv, chunk), dtype=np.int64)
         self.writes = np.zeros((nv, chunk), dtype=np.bool_)
-        self._chunk_of: list[object] = [None] * nv  # the chunk array loaded in each row
+        self._chunk_of: list[object] = [None] * nv  # the chunk arrays loaded in each row
+        self._chunk_writes: list[object] = [None] * nv
         # The TLBs and access counters become rows of VM-wide arrays (the vCPUs keep views).
         t0 = vcpus[0].tlb
         self.sets, self.ways = t0.sets, t0.ways  # type: ignore[union-attr]
@@ -93,9 +94,10 @@ class VcpuGroup:
         g[k.G_GUEST_REFS] = vcpus[0].guest_refs
         g[k.G_MAX_CLASS] = vcpus[0].max_class
         g[k.G_REGION_BASE] = vm.region_base_gfn
+        g[k.G_PROGRAM] = vm.program is not None
         c = vm.costs
         costs = (c.guest_access, c.tlb_hit, c.walk_ref, c.vmexit, c.vmentry, c.faultin_present, c.host_fault,
-                 c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte)  # fmt: skip
+                 c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte, c.tlb_flush, c.userspace_exit)  # fmt: skip
         self.c = np.array(costs, dtype=np.int64)  # in the order of group_kernel's C_* indices
         # Event rows (group_kernel.EV_*): a fault and its outcome, as kvm_mmu_do_page_fault logs them.
         self.evbuf = np.zeros((max(8192, 4 * nv), 6), dtype=np.int64)
@@ -119,7 +121,8 @@ class VcpuGroup:
         self.members = 0
         self.faults = 0  # faults taken in compiled code
         self._gain = [0] * nv  # faults each member took in compiled code since it joined
-        self._idle = [False] * nv  # its last stay ended in a Python fault before any other
+        self._skip = [0] * nv  # stops at which a vCPU does not join (after useless stays)
+        self._backoff = [0] * nv
         self.leaves = dict.fromkeys((k.LEAVE_RUN, k.LEAVE_PYFAULT, k.LEAVE_LOCK, k.LEAVE_ENTRY), 0)
 
     # -- joining and leaving -----------------------------------------------------------------------
@@ -140,37 +143,72 @@ class VcpuGroup:
         return (self._uffd is None or host.resident.item(off) != 0) and not host.moved.item(off) and self._can_join(v)
 
     def takes_wait(self, v: Vcpu) -> bool:
-        """``v`` joins to wait for the clock or to set an A bit, unless its last stay ended in a
-        fault the loop could not take before it took any (it would likely leave again at once)."""
-        return not self._idle[v.id] and self._can_join(v)
-
-    def join(self, v: Vcpu, gfns: np.ndarray, writes: np.ndarray, i: int, synced: int) -> Event:
-        """``v`` joins at its clock, about to run access ``i`` of the chunk; the event fires when
-        it leaves, with ``(why, i, synced, fault)`` (see ``Vcpu._run_batched``)."""
+        """``v`` joins to wait for the clock or to set an A bit, unless its recent stays ended in a
+        fault the loop could not take before it took any (it would likely leave again at once).
+        Whether a vCPU joins never changes the results, only the speed."""
         m = v.id
-        if self._chunk_of[m] is not gfns:
-            n = len(gfns)
-            self.gfns[m, :n] = gfns
-            self.writes[m, :n] = writes
-            self._chunk_of[m] = gfns
+        if self._skip[m]:
+            self._skip[m] -= 1
+            return False
+        return self._can_join(v)
+
+    def join(self, v: Vcpu, gfns: np.ndarray, writes: np.ndarray, pass_end: bool, i: int, synced: int) -> Event:
+        """``v`` joins at its clock, about to run access ``i`` of the chunk; the event fires when
+        it leaves, with ``(why, (gfns, writes, pass_end), i, synced, fault)``: the chunk it is in
+        then (the loop goes on to a vCPU's next chunks itself) and whether its GUEST_SYNC is still
+        due (see ``Vcpu._run_batched``)."""
+        m = v.id
+        self._load_chunk(m, gfns, writes)
         ms = self.ms[m]
         ms[k.M_NOW] = v.now
         ms[k.M_PHASE] = k.PH_RUN
         ms[k.M_I] = i
-        ms[k.M_N] = len(gfns)
         ms[k.M_SYNCED] = synced
+        ms[k.M_PASS_END] = pass_end
+        ms[k.M_AFTER] = k.PH_RUN
         ms[k.M_ROOT] = v.root.table  # type: ignore[union-attr]
         ms[k.M_EXIT_SEQ] = v._exit_seq  # noqa: SLF001
         ms[k.M_FAULT_SEQ] = v._fault_seq  # noqa: SLF001
         ms[k.M_LEAVE] = 0
         ms[k.M_FLAGS] = 0
         ms[k.M_MODE] = v.mode
+        ms[k.M_REQ] = v.requests
+        ms[k.M_KICK] = v.kick_at
+        ms[k.M_NIPI] = len(v.ipis)
+        ms[k.M_IPI_TAKEN] = 0
         self._gain[m] = 0
         ev = Event(self.env)
         self._resume[m] = ev
         self.members += 1
         self._wake_at(v.now, v.prio)
         return ev
+
+    def _load_chunk(self, m: int, gfns: np.ndarray, writes: np.ndarray) -> None:
+        if self._chunk_of[m] is not gfns:
+            n = len(gfns)
+            self.gfns[m, :n] = gfns
+            self.writes[m, :n] = writes
+            self._chunk_of[m] = gfns
+            self._chunk_writes[m] = writes
+        self.ms[m, k.M_N] = len(gfns)
+
+    def _next_chunk(self, m: int) -> None:
+        """Member ``m`` finished its chunk (and its pass end's GUEST_SYNC): the next one from its
+        workload, as ``Vcpu.run`` would take it; none left, and it leaves to end ``KVM_RUN``."""
+        ms = self.ms[m]
+        nxt = next(self.vm.vcpus[m].chunks, None)
+        if nxt is None:
+            ms[k.M_LEAVE] = k.LEAVE_RUN
+            ms[k.M_PHASE] = k.PH_LEFT
+            self.left[self.g[k.G_NLEFT]] = m
+            self.g[k.G_NLEFT] += 1
+            return
+        gfns, writes, pass_end = nxt
+        self._load_chunk(m, gfns, writes)
+        ms[k.M_I] = 0
+        ms[k.M_SYNCED] = -1
+        ms[k.M_PASS_END] = pass_end
+        ms[k.M_PHASE] = k.PH_RUN
 
     def _wake_at(self, t: int, prio: int) -> None:
         """Make sure the group runs by key ``(t, prio)``."""
@@ -200,6 +238,8 @@ class VcpuGroup:
             stop = int(g[k.G_STOP])
             if stop == k.GS_GROW:
                 self._grow()
+            elif stop == k.GS_CHUNK:
+                self._next_chunk(int(g[k.G_STOP_M]))
             elif stop != k.GS_FLUSH:
                 break
         self._write_out()
@@ -212,22 +252,35 @@ class VcpuGroup:
             self._wake_at(int(g[k.G_NEXT_T]), int(g[k.G_NEXT_P]))
 
     def notify(self, v: Vcpu) -> None:
-        """Another actor set requests on ``v``, changed its mode or sent it an IPI: a member leaves
-        at its next access or entry."""
+        """Another actor set requests on ``v``, changed its mode or sent it an IPI. A member takes
+        one IPI and TLB-flush requests in the loop; anything else makes it leave at its next access
+        or entry."""
         row = self.ms[v.id]
-        if row[k.M_PHASE] != k.PH_OUT:
+        if row[k.M_PHASE] == k.PH_OUT:
+            return
+        row[k.M_REQ] = v.requests
+        row[k.M_KICK] = v.kick_at
+        row[k.M_NIPI] = len(v.ipis)
+        row[k.M_MODE] = v.mode
+        if v.requests & ~k.FLUSH_REQUESTS or len(v.ipis) > 1:
             row[k.M_FLAGS] |= k.F_LEAVE
-            row[k.M_MODE] = v.mode
 
     def _leave(self, m: int) -> None:
         ms = self.ms[m]
         v = self.vm.vcpus[m]
         why = int(ms[k.M_LEAVE])
         self.leaves[why] += 1
-        self._idle[m] = why == k.LEAVE_PYFAULT and not self._gain[m]
+        if why == k.LEAVE_PYFAULT and not self._gain[m]:
+            # A stay that took no fault before one it could not take: wait a few stops before the
+            # next (1, 3, 7, ... up to 63 while it keeps happening).
+            self._backoff[m] = min(2 * self._backoff[m] + 1, 63)
+            self._skip[m] = self._backoff[m]
+        else:
+            self._backoff[m] = 0
         fault = None
         if why in (k.LEAVE_LOCK, k.LEAVE_ENTRY):
             fault = {
+                "irq": not ms[k.M_IN_FAULT],
                 "gfn": int(ms[k.M_GFN]), "write": bool(ms[k.M_WRITE]), "pfn": int(ms[k.M_PFN]),
                 "mmu_seq": int(ms[k.M_MMU_SEQ]), "t_exit": int(ms[k.M_T_EXIT]), "token": int(ms[k.M_TOKEN]),
                 "exit_id": int(ms[k.M_EXIT_SEQ]), "id": int(ms[k.M_FAULT_SEQ]), "ret": int(ms[k.M_RET]),
@@ -238,7 +291,8 @@ class VcpuGroup:
         ev = self._resume[m]
         self._resume[m] = None
         ev._ok = True  # type: ignore[union-attr]  # noqa: SLF001 - fires at the member's own key
-        ev._value = (why, int(ms[k.M_I]), int(ms[k.M_SYNCED]), fault)  # type: ignore[union-attr]  # noqa: SLF001
+        chunk = (self._chunk_of[m], self._chunk_writes[m], bool(ms[k.M_PASS_END]))
+        ev._value = (why, chunk, int(ms[k.M_I]), int(ms[k.M_SYNCED]), fault)  # type: ignore[union-attr]  # noqa: SLF001
         self.env.schedule(ev, v.prio, v.now - self.env.now)  # type: ignore[arg-type]
 
     # -- state in and out --------------------------------------------------------------------------
@@ -357,15 +411,21 @@ class VcpuGroup:
         touched = self.touched
         idx = np.flatnonzero(touched)
         vcpus = vm.vcpus
-        cols = [k.M_NOW, k.M_MODE, k.M_EXIT_SEQ, k.M_FAULT_SEQ, k.M_PHASE, k.M_LEAVE, k.M_SRCU_REG]
-        for m, (now, mode, exit_seq, fault_seq, phase, why, reg) in zip(
-            idx.tolist(), ms[np.ix_(idx, cols)].tolist(), strict=True
+        cols = [k.M_NOW, k.M_MODE, k.M_EXIT_SEQ, k.M_FAULT_SEQ, k.M_PHASE, k.M_LEAVE, k.M_SRCU_REG, k.M_REQ, k.M_KICK,
+                k.M_IPI_TAKEN]  # fmt: skip
+        for m, (now, mode, exit_seq, fault_seq, phase, why, reg, req, kick, taken) in zip(
+            idx.tolist(), ms[idx][:, cols].tolist(), strict=True
         ):
             v = vcpus[m]
             v.now = now
             v.mode = mode
             v._exit_seq = exit_seq  # noqa: SLF001
             v._fault_seq = fault_seq  # noqa: SLF001
+            v.requests = req
+            v.kick_at = kick
+            if taken:
+                del v.ipis[:taken]
+                ms[m, k.M_IPI_TAKEN] = 0
             mid_fault = phase in (k.PH_LOCK, k.PH_INSTALL, k.PH_ENTRY) or (
                 phase == k.PH_LEFT and why in (k.LEAVE_LOCK, k.LEAVE_ENTRY)
             )
@@ -386,6 +446,9 @@ class VcpuGroup:
             st.pf_spurious += d[k.S_PF_SPURIOUS]
             st.pf_retry += d[k.S_PF_RETRY]
             st.host_page_allocs += d[k.S_HOST_ALLOCS]
+            st.irq_exits += d[k.S_IRQ_EXITS]
+            st.tlb_flush += d[k.S_TLB_FLUSH]
+            st.io_exits += d[k.S_IO_EXITS]
             ss[m] = 0
         touched[:] = 0
         lock = vm.mmu_lock

@@ -125,8 +125,11 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
             self.kvm_mmu_load()
         self.mode = IN_GUEST_MODE
         step = self._run_reference if self.reference else self._run_batched
-        for gfns, writes, pass_end in self.workload.chunks():
-            yield from step(gfns, writes)
+        # The workload's chunks; a vCPU group member may go on to the next ones in the group, and a
+        # step returns whether the GUEST_SYNC of the chunk it ended in is still due.
+        self.chunks = iter(self.workload.chunks())
+        for gfns, writes, pass_end in self.chunks:
+            pass_end = yield from step(gfns, writes, pass_end)
             if pass_end:
                 yield from self.guest_sync()
             ev = self.sync()
@@ -150,7 +153,9 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
         if self.vm.checker is not None:
             self.vm.checker.on_local_flush(self)
 
-    def _run_batched(self, gfns: np.ndarray, writes: np.ndarray) -> Generator[object, object, None]:
+    def _run_batched(
+        self, gfns: np.ndarray, writes: np.ndarray, pass_end: bool = False
+    ) -> Generator[object, object, bool]:
         tlb = self.tlb
         assert isinstance(tlb, Tlb)
         c = self.vm.costs
@@ -173,14 +178,16 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
             self.now += dt
             i = j
             if status == STOP_DONE:
-                return
+                return pass_end
             if group is not None and (
                 group.takes_fault(self, gfns.item(j)) if status == STOP_EPT_VIOLATION and not present and j != no_join
                 else (status == STOP_SET_ACCESSED or (status == STOP_HORIZON and self.kick_at > self.now))
                 and group.takes_wait(self)
             ):  # fmt: skip
                 # Sync by joining the group; it hands the vCPU back where Python must go on.
-                why, i, synced, fault = yield group.join(self, gfns, writes, j, synced)  # type: ignore[misc]
+                why, chunk, i, synced, fault = yield group.join(self, gfns, writes, pass_end, j, synced)  # type: ignore[misc]
+                gfns, writes, pass_end = chunk
+                n = len(gfns)
                 no_join = i if why == LEAVE_PYFAULT else -1
                 if fault is not None:
                     yield from self.resume_group_fault(why, fault)
@@ -225,8 +232,11 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
                 done = yield from self.handle_ept_misconfig(int(gfns[j]), bool(writes[j]), int(refs))
             if done:
                 i = j + 1
+        return pass_end
 
-    def _run_reference(self, gfns: np.ndarray, writes: np.ndarray) -> Generator[object, object, None]:
+    def _run_reference(
+        self, gfns: np.ndarray, writes: np.ndarray, pass_end: bool = False
+    ) -> Generator[object, object, bool]:
         """One SimPy event per access: the plain model the batched path must reproduce exactly."""
         tlb = self.tlb
         assert isinstance(tlb, RefTlb)
@@ -282,6 +292,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
             st[2] += 1
             st[3] += refs
             i += 1
+        return pass_end
 
     def guest_event(self) -> Generator[object, object, None]:
         """The guest kernel's scheduled work (context switches, forks): ``ShadowVcpu`` only."""
