@@ -14,8 +14,8 @@ from vsim.config import load_config
 from vsim.events.sink import EventSink
 from vsim.mmu.spte import PT_PAGE_SIZE, SPTE_MMU_PRESENT, make_huge_page_split_spte, make_spte
 from vsim.runner import run_scenario
-from vsim.vcpu import group_kernel as k
-from vsim.vcpu.group_kernel import _split_spte
+from vsim.vcpu import group_state as k
+from vsim.vcpu.group_fault import split_spte
 from vsim.vm import Vm
 
 
@@ -102,7 +102,7 @@ def test_compiled_spte_helpers_match_spte_py() -> None:
     assert huge & PT_PAGE_SIZE and huge & SPTE_MMU_PRESENT
     for level, spte in ((2, huge), (3, make_spte(7 << 18, 3, False))):
         for i in (0, 1, 511):
-            assert _split_spte(spte, level, i) == make_huge_page_split_spte(spte, level, i)
+            assert split_spte(spte, level, i) == make_huge_page_split_spte(spte, level, i)
 
 
 def _run_logged(sets: list[str], shrink: bool = False) -> tuple[Vm, bytes]:

@@ -4,7 +4,11 @@
 reads a run's event log.
 """
 
-from vsim.sweeps import sweep
+from vsim.jit import drop_stale_caches
+
+drop_stale_caches()  # before any compiled function loads its cached object
+
+from vsim.sweeps import sweep  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["sweep"]

@@ -29,6 +29,9 @@ ROW_COLS = 3 + ROW_FIELDS
 KIND_ID = {k.name: i for i, k in enumerate(KINDS)}
 _MAX_INT = 20  # characters of the longest int64
 _PAIRS = np.frombuffer("".join(f"{i:02d}" for i in range(100)).encode(), dtype=np.uint8).copy()
+_POW10 = np.array([10**i for i in range(_MAX_INT)], dtype=np.uint64)
+_HUNDRED = np.uint64(100)
+_TEN = np.uint64(10)
 
 
 def _template(kind: EventKind) -> str:
@@ -63,6 +66,7 @@ def _segments() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 _SEG, _SEGLEN, _NFIELDS, _FTYPE = _segments()
+_SEGFLAT = _SEG.reshape(-1)  # piece (kind, j) starts at (kind * ROW_COLS + j) * _SEG.shape[2]
 _LINE_MAX = int(_SEGLEN.sum(axis=1).max()) + ROW_COLS * _MAX_INT
 
 
@@ -75,6 +79,7 @@ class RowCodec:
         self._tab = np.zeros((0, 1), dtype=np.uint8)
         self._tablen = np.zeros(0, dtype=np.int64)
         self._tab_n = 0  # strings in _tab
+        self._scratch = np.zeros(0, dtype=np.uint8)
 
     def intern(self, s: str) -> int:
         """The id of string value ``s``."""
@@ -110,8 +115,11 @@ class RowCodec:
         """The JSON lines of ``rows``, in order, UTF-8 encoded."""
         if self._tab_n < len(self.strings):
             self._build_table()
-        out = np.empty(len(rows) * (_LINE_MAX + int(self._tab.shape[1])), dtype=np.uint8)
-        n = _render(rows, _SEG, _SEGLEN, _NFIELDS, _FTYPE, self._tab, self._tablen, out)
+        need = len(rows) * (_LINE_MAX + int(self._tab.shape[1]))
+        if len(self._scratch) < need:  # reused: a fresh buffer per batch costs its page faults
+            self._scratch = np.empty(max(need, 2 * len(self._scratch)), dtype=np.uint8)
+        out = self._scratch
+        n = _render(rows, _SEGFLAT, _SEG.shape[2], _SEGLEN, _NFIELDS, _FTYPE, self._tab, self._tablen, out)
         return out[:n].tobytes()
 
     def _build_table(self) -> None:
@@ -124,57 +132,48 @@ class RowCodec:
 
 
 @njit(cache=True)
-def _render(rows, seg, seglen, nfields, ftype, tab, tablen, out):  # type: ignore[no-untyped-def]
+def _render(rows, seg, width, seglen, nfields, ftype, tab, tablen, out):  # type: ignore[no-untyped-def]
     pos = 0
-    digits = np.empty(_MAX_INT, dtype=np.uint8)
     for r in range(rows.shape[0]):
         kd = rows[r, 0]
         nf = nfields[kd]
         for f in range(nf + 1):
-            for i in range(seglen[kd, f]):
-                out[pos + i] = seg[kd, f, i]
-            pos += seglen[kd, f]
+            n = seglen[kd, f]
+            o = (kd * seglen.shape[1] + f) * width
+            for i in range(n):  # (element loops: slices would build a view per piece)
+                out[pos + i] = seg[o + i]
+            pos += n
             if f == nf:
                 break
             v = rows[r, 1 + f]
             if ftype[kd, f] == 1:
-                for i in range(tablen[v]):
+                n = tablen[v]
+                for i in range(n):
                     out[pos + i] = tab[v, i]
-                pos += tablen[v]
+                pos += n
                 continue
-            if v < 0 and ftype[kd, f] == 2:  # 2**63 or more, held as two's complement
-                u = np.uint64(v)
-                ten = np.uint64(10)
-                k = 0
-                while u:
-                    q = u // ten
-                    digits[k] = 48 + np.int64(u - q * ten)
-                    k += 1
-                    u = q
-                for i in range(k):
-                    out[pos + i] = digits[k - 1 - i]
-                pos += k
-                continue
-            if v < 0:
+            if v >= 0 or ftype[kd, f] == 2:
+                u = np.uint64(v)  # (an unsigned field of 2**63 or more is held as two's complement)
+            else:
                 out[pos] = 45  # '-'
                 pos += 1
-                v = -v
-            k = 0  # digits, least significant first, two at a time
-            while v >= 100:
-                q = v // 100
-                d = 2 * (v - 100 * q)
-                digits[k] = _PAIRS[d + 1]
-                digits[k + 1] = _PAIRS[d]
-                k += 2
-                v = q
-            if v >= 10:
-                digits[k] = _PAIRS[2 * v + 1]
-                digits[k + 1] = _PAIRS[2 * v]
-                k += 2
+                u = np.uint64(-v)
+            n = 1
+            while n < _MAX_INT and u >= _POW10[n]:
+                n += 1
+            p = pos + n - 1  # digits from the last, two at a time
+            while u >= _HUNDRED:
+                q = u // _HUNDRED
+                d = 2 * np.int64(u - q * _HUNDRED)
+                out[p] = _PAIRS[d + 1]
+                out[p - 1] = _PAIRS[d]
+                p -= 2
+                u = q
+            if u >= _TEN:
+                d = 2 * np.int64(u)
+                out[p] = _PAIRS[d + 1]
+                out[p - 1] = _PAIRS[d]
             else:
-                digits[k] = 48 + v
-                k += 1
-            for i in range(k):
-                out[pos + i] = digits[k - 1 - i]
-            pos += k
+                out[p] = 48 + np.int64(u)
+            pos += n
     return pos

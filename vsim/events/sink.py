@@ -83,8 +83,11 @@ class EventSink:
         if self._py:
             self._blocks.append(self.codec.encode(self._py))
             self._py = []
-        block = np.zeros((len(rows), ROW_COLS), dtype=np.int64)
-        block[:, : rows.shape[1]] = rows
+        if rows.shape[1] == ROW_COLS:
+            block = rows.copy()
+        else:
+            block = np.zeros((len(rows), ROW_COLS), dtype=np.int64)
+            block[:, : rows.shape[1]] = rows
         self._blocks.append(block)
         self._n += len(rows)
         if self._n >= self._next and self._consumer is not None:

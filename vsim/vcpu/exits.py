@@ -25,7 +25,7 @@ from vsim.mmu.page_fault import (
     ept_violation_error_code,
 )
 from vsim.requests import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
-from vsim.vcpu.group_kernel import LEAVE_LOCK
+from vsim.vcpu.group_state import LEAVE_LOCK
 
 if TYPE_CHECKING:
     from vsim.vcpu.vcpu import Vcpu

@@ -24,21 +24,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 from simpy.events import Event
 
-from vsim.events.rows import KIND_ID
-from vsim.host_mm import HostMapping
-from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID
+from vsim.events.rows import KIND_ID, ROW_COLS
 from vsim.mmu.page_fault import RET_PF_NAMES
-from vsim.mmu.spte import PG_LEVEL_4K
 from vsim.sched import At
-from vsim.vcpu import group_kernel as k
+from vsim.vcpu import group_state as k
 from vsim.vcpu.group_kernel import run_group
+from vsim.vcpu.group_transfer import NOT_SIMPLE, GroupTransfer
 
 if TYPE_CHECKING:
     from vsim.vcpu.vcpu import Vcpu
     from vsim.vm import Vm
 
 NEVER = k.NEVER
-_NOT_SIMPLE = KVM_MEMSLOT_INVALID | KVM_MEM_LOG_DIRTY_PAGES
 
 
 def group_enabled(vm: Vm) -> bool:
@@ -55,7 +52,7 @@ def group_enabled(vm: Vm) -> bool:
     )
 
 
-class VcpuGroup:
+class VcpuGroup(GroupTransfer):
     """The VM's vCPU group: member state in arrays, and the SimPy wake-ups that run it."""
 
     def __init__(self, vm: Vm) -> None:
@@ -100,9 +97,11 @@ class VcpuGroup:
                  c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte, c.tlb_flush, c.userspace_exit)  # fmt: skip
         self.c = np.array(costs, dtype=np.int64)  # in the order of group_kernel's C_* indices
         # Event rows (group_kernel.EV_*): a fault and its outcome, as kvm_mmu_do_page_fault logs them.
-        self.evbuf = np.zeros((max(8192, 4 * nv), 6), dtype=np.int64)
-        self._kind_ids = np.array([KIND_ID["kvm_page_fault"], KIND_ID["vsim_page_fault_ret"]], dtype=np.int64)
-        self._ret_ids = np.array([vm.sink.codec.intern(RET_PF_NAMES[r]) for r in range(len(RET_PF_NAMES))])
+        self.evbuf = np.zeros((max(8192, 4 * nv), ROW_COLS), dtype=np.int64)
+        g[k.G_EV_KIND + k.EV_PAGE_FAULT] = KIND_ID["kvm_page_fault"]
+        g[k.G_EV_KIND + k.EV_PAGE_FAULT_RET] = KIND_ID["vsim_page_fault_ret"]
+        for code, name in RET_PF_NAMES.items():
+            g[k.G_RET_NAME + code] = vm.sink.codec.intern(name)
         self.srvbuf = np.zeros((max(8192, 2 * nv), 2), dtype=np.int64)
         self.srcubuf = np.zeros((max(1024, 2 * nv), 3), dtype=np.int64)
         self._free = np.zeros(0, dtype=np.int64)  # the page-table pool's free list, when loaded
@@ -136,7 +135,7 @@ class VcpuGroup:
         (``group_kernel._step``'s checks): a valid slot, not dirty-logged, on the 4K host mapping,
         its page not moved (and, with userfaultfd, resident)."""
         slot = v.gfn_to_memslot(gfn)
-        if slot is None or slot.host is not self._host or slot.flags & _NOT_SIMPLE or slot.dirty_bitmap is not None:
+        if slot is None or slot.host is not self._host or slot.flags & NOT_SIMPLE or slot.dirty_bitmap is not None:
             return False
         off = slot.host_offset + gfn - slot.base_gfn
         host = slot.host
@@ -294,187 +293,3 @@ class VcpuGroup:
         chunk = (self._chunk_of[m], self._chunk_writes[m], bool(ms[k.M_PASS_END]))
         ev._value = (why, chunk, int(ms[k.M_I]), int(ms[k.M_SYNCED]), fault)  # type: ignore[union-attr]  # noqa: SLF001
         self.env.schedule(ev, v.prio, v.now - self.env.now)  # type: ignore[arg-type]
-
-    # -- state in and out --------------------------------------------------------------------------
-    def _read_in(self) -> None:
-        vm = self.vm
-        g = self.g
-        q = self.env._queue  # noqa: SLF001
-        g[k.G_EXT_T], g[k.G_EXT_P] = (q[0][0], q[0][1]) if q else (NEVER, 0)
-        hz, waiting = NEVER, False
-        for a in vm.actors:
-            if not a.done:
-                if a.sleeping_until is not None:
-                    hz = min(hz, a.sleeping_until)
-                else:
-                    waiting = True
-        g[k.G_HZ], g[k.G_EXT_WAITING] = hz, waiting
-        lock = vm.mmu_lock
-        g[k.G_READERS] = lock.readers
-        g[k.G_LOCK_BUSY] = lock.writer is not None or bool(lock._queue)  # noqa: SLF001
-        g[k.G_LOCK_WAITERS] = bool(lock._queue)  # noqa: SLF001
-        g[k.G_LOCK_NEXT_ID] = lock._next_id  # noqa: SLF001
-        g[k.G_ZERO_WAITS] = lock.zero_waits["read"]
-        srcu = vm.srcu
-        g[k.G_SRCU_NEXT] = srcu._next  # noqa: SLF001
-        g[k.G_SRCU_WAITS] = bool(srcu._waits)  # noqa: SLF001
-        g[k.G_NEXT_SYNC] = srcu.next_sync()
-        g[k.G_MMU_SEQ] = vm.mmu_invalidate_seq
-        g[k.G_INV_IN_PROGRESS] = vm.mmu_invalidate_in_progress
-        g[k.G_INV_START] = vm.mmu_invalidate_range_start
-        g[k.G_INV_END] = vm.mmu_invalidate_range_end
-        g[k.G_ANY_ZAPPED] = vm._any_zapped  # noqa: SLF001
-        mmu = vm.mmu
-        g[k.G_NTABLES] = mmu.n_tables
-        g[k.G_CAP] = len(mmu.spt)
-        g[k.G_NFREE] = len(mmu._free)  # noqa: SLF001 - loaded only if an install needs them (_grow)
-        g[k.G_FREE_LOADED] = 0
-        self._load_slots()
-        if vm.lockstep:  # dirty logging began on a huge-page slot or with PML: everyone goes back
-            live = self.ms[:, k.M_PHASE] != k.PH_OUT
-            self.ms[live, k.M_FLAGS] |= k.F_LEAVE
-        if any(r.invalid for r in mmu.roots):  # type: ignore[union-attr]  # a fast zap: is_page_fault_stale
-            ms = self.ms
-            for m in np.flatnonzero(ms[:, k.M_PHASE] != k.PH_OUT).tolist():
-                root = vm.vcpus[m].root
-                if root is not None and root.invalid:
-                    ms[m, k.M_FLAGS] |= k.F_ROOT_INVALID
-
-    def _load_slots(self) -> None:
-        """Rows ``(base_gfn, npages, host_offset, simple)`` of the current memslots."""
-        memslots = self.vm.memslots
-        key = (id(memslots), memslots.generation)
-        if key == self._slots_key:
-            return
-        self._slots_key = key
-        slots = memslots.slots
-        self._slot_objs = list(slots)
-        host = self._host if isinstance(self._host, HostMapping) else None
-        rows = []
-        for s in slots:
-            if host is None and s.host.page_level == PG_LEVEL_4K:
-                host = s.host
-            simple = s.host is host and not s.flags & _NOT_SIMPLE and s.dirty_bitmap is None
-            rows.append((s.base_gfn, s.npages, s.host_offset, int(simple)))
-        self._host = host if host is not None else _NoHost()  # a stand-in that no row names
-        self.g[k.G_PFN_BASE] = self._host.pfn_base
-        self._slots = np.array(rows, dtype=np.int64).reshape(-1, 4)
-
-    def _grow(self) -> None:
-        """Load the free tables, or grow the pool."""
-        mmu = self.vm.mmu
-        g = self.g
-        if g[k.G_NFREE] and not g[k.G_FREE_LOADED]:
-            self._free = np.array(mmu._free, dtype=np.int64)  # noqa: SLF001
-            g[k.G_FREE_LOADED] = 1
-            return
-        mmu.n_tables = int(g[k.G_NTABLES])
-        mmu.grow_pool()
-        g[k.G_CAP] = len(mmu.spt)
-
-    def _drain(self) -> None:
-        """Hand the loop's records to the sink, the service times to the vCPUs, and the SRCU
-        readers a synchronize may still need to ``kvm->srcu``."""
-        vm = self.vm
-        g = self.g
-        n = int(g[k.G_NEV])
-        assert n <= len(self.evbuf) and g[k.G_NSRV] <= len(self.srvbuf) and g[k.G_NSRCU] <= len(self.srcubuf)
-        if n:
-            rows = self.evbuf[:n]
-            ret = rows[:, 0] == k.EV_PAGE_FAULT_RET
-            rows[ret, 4] = self._ret_ids[rows[ret, 4]]  # the codes' names, as the sink's string ids
-            rows[:, 0] = self._kind_ids[rows[:, 0]]
-            vm.sink.emit_rows(rows)
-            g[k.G_NEV] = 0
-        n = int(g[k.G_NSRV])
-        if n:
-            vcpus = vm.vcpus
-            rows = self.srvbuf[:n]
-            for m in np.unique(rows[:, 0]).tolist():
-                vcpus[m].stat.fault_service_ns.frombytes(rows[rows[:, 0] == m, 1].tobytes())
-            g[k.G_NSRV] = 0
-        n = int(g[k.G_NSRCU])
-        if n:
-            readers = vm.srcu._readers  # noqa: SLF001
-            for token, start, end in self.srcubuf[:n].tolist():
-                if end == k.SRCU_FORGET:
-                    readers.pop(token, None)
-                else:
-                    readers[token] = [start, end]
-            g[k.G_NSRCU] = 0
-
-    def _write_out(self) -> None:
-        vm = self.vm
-        g = self.g
-        ms, ss = self.ms, self.ss
-        readers = vm.srcu._readers  # noqa: SLF001
-        touched = self.touched
-        idx = np.flatnonzero(touched)
-        vcpus = vm.vcpus
-        cols = [k.M_NOW, k.M_MODE, k.M_EXIT_SEQ, k.M_FAULT_SEQ, k.M_PHASE, k.M_LEAVE, k.M_SRCU_REG, k.M_REQ, k.M_KICK,
-                k.M_IPI_TAKEN]  # fmt: skip
-        for m, (now, mode, exit_seq, fault_seq, phase, why, reg, req, kick, taken) in zip(
-            idx.tolist(), ms[idx][:, cols].tolist(), strict=True
-        ):
-            v = vcpus[m]
-            v.now = now
-            v.mode = mode
-            v._exit_seq = exit_seq  # noqa: SLF001
-            v._fault_seq = fault_seq  # noqa: SLF001
-            v.requests = req
-            v.kick_at = kick
-            if taken:
-                del v.ipis[:taken]
-                ms[m, k.M_IPI_TAKEN] = 0
-            mid_fault = phase in (k.PH_LOCK, k.PH_INSTALL, k.PH_ENTRY) or (
-                phase == k.PH_LEFT and why in (k.LEAVE_LOCK, k.LEAVE_ENTRY)
-            )
-            if mid_fault and not reg:
-                # Mid-fault: its SRCU reader is visible to a synchronize, and its slot is kept.
-                row = ms[m]
-                readers[int(row[k.M_TOKEN])] = [int(row[k.M_TOKEN_T]), -1]
-                row[k.M_SRCU_REG] = 1
-                self._fault_slot[m] = vm.memslots.gfn_to_memslot(int(row[k.M_GFN]))
-        for m in np.flatnonzero(ss.any(axis=1)).tolist():
-            st = vcpus[m].stat
-            d = ss[m].tolist()
-            st.exits += d[k.S_EXITS]
-            st.pf_taken += d[k.S_PF_TAKEN]
-            self.faults += d[k.S_PF_TAKEN]
-            self._gain[m] += d[k.S_PF_TAKEN]
-            st.pf_fixed += d[k.S_PF_FIXED]
-            st.pf_spurious += d[k.S_PF_SPURIOUS]
-            st.pf_retry += d[k.S_PF_RETRY]
-            st.host_page_allocs += d[k.S_HOST_ALLOCS]
-            st.irq_exits += d[k.S_IRQ_EXITS]
-            st.tlb_flush += d[k.S_TLB_FLUSH]
-            st.io_exits += d[k.S_IO_EXITS]
-            ss[m] = 0
-        touched[:] = 0
-        lock = vm.mmu_lock
-        lock.readers = int(g[k.G_READERS])
-        lock._next_id = int(g[k.G_LOCK_NEXT_ID])  # noqa: SLF001
-        lock.zero_waits["read"] = int(g[k.G_ZERO_WAITS])
-        vm.srcu._next = int(g[k.G_SRCU_NEXT])  # noqa: SLF001
-        st = vm.stat
-        st.pages_4k += int(g[k.G_PAGES_4K])
-        st.pages_2m += int(g[k.G_PAGES_4K + 1])
-        st.pages_1g += int(g[k.G_PAGES_4K + 2])
-        st.tdp_mmu_pages += int(g[k.G_TDP_PAGES])
-        st.refaults += int(g[k.G_REFAULTS])
-        g[k.G_PAGES_4K : k.G_PAGES_4K + 3] = 0
-        g[k.G_TDP_PAGES] = g[k.G_REFAULTS] = 0
-        mmu = vm.mmu
-        mmu.n_tables = int(g[k.G_NTABLES])
-        del mmu._free[int(g[k.G_NFREE]) :]  # noqa: SLF001 - the loop took these from the end
-        self._host.populated_pages += int(g[k.G_POPULATED])  # type: ignore[union-attr]
-        g[k.G_POPULATED] = 0
-
-
-class _NoHost:
-    """No 4K host mapping backs any memslot: every fault goes to Python."""
-
-    resident = np.zeros(0, dtype=np.uint8)
-    moved = np.zeros(0, dtype=np.uint8)
-    populated_pages = 0
-    pfn_base = 0

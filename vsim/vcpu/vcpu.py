@@ -36,7 +36,7 @@ from vsim.vcpu.batch import (
     run_accesses,
 )
 from vsim.vcpu.exits import NEVER, VcpuExits
-from vsim.vcpu.group_kernel import LEAVE_PYFAULT
+from vsim.vcpu.group_state import LEAVE_PYFAULT
 from vsim.vcpu.tlb import RefTlb, Tlb
 from vsim.vcpu.vcpu_requests import VcpuRequests
 from vsim.vcpu.walk import MISCONFIG, guest_refs_2d, walk_2d

@@ -1,0 +1,40 @@
+"""Numba's caches are dropped when any source compiled code depends on changes (vsim.jit)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from vsim import jit
+
+
+def test_every_compiled_module_and_what_it_compiles_in_is_hashed() -> None:
+    """A module with compiled functions, or one they import values from, that the digest missed
+    would let a stale cached function load after an edit."""
+    compiled = {p for p in jit.PACKAGE.rglob("*.py") if "@njit" in p.read_text()}
+    listed = {jit.PACKAGE / rel for rel in jit.SOURCES}
+    assert compiled <= listed
+    for path in compiled:
+        for mod in re.findall(r"^from (vsim[\w.]*) import", path.read_text(), re.M):
+            dep = jit.PACKAGE.parent / (mod.replace(".", "/") + ".py")
+            assert dep in listed, f"{path.name} compiles in values from {mod}"
+
+
+def test_a_changed_source_drops_the_cached_objects(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    pkg = tmp_path / "vsim"
+    for rel in jit.SOURCES:
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(f"# {rel}\n")
+    cached = pkg / "vcpu" / "__pycache__" / "batch.run_accesses-76.py311.1.nbc"
+    cached.parent.mkdir()
+    monkeypatch.setattr(jit, "PACKAGE", pkg)
+    monkeypatch.setattr(jit, "STAMP", pkg / "__pycache__" / "jit-sources.sha256")
+    cached.write_bytes(b"x")
+    jit.drop_stale_caches()  # no stamp yet: dropped
+    assert not cached.exists()
+    cached.write_bytes(b"x")
+    jit.drop_stale_caches()  # same sources: kept
+    assert cached.exists()
+    (pkg / "vcpu" / "group_state.py").write_text("# columns moved\n")
+    jit.drop_stale_caches()
+    assert not cached.exists()

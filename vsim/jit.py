@@ -1,0 +1,55 @@
+"""Numba's on-disk cache, kept consistent with the sources its compiled functions came from.
+
+Numba checks only the source file of the function it caches. A compiled function also embeds the
+constants it imports and the compiled callees from other modules: the vCPU group's loop calls
+``run_accesses`` and the fault and exit steps, and all of them read ``group_state``'s column numbers.
+Editing one of those files alone would load a stale function with wrong array offsets.
+``drop_stale_caches`` hashes every source file compiled code depends on and, when the hash differs
+from the one the caches were built with, removes the cached objects before anything is compiled.
+(Caches that ``NUMBA_CACHE_DIR`` moves elsewhere are not managed: clear that directory by hand.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+SOURCES = (
+    "vcpu/batch.py",
+    "vcpu/group_kernel.py",
+    "vcpu/group_fault.py",
+    "vcpu/group_exits.py",
+    "vcpu/group_state.py",
+    "vcpu/tlb.py",
+    "mmu/spte.py",
+    "requests.py",
+    "events/rows.py",
+    "events/kinds.py",
+)
+"""Every module with compiled functions, and every module whose values they compile in."""
+STAMP = PACKAGE / "__pycache__" / "jit-sources.sha256"
+
+
+def sources_digest() -> str:
+    h = hashlib.sha256()
+    for rel in SOURCES:
+        h.update((PACKAGE / rel).read_bytes())
+    return h.hexdigest()
+
+
+def drop_stale_caches() -> None:
+    """Remove numba's cached objects under the package if they were built from other sources."""
+    digest = sources_digest()
+    try:
+        if STAMP.read_text() == digest:
+            return
+    except OSError:
+        pass
+    for path in PACKAGE.rglob("__pycache__/*.nb[ic]"):
+        path.unlink(missing_ok=True)
+    try:
+        STAMP.parent.mkdir(exist_ok=True)
+        STAMP.write_text(digest)
+    except OSError:
+        pass  # a read-only install: numba cannot cache there either

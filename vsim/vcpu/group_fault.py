@@ -1,0 +1,307 @@
+"""The TDP MMU fault as a vCPU group member takes it, in compiled code.
+
+``kvm_tdp_mmu_page_fault`` for an EPT violation on a not-present SPTE of a memslot backed by 4K host
+pages, in the steps a member takes at its keys (``vsim.vcpu.group_kernel``): the exit and
+``kvm_faultin_pfn`` (``fault_begin``), ``read_lock(mmu_lock)`` with ``is_page_fault_stale`` and the
+walk (``fault_lock``), and the cmpxchg install with ``read_unlock`` (``fault_install``). Line for
+line ``VcpuExits.handle_ept_violation``, ``PageTables.kvm_faultin_pfn``, ``TdpMmu.page_fault`` and
+``TdpMmu._map_install``; the equivalence tests hold them equal.
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+from vsim.mmu.spte import (
+    ACC_ALL,
+    EPT_MT_WB,
+    PFN_MASK,
+    PT_EXEC,
+    PT_PAGE_SIZE,
+    PT_PRESENT_R,
+    PT_WRITABLE,
+    REMOVED_SPTE,
+    SPTE_ACCESSED,
+    SPTE_DIRTY,
+    SPTE_HOST_WRITABLE,
+    SPTE_MMU_PRESENT,
+    SPTE_MMU_WRITABLE,
+)
+from vsim.vcpu.group_state import (
+    C_FAULTIN,
+    C_HOST,
+    C_MAP,
+    C_REF,
+    C_SP,
+    C_SPLIT,
+    C_VMEXIT,
+    C_ZERO,
+    EV_PAGE_FAULT,
+    EV_PAGE_FAULT_RET,
+    F_ROOT_INVALID,
+    G_ANY_ZAPPED,
+    G_EV_KIND,
+    G_EVENTS,
+    G_GRANT_T,
+    G_INV_END,
+    G_INV_IN_PROGRESS,
+    G_INV_START,
+    G_LOCK_NEXT_ID,
+    G_LOCK_WAITERS,
+    G_LOCKED_CHECK,
+    G_MMU_SEQ,
+    G_NEV,
+    G_NFREE,
+    G_NTABLES,
+    G_PAGES_4K,
+    G_PFN_BASE,
+    G_POPULATED,
+    G_PRE_LOCK,
+    G_READERS,
+    G_REFAULTS,
+    G_REGION_BASE,
+    G_RET_NAME,
+    G_ROOT_CHECK,
+    G_SRCU_NEXT,
+    G_TDP_PAGES,
+    G_ZERO_WAITS,
+    GS_GRANT,
+    M_EXIT_SEQ,
+    M_FAULT_SEQ,
+    M_FLAGS,
+    M_GFN,
+    M_IDX,
+    M_IN_FAULT,
+    M_LEVEL,
+    M_MMU_SEQ,
+    M_MODE,
+    M_NOW,
+    M_OLD,
+    M_PFN,
+    M_PHASE,
+    M_RET,
+    M_ROOT,
+    M_SRCU_REG,
+    M_T_EXIT,
+    M_TABLE,
+    M_TABLE_GEN,
+    M_TOKEN,
+    M_TOKEN_T,
+    M_WRITE,
+    PFERR_GUEST_FINAL_MASK,
+    PFERR_WRITE_MASK,
+    PH_ENTRY,
+    PH_INSTALL,
+    PH_LOCK,
+    RET_PF_FIXED,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    S_EXITS,
+    S_HOST_ALLOCS,
+    S_PF_FIXED,
+    S_PF_RETRY,
+    S_PF_SPURIOUS,
+    S_PF_TAKEN,
+)
+
+
+@njit(cache=True)
+def retry_gfn(g, mmu_seq, gfn):  # type: ignore[no-untyped-def]
+    """``mmu_invalidate_retry_gfn``."""
+    if g[G_INV_IN_PROGRESS] and g[G_INV_START] <= gfn < g[G_INV_END]:
+        return True
+    return g[G_MMU_SEQ] != mmu_seq
+
+
+@njit(cache=True)
+def find_slot(slots, gfn):  # type: ignore[no-untyped-def]
+    for s in range(slots.shape[0]):
+        if slots[s, 0] <= gfn < slots[s, 0] + slots[s, 1]:
+            return s
+    return -1
+
+
+@njit(cache=True)
+def fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, write, refs, hidx):  # type: ignore[no-untyped-def]
+    """``VcpuExits._exit`` + ``kvm_mmu_do_page_fault`` + ``kvm_faultin_pfn``, up to ``mmu_lock``."""
+    now = ms[m, M_NOW]
+    counters[m, 2] += 1
+    counters[m, 3] += refs
+    t_exit = now + refs * c[C_REF]
+    ms[m, M_MODE] = 0  # OUTSIDE_GUEST_MODE
+    ss[m, S_EXITS] += 1
+    ms[m, M_EXIT_SEQ] += 1
+    g[G_SRCU_NEXT] += 1  # srcu_read_lock from the exit on
+    ms[m, M_TOKEN] = g[G_SRCU_NEXT]
+    ms[m, M_TOKEN_T] = now
+    ms[m, M_SRCU_REG] = 0
+    now = t_exit + c[C_VMEXIT]
+    ms[m, M_T_EXIT] = t_exit
+    ms[m, M_IN_FAULT] = 1
+    ms[m, M_FAULT_SEQ] += 1
+    ms[m, M_GFN] = gfn
+    ms[m, M_WRITE] = 1 if write else 0
+    ss[m, S_PF_TAKEN] += 1
+    if g[G_EVENTS]:
+        record_event(g, evbuf, EV_PAGE_FAULT, now, m, ms[m, M_FAULT_SEQ], gfn << 12,
+               PFERR_GUEST_FINAL_MASK | (PFERR_WRITE_MASK if write else 0))  # fmt: skip
+    # kvm_faultin_pfn (fast_page_fault cannot serve a not-present fault with A/D bits on).
+    seq = g[G_MMU_SEQ]
+    ms[m, M_MMU_SEQ] = seq
+    now += c[C_FAULTIN]
+    ms[m, M_NOW] = now
+    if g[G_PRE_LOCK] and retry_gfn(g, seq, gfn):
+        fault_end(m, ms, ss, g, evbuf, RET_PF_RETRY)
+        return
+    if not resident[hidx]:  # first touch: the host allocates and zeroes the 4K page
+        resident[hidx] = 1
+        g[G_POPULATED] += 1
+        now += c[C_HOST] + c[C_ZERO]
+        ss[m, S_HOST_ALLOCS] += 1
+        ms[m, M_NOW] = now
+    ms[m, M_PFN] = g[G_PFN_BASE] + hidx
+    if g[G_PRE_LOCK] and retry_gfn(g, seq, gfn):
+        fault_end(m, ms, ss, g, evbuf, RET_PF_RETRY)
+        return
+    ms[m, M_PHASE] = PH_LOCK
+
+
+@njit(cache=True)
+def fault_lock(m, ms, ss, spt, sp_gen, g, c, evbuf):  # type: ignore[no-untyped-def]
+    """``read_lock(mmu_lock)`` (uncontended), ``is_page_fault_stale``, then ``kvm_tdp_mmu_map``'s
+    walk and map work, up to the install."""
+    g[G_LOCK_NEXT_ID] += 1
+    g[G_READERS] += 1
+    g[G_ZERO_WAITS] += 1
+    gfn = ms[m, M_GFN]
+    stale = g[G_ROOT_CHECK] and ms[m, M_FLAGS] & F_ROOT_INVALID
+    if stale or (g[G_LOCKED_CHECK] and retry_gfn(g, ms[m, M_MMU_SEQ], gfn)):
+        g[G_READERS] -= 1  # no writer waits (G_LOCK_BUSY): no hand-over
+        fault_end(m, ms, ss, g, evbuf, RET_PF_RETRY)
+        return
+    table = ms[m, M_ROOT]
+    level = 4
+    while True:  # walk_to(root, gfn, PG_LEVEL_4K)
+        idx = (gfn >> (9 * (level - 1))) & 511
+        old = spt[table, idx]
+        if level == 1 or not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or old & PT_PAGE_SIZE:
+            break
+        table = (old & PFN_MASK) >> 12
+        level -= 1
+    ms[m, M_TABLE] = table
+    ms[m, M_IDX] = idx
+    ms[m, M_LEVEL] = level
+    ms[m, M_OLD] = old
+    ms[m, M_TABLE_GEN] = sp_gen[table]
+    new_tables = level - 1 if level > 1 and old != REMOVED_SPTE else 0
+    ms[m, M_NOW] += c[C_MAP] + c[C_SP] * new_tables
+    if new_tables and old & SPTE_MMU_PRESENT:  # splitting a huge leaf fills each new table
+        ms[m, M_NOW] += c[C_SPLIT] * 512 * new_tables
+    ms[m, M_PHASE] = PH_INSTALL
+
+
+@njit(cache=True)
+def fault_install(m, ms, ss, spt, sp_level, sp_gfn, sp_gen, free, g, zapped, evbuf):  # type: ignore[no-untyped-def]
+    """The cmpxchg half of ``kvm_tdp_mmu_map`` (``TdpMmu._map_install``), then ``read_unlock``."""
+    table = ms[m, M_TABLE]
+    idx = ms[m, M_IDX]
+    level = ms[m, M_LEVEL]
+    old = ms[m, M_OLD]
+    gfn = ms[m, M_GFN]
+    ret = RET_PF_FIXED
+    if sp_gen[table] != ms[m, M_TABLE_GEN] or old == REMOVED_SPTE:
+        ret = RET_PF_RETRY
+    else:
+        while level > 1:
+            if spt[table, idx] != old:
+                ret = RET_PF_RETRY
+                break
+            base = gfn & ~((1 << (9 * (level - 1))) - 1)
+            if g[G_NFREE]:  # alloc_sp: a freed table first
+                g[G_NFREE] -= 1
+                child = free[g[G_NFREE]]
+                sp_gen[child] += 1
+            else:
+                child = g[G_NTABLES]
+                g[G_NTABLES] += 1
+            sp_level[child] = level - 1
+            sp_gfn[child] = base
+            g[G_TDP_PAGES] += 1
+            if is_leaf(old, level):  # tdp_mmu_split_huge_page fills the child first
+                for k in range(512):
+                    spt[child, k] = split_spte(old, level, k)
+                g[G_PAGES_4K + level - 2] += 512
+                g[G_PAGES_4K + level - 1] -= 1  # handle_changed_spte: the huge leaf goes
+            spt[table, idx] = SPTE_MMU_PRESENT | ACC_ALL | SPTE_ACCESSED | (child << 12)  # make_nonleaf_spte
+            table = child
+            level -= 1
+            idx = (gfn >> (9 * (level - 1))) & 511
+            old = spt[table, idx]
+        if ret == RET_PF_FIXED:
+            # make_spte for a writable 4K page
+            new = (SPTE_MMU_PRESENT | PT_PRESENT_R | PT_EXEC | EPT_MT_WB | (ms[m, M_PFN] << 12) | SPTE_ACCESSED
+                   | SPTE_HOST_WRITABLE | SPTE_MMU_WRITABLE | PT_WRITABLE | SPTE_DIRTY)  # fmt: skip
+            if new == old:
+                ret = RET_PF_SPURIOUS
+            elif spt[table, idx] != old:
+                ret = RET_PF_RETRY
+            else:
+                spt[table, idx] = new
+                if not is_leaf(old, 1):  # handle_changed_spte: a new 4K leaf
+                    g[G_PAGES_4K] += 1
+                if g[G_ANY_ZAPPED]:  # Vm.note_mapped: a refault of a zapped gfn
+                    lo = gfn - g[G_REGION_BASE]
+                    if 0 <= lo < zapped.shape[0] and zapped[lo]:
+                        g[G_REFAULTS] += 1
+                        zapped[lo] = False
+    now = ms[m, M_NOW]
+    g[G_READERS] -= 1
+    fault_end(m, ms, ss, g, evbuf, ret)
+    if g[G_READERS] == 0 and g[G_LOCK_WAITERS]:
+        g[G_GRANT_T] = now
+        return GS_GRANT
+    return 0
+
+
+@njit(cache=True)
+def fault_end(m, ms, ss, g, evbuf, ret):  # type: ignore[no-untyped-def]
+    """``kvm_mmu_do_page_fault``'s outcome count and tracepoint; the member goes on to entry."""
+    if ret == RET_PF_FIXED:
+        ss[m, S_PF_FIXED] += 1
+    elif ret == RET_PF_SPURIOUS:
+        ss[m, S_PF_SPURIOUS] += 1
+    else:
+        ss[m, S_PF_RETRY] += 1
+    ms[m, M_RET] = ret
+    if g[G_EVENTS]:
+        record_event(g, evbuf, EV_PAGE_FAULT_RET, ms[m, M_NOW], m, ms[m, M_FAULT_SEQ], g[G_RET_NAME + ret], 1)
+    ms[m, M_PHASE] = PH_ENTRY
+
+
+@njit(cache=True, inline="always")
+def is_leaf(spte, level):  # type: ignore[no-untyped-def]
+    """A present leaf at ``level`` (``is_shadow_present_pte`` and ``is_last_spte``)."""
+    return spte & SPTE_MMU_PRESENT and spte != REMOVED_SPTE and (level == 1 or spte & PT_PAGE_SIZE)
+
+
+@njit(cache=True, inline="always")
+def split_spte(huge, level, k):  # type: ignore[no-untyped-def]
+    """``make_huge_page_split_spte``: child ``k`` of a huge leaf at ``level``."""
+    pfn = ((huge & PFN_MASK) >> 12) + k * (1 << (9 * (level - 2)))
+    spte = (huge & ~PFN_MASK) | (pfn << 12)
+    if level == 2:
+        spte &= ~PT_PAGE_SIZE
+    return spte
+
+
+@njit(cache=True, inline="always")
+def record_event(g, evbuf, kind, t, m, fid, a, b):  # type: ignore[no-untyped-def]
+    """A record in the sink's row format (``vsim.events.rows``)."""
+    k = g[G_NEV]
+    evbuf[k, 0] = g[G_EV_KIND + kind]
+    evbuf[k, 1] = t
+    evbuf[k, 2] = m
+    evbuf[k, 3] = fid
+    evbuf[k, 4] = a
+    evbuf[k, 5] = b
+    g[G_NEV] = k + 1

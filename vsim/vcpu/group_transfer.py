@@ -1,0 +1,207 @@
+"""A vCPU group's state transfer: the model's Python objects to its arrays and back.
+
+Before each run of the compiled loop (``vsim.vcpu.group_kernel``) the driver reads what other actors
+may have changed (``mmu_lock``, SRCU, the MMU-notifier sequence, memslots, the page-table pool,
+obsolete roots, lockstep); after it, it writes back what the rest of the model reads (the members'
+clocks, modes, requests, IPIs and stats, the lock's readers, SRCU readers, page stats, the pool) and
+hands the loop's event rows, service times and SRCU readers on. Mixed into ``VcpuGroup``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vsim.host_mm import HostMapping
+from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID
+from vsim.mmu.spte import PG_LEVEL_4K
+from vsim.vcpu import group_state as k
+
+if TYPE_CHECKING:
+    from vsim.vcpu.group import VcpuGroup
+
+NOT_SIMPLE = KVM_MEMSLOT_INVALID | KVM_MEM_LOG_DIRTY_PAGES
+
+
+class GroupTransfer:
+    """The reading in and writing out of ``VcpuGroup``."""
+
+    def _read_in(self: VcpuGroup) -> None:
+        vm = self.vm
+        g = self.g
+        q = self.env._queue  # noqa: SLF001
+        g[k.G_EXT_T], g[k.G_EXT_P] = (q[0][0], q[0][1]) if q else (k.NEVER, 0)
+        hz, waiting = k.NEVER, False
+        for a in vm.actors:
+            if not a.done:
+                if a.sleeping_until is not None:
+                    hz = min(hz, a.sleeping_until)
+                else:
+                    waiting = True
+        g[k.G_HZ], g[k.G_EXT_WAITING] = hz, waiting
+        lock = vm.mmu_lock
+        g[k.G_READERS] = lock.readers
+        g[k.G_LOCK_BUSY] = lock.writer is not None or bool(lock._queue)  # noqa: SLF001
+        g[k.G_LOCK_WAITERS] = bool(lock._queue)  # noqa: SLF001
+        g[k.G_LOCK_NEXT_ID] = lock._next_id  # noqa: SLF001
+        g[k.G_ZERO_WAITS] = lock.zero_waits["read"]
+        srcu = vm.srcu
+        g[k.G_SRCU_NEXT] = srcu._next  # noqa: SLF001
+        g[k.G_SRCU_WAITS] = bool(srcu._waits)  # noqa: SLF001
+        g[k.G_NEXT_SYNC] = srcu.next_sync()
+        g[k.G_MMU_SEQ] = vm.mmu_invalidate_seq
+        g[k.G_INV_IN_PROGRESS] = vm.mmu_invalidate_in_progress
+        g[k.G_INV_START] = vm.mmu_invalidate_range_start
+        g[k.G_INV_END] = vm.mmu_invalidate_range_end
+        g[k.G_ANY_ZAPPED] = vm._any_zapped  # noqa: SLF001
+        mmu = vm.mmu
+        g[k.G_NTABLES] = mmu.n_tables
+        g[k.G_CAP] = len(mmu.spt)
+        g[k.G_NFREE] = len(mmu._free)  # noqa: SLF001 - loaded only if an install needs them (_grow)
+        g[k.G_FREE_LOADED] = 0
+        self._load_slots()
+        if vm.lockstep:  # dirty logging began on a huge-page slot or with PML: everyone goes back
+            live = self.ms[:, k.M_PHASE] != k.PH_OUT
+            self.ms[live, k.M_FLAGS] |= k.F_LEAVE
+        if any(r.invalid for r in mmu.roots):  # type: ignore[union-attr]  # a fast zap: is_page_fault_stale
+            ms = self.ms
+            for m in np.flatnonzero(ms[:, k.M_PHASE] != k.PH_OUT).tolist():
+                root = vm.vcpus[m].root
+                if root is not None and root.invalid:
+                    ms[m, k.M_FLAGS] |= k.F_ROOT_INVALID
+
+    def _load_slots(self: VcpuGroup) -> None:
+        """Rows ``(base_gfn, npages, host_offset, simple)`` of the current memslots."""
+        memslots = self.vm.memslots
+        key = (id(memslots), memslots.generation)
+        if key == self._slots_key:
+            return
+        self._slots_key = key
+        slots = memslots.slots
+        self._slot_objs = list(slots)
+        host = self._host if isinstance(self._host, HostMapping) else None
+        rows = []
+        for s in slots:
+            if host is None and s.host.page_level == PG_LEVEL_4K:
+                host = s.host
+            simple = s.host is host and not s.flags & NOT_SIMPLE and s.dirty_bitmap is None
+            rows.append((s.base_gfn, s.npages, s.host_offset, int(simple)))
+        self._host = host if host is not None else NoHost()  # a stand-in that no row names
+        self.g[k.G_PFN_BASE] = self._host.pfn_base
+        self._slots = np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+    def _grow(self: VcpuGroup) -> None:
+        """Load the free tables, or grow the pool."""
+        mmu = self.vm.mmu
+        g = self.g
+        if g[k.G_NFREE] and not g[k.G_FREE_LOADED]:
+            self._free = np.array(mmu._free, dtype=np.int64)  # noqa: SLF001
+            g[k.G_FREE_LOADED] = 1
+            return
+        mmu.n_tables = int(g[k.G_NTABLES])
+        mmu.grow_pool()
+        g[k.G_CAP] = len(mmu.spt)
+
+    def _drain(self: VcpuGroup) -> None:
+        """Hand the loop's records to the sink, the service times to the vCPUs, and the SRCU
+        readers a synchronize may still need to ``kvm->srcu``."""
+        vm = self.vm
+        g = self.g
+        n = int(g[k.G_NEV])
+        assert n <= len(self.evbuf) and g[k.G_NSRV] <= len(self.srvbuf) and g[k.G_NSRCU] <= len(self.srcubuf)
+        if n:
+            vm.sink.emit_rows(self.evbuf[:n])
+            g[k.G_NEV] = 0
+        n = int(g[k.G_NSRV])
+        if n:
+            vcpus = vm.vcpus
+            rows = self.srvbuf[:n]
+            for m in np.unique(rows[:, 0]).tolist():
+                vcpus[m].stat.fault_service_ns.frombytes(rows[rows[:, 0] == m, 1].tobytes())
+            g[k.G_NSRV] = 0
+        n = int(g[k.G_NSRCU])
+        if n:
+            readers = vm.srcu._readers  # noqa: SLF001
+            for token, start, end in self.srcubuf[:n].tolist():
+                if end == k.SRCU_FORGET:
+                    readers.pop(token, None)
+                else:
+                    readers[token] = [start, end]
+            g[k.G_NSRCU] = 0
+
+    def _write_out(self: VcpuGroup) -> None:
+        vm = self.vm
+        g = self.g
+        ms, ss = self.ms, self.ss
+        readers = vm.srcu._readers  # noqa: SLF001
+        touched = self.touched
+        idx = np.flatnonzero(touched)
+        vcpus = vm.vcpus
+        cols = [k.M_NOW, k.M_MODE, k.M_EXIT_SEQ, k.M_FAULT_SEQ, k.M_PHASE, k.M_LEAVE, k.M_SRCU_REG, k.M_REQ, k.M_KICK,
+                k.M_IPI_TAKEN]  # fmt: skip
+        for m, (now, mode, exit_seq, fault_seq, phase, why, reg, req, kick, taken) in zip(
+            idx.tolist(), ms[idx][:, cols].tolist(), strict=True
+        ):
+            v = vcpus[m]
+            v.now = now
+            v.mode = mode
+            v._exit_seq = exit_seq  # noqa: SLF001
+            v._fault_seq = fault_seq  # noqa: SLF001
+            v.requests = req
+            v.kick_at = kick
+            if taken:
+                del v.ipis[:taken]
+                ms[m, k.M_IPI_TAKEN] = 0
+            mid_fault = phase in (k.PH_LOCK, k.PH_INSTALL, k.PH_ENTRY) or (
+                phase == k.PH_LEFT and why in (k.LEAVE_LOCK, k.LEAVE_ENTRY)
+            )
+            if mid_fault and not reg:
+                # Mid-fault: its SRCU reader is visible to a synchronize, and its slot is kept.
+                row = ms[m]
+                readers[int(row[k.M_TOKEN])] = [int(row[k.M_TOKEN_T]), -1]
+                row[k.M_SRCU_REG] = 1
+                self._fault_slot[m] = vm.memslots.gfn_to_memslot(int(row[k.M_GFN]))
+        for m in np.flatnonzero(ss.any(axis=1)).tolist():
+            st = vcpus[m].stat
+            d = ss[m].tolist()
+            st.exits += d[k.S_EXITS]
+            st.pf_taken += d[k.S_PF_TAKEN]
+            self.faults += d[k.S_PF_TAKEN]
+            self._gain[m] += d[k.S_PF_TAKEN]
+            st.pf_fixed += d[k.S_PF_FIXED]
+            st.pf_spurious += d[k.S_PF_SPURIOUS]
+            st.pf_retry += d[k.S_PF_RETRY]
+            st.host_page_allocs += d[k.S_HOST_ALLOCS]
+            st.irq_exits += d[k.S_IRQ_EXITS]
+            st.tlb_flush += d[k.S_TLB_FLUSH]
+            st.io_exits += d[k.S_IO_EXITS]
+            ss[m] = 0
+        touched[:] = 0
+        lock = vm.mmu_lock
+        lock.readers = int(g[k.G_READERS])
+        lock._next_id = int(g[k.G_LOCK_NEXT_ID])  # noqa: SLF001
+        lock.zero_waits["read"] = int(g[k.G_ZERO_WAITS])
+        vm.srcu._next = int(g[k.G_SRCU_NEXT])  # noqa: SLF001
+        st = vm.stat
+        st.pages_4k += int(g[k.G_PAGES_4K])
+        st.pages_2m += int(g[k.G_PAGES_4K + 1])
+        st.pages_1g += int(g[k.G_PAGES_4K + 2])
+        st.tdp_mmu_pages += int(g[k.G_TDP_PAGES])
+        st.refaults += int(g[k.G_REFAULTS])
+        g[k.G_PAGES_4K : k.G_PAGES_4K + 3] = 0
+        g[k.G_TDP_PAGES] = g[k.G_REFAULTS] = 0
+        mmu = vm.mmu
+        mmu.n_tables = int(g[k.G_NTABLES])
+        del mmu._free[int(g[k.G_NFREE]) :]  # noqa: SLF001 - the loop took these from the end
+        self._host.populated_pages += int(g[k.G_POPULATED])  # type: ignore[union-attr]
+        g[k.G_POPULATED] = 0
+
+
+class NoHost:
+    """No 4K host mapping backs any memslot: every fault goes to Python."""
+
+    resident = np.zeros(0, dtype=np.uint8)
+    moved = np.zeros(0, dtype=np.uint8)
+    populated_pages = 0
+    pfn_base = 0
