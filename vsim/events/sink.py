@@ -78,8 +78,12 @@ class EventSink:
         if self._n >= self._next and self._consumer is not None:
             self.flush(final=False)
 
-    def emit_rows(self, rows: np.ndarray) -> None:
-        """Append records given as rows (``vsim.events.rows``; fewer columns are zero-filled)."""
+    def emit_rows(self, rows: np.ndarray, until: int | None = None) -> None:
+        """Append records given as rows (``vsim.events.rows``; fewer columns are zero-filled).
+
+        ``until``: no record stamped before it can still come (the emitter knows better than the
+        clock: compiled code runs vCPUs far ahead of it), so a flush may hand on all older ones.
+        """
         if self._py:
             self._blocks.append(self.codec.encode(self._py))
             self._py = []
@@ -91,7 +95,7 @@ class EventSink:
         self._blocks.append(block)
         self._n += len(rows)
         if self._n >= self._next and self._consumer is not None:
-            self.flush(final=False)
+            self.flush(final=False, until=until)
 
     def _pending(self) -> np.ndarray:
         if self._py:
@@ -101,16 +105,18 @@ class EventSink:
             self._blocks = [np.concatenate(self._blocks) if self._blocks else np.zeros((0, ROW_COLS), np.int64)]
         return self._blocks[0]
 
-    def flush(self, final: bool = True) -> None:
+    def flush(self, final: bool = True, until: int | None = None) -> None:
         """Hand the buffered records, in time order, to the consumer (if any).
 
-        With ``final=False`` only records stamped before the global clock go; later ones stay.
+        With ``final=False`` only records stamped before the global clock (or ``until``, if later)
+        go; later ones stay.
         """
         rows = self._pending()
         rows = rows[_log_order(rows)]
         cut = len(rows)
         if not final and self.clock is not None:
-            cut = int(np.searchsorted(rows[:, 1], self.clock(), side="left"))
+            bound = self.clock() if until is None else max(until, self.clock())
+            cut = int(np.searchsorted(rows[:, 1], bound, side="left"))
         out, keep = rows[:cut], rows[cut:]
         self._blocks = [keep]
         self._n = len(keep)

@@ -111,7 +111,11 @@ class GroupTransfer:
         n = int(g[k.G_NEV])
         assert n <= len(self.evbuf) and g[k.G_NSRV] <= len(self.srvbuf) and g[k.G_NSRCU] <= len(self.srcubuf)
         if n:
-            vm.sink.emit_rows(self.evbuf[:n])
+            # Every later record is stamped at or after a member's key or the queue's head.
+            ms = self.ms
+            pending = ms[:, k.M_PHASE] != k.PH_OUT
+            until = min(int(g[k.G_EXT_T]), int(ms[pending, k.M_NOW].min()) if pending.any() else k.NEVER)
+            vm.sink.emit_rows(self.evbuf[:n], until)
             g[k.G_NEV] = 0
         n = int(g[k.G_NSRV])
         if n:
