@@ -9,8 +9,9 @@ VMM, the host MM, vCPUs in Python) and at any member that needs Python; that mem
 resumed at its key with what to do next (``Vcpu._run_batched``).
 
 Between runs of the loop the driver copies the state the rest of the model reads into the Python
-objects (clocks, modes, stats, ``mmu_lock``, SRCU readers, page-table pool, event records) and
-reads back what others may have changed (requests, kicks, obsolete roots, the lock, memslots).
+objects and reads back what others may have changed (``vsim.vcpu.group_transfer``); requests and
+IPIs that other actors send to members reach the loop through ``notify``. It hands members their
+next chunks of accesses, and resumes a member's process only where Python must go on.
 
 The group serves the TDP MMU in batched mode, with the invariant checker off and events at most at
 the ``faults`` level (``sim.fault_kernel`` turns it off). The checker's hooks and ``all``-level
