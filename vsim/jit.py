@@ -11,6 +11,7 @@ from the one the caches were built with, removes the cached objects before anyth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -41,15 +42,10 @@ def sources_digest() -> str:
 def drop_stale_caches() -> None:
     """Remove numba's cached objects under the package if they were built from other sources."""
     digest = sources_digest()
-    try:
-        if STAMP.read_text() == digest:
-            return
-    except OSError:
-        pass
+    if STAMP.is_file() and STAMP.read_text() == digest:
+        return
     for path in PACKAGE.rglob("__pycache__/*.nb[ic]"):
         path.unlink(missing_ok=True)
-    try:
+    with contextlib.suppress(OSError):  # a read-only install: numba cannot cache there either
         STAMP.parent.mkdir(exist_ok=True)
         STAMP.write_text(digest)
-    except OSError:
-        pass  # a read-only install: numba cannot cache there either
