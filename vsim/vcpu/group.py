@@ -26,6 +26,7 @@ import numpy as np
 from simpy.events import Event
 
 from vsim.events.rows import KIND_ID, ROW_COLS
+from vsim.memslots import KVM_MEMSLOT_INVALID
 from vsim.mmu.page_fault import RET_PF_NAMES
 from vsim.sched import At
 from vsim.vcpu import group_state as k
@@ -95,7 +96,8 @@ class VcpuGroup(GroupTransfer):
         g[k.G_PROGRAM] = vm.program is not None
         c = vm.costs
         costs = (c.guest_access, c.tlb_hit, c.walk_ref, c.vmexit, c.vmentry, c.faultin_present, c.host_fault,
-                 c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte, c.tlb_flush, c.userspace_exit)  # fmt: skip
+                 c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte, c.tlb_flush, c.userspace_exit,
+                 c.fast_page_fault)  # fmt: skip
         self.c = np.array(costs, dtype=np.int64)  # in the order of group_kernel's C_* indices
         # Event rows (group_kernel.EV_*): a fault and its outcome, as kvm_mmu_do_page_fault logs them.
         self.evbuf = np.zeros((max(8192, 4 * nv), ROW_COLS), dtype=np.int64)
@@ -115,6 +117,8 @@ class VcpuGroup(GroupTransfer):
         self._slots_key: tuple[int, int] | None = None
         self._slots = np.zeros((0, 4), dtype=np.int64)
         self._host = None
+        self._bitmap_slot = None
+        self._bitmap = np.zeros(0, dtype=np.uint8)
         self._uffd = vm.uffd
         self._load_slots()  # picks the 4K host mapping
         self._wakes: list[tuple[int, int]] = []  # keys of the scheduled wake-ups
@@ -131,11 +135,21 @@ class VcpuGroup(GroupTransfer):
         SPTEs themselves (``Vm.lockstep``: the loop's horizon assumes they only add)."""
         return not v.requests and v.kick_at == NEVER and not v.pml_on and not self.vm.lockstep
 
-    def takes_fault(self, v: Vcpu, gfn: int) -> bool:
-        """``v`` joins for a not-present fault on ``gfn`` if the compiled loop can take it
-        (``group_kernel._step``'s checks): a valid slot, not dirty-logged, on the 4K host mapping,
-        its page not moved (and, with userfaultfd, resident)."""
+    def takes_fault(self, v: Vcpu, gfn: int, present: bool, write: bool) -> bool:
+        """``v`` joins for a fault on ``gfn`` if the compiled loop can take it (``group_kernel._step``'s
+        checks). Not present: a valid slot, not dirty-logged, on the 4K host mapping, its page not
+        moved (and, with userfaultfd, resident). Present: a write in a valid slot that is not
+        dirty-logged or whose bitmap the loop has (``fast_page_fault`` then gives W back)."""
         slot = v.gfn_to_memslot(gfn)
+        if present:
+            self._load_slots()  # (the dirty-logged slot whose bitmap the loop has, for these memslots)
+            return (
+                write
+                and slot is not None
+                and not slot.flags & KVM_MEMSLOT_INVALID
+                and (slot.dirty_bitmap is None or slot is self._bitmap_slot)
+                and self._can_join(v)
+            )
         if slot is None or slot.host is not self._host or slot.flags & NOT_SIMPLE or slot.dirty_bitmap is not None:
             return False
         off = slot.host_offset + gfn - slot.base_gfn
@@ -232,7 +246,7 @@ class VcpuGroup(GroupTransfer):
             run_group(self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags, self.wr,
                       self.sets, self.ways, self.count, self.counters, mmu.spt, mmu.sp_level, mmu.sp_gfn,
                       mmu.sp_gen, self._free, g, self.c, self._slots, self._host.resident, self._host.moved,  # type: ignore[union-attr]
-                      vm._zapped, self.evbuf, self.srvbuf, self.srcubuf, self._empty8, self._empty64,  # noqa: SLF001
+                      vm._zapped, self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self._empty8, self._empty64,  # noqa: SLF001
                       self._empty64, self._pml_n)  # fmt: skip
             self._drain()
             stop = int(g[k.G_STOP])

@@ -28,6 +28,7 @@ from vsim.mmu.spte import (
     SPTE_MMU_WRITABLE,
 )
 from vsim.vcpu.group_state import (
+    C_FAST,
     C_FAULTIN,
     C_HOST,
     C_MAP,
@@ -89,6 +90,7 @@ from vsim.vcpu.group_state import (
     M_TOKEN_T,
     M_WRITE,
     PFERR_GUEST_FINAL_MASK,
+    PFERR_PRESENT_MASK,
     PFERR_WRITE_MASK,
     PH_ENTRY,
     PH_INSTALL,
@@ -98,6 +100,7 @@ from vsim.vcpu.group_state import (
     RET_PF_SPURIOUS,
     S_EXITS,
     S_HOST_ALLOCS,
+    S_PF_FAST,
     S_PF_FIXED,
     S_PF_RETRY,
     S_PF_SPURIOUS,
@@ -122,8 +125,9 @@ def find_slot(slots, gfn):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, write, refs, hidx):  # type: ignore[no-untyped-def]
-    """``VcpuExits._exit`` + ``kvm_mmu_do_page_fault`` + ``kvm_faultin_pfn``, up to ``mmu_lock``."""
+def fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, write, refs, present):  # type: ignore[no-untyped-def]
+    """``VcpuExits._exit`` for an EPT violation, then ``kvm_mmu_do_page_fault``'s count and
+    tracepoint; returns the time the fault handling starts."""
     now = ms[m, M_NOW]
     counters[m, 2] += 1
     counters[m, 3] += refs
@@ -141,10 +145,47 @@ def fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, write, refs, hi
     ms[m, M_FAULT_SEQ] += 1
     ms[m, M_GFN] = gfn
     ms[m, M_WRITE] = 1 if write else 0
+    ms[m, M_NOW] = now
     ss[m, S_PF_TAKEN] += 1
     if g[G_EVENTS]:
-        record_event(g, evbuf, EV_PAGE_FAULT, now, m, ms[m, M_FAULT_SEQ], gfn << 12,
-               PFERR_GUEST_FINAL_MASK | (PFERR_WRITE_MASK if write else 0))  # fmt: skip
+        code = PFERR_GUEST_FINAL_MASK | (PFERR_WRITE_MASK if write else 0) | (PFERR_PRESENT_MASK if present else 0)
+        record_event(g, evbuf, EV_PAGE_FAULT, now, m, ms[m, M_FAULT_SEQ], gfn << 12, code)
+    return now
+
+
+@njit(cache=True)
+def walk_last(spt, root, gfn):  # type: ignore[no-untyped-def]
+    """``PageTables.walk_to(root, gfn, PG_LEVEL_4K)``: ``(table, index, level, old_spte)`` of the
+    last entry (a leaf, a non-present or a frozen entry)."""
+    table = root
+    level = 4
+    while True:
+        idx = (gfn >> (9 * (level - 1))) & 511
+        old = spt[table, idx]
+        if level == 1 or not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or old & PT_PAGE_SIZE:
+            return table, idx, level, old
+        table = (old & PFN_MASK) >> 12
+        level -= 1
+
+
+@njit(cache=True)
+def fast_fault(m, ms, ss, counters, spt, g, c, evbuf, bitmap, gfn, refs, table, idx, old, bit):  # type: ignore[no-untyped-def]
+    """A write to a write-protected, MMU-writable 4K SPTE (dirty logging): ``fast_page_fault``
+    gives W back with a lockless cmpxchg and marks the page dirty (``bitmap[bit]``, or no bitmap
+    when ``bit`` < 0); the caller checked that it can."""
+    fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, True, refs, True)
+    spt[table, idx] = old | PT_WRITABLE  # handle_changed_spte: still a 4K leaf
+    ss[m, S_PF_FAST] += 1
+    if bit >= 0:
+        bitmap[bit] = 1  # mark_page_dirty_in_slot
+    ms[m, M_NOW] += c[C_FAST]
+    fault_end(m, ms, ss, g, evbuf, RET_PF_FIXED)
+
+
+@njit(cache=True)
+def fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, write, refs, hidx):  # type: ignore[no-untyped-def]
+    """``VcpuExits._exit`` + ``kvm_mmu_do_page_fault`` + ``kvm_faultin_pfn``, up to ``mmu_lock``."""
+    now = fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, write, refs, False)
     # kvm_faultin_pfn (fast_page_fault cannot serve a not-present fault with A/D bits on).
     seq = g[G_MMU_SEQ]
     ms[m, M_MMU_SEQ] = seq
@@ -179,15 +220,7 @@ def fault_lock(m, ms, ss, spt, sp_gen, g, c, evbuf):  # type: ignore[no-untyped-
         g[G_READERS] -= 1  # no writer waits (G_LOCK_BUSY): no hand-over
         fault_end(m, ms, ss, g, evbuf, RET_PF_RETRY)
         return
-    table = ms[m, M_ROOT]
-    level = 4
-    while True:  # walk_to(root, gfn, PG_LEVEL_4K)
-        idx = (gfn >> (9 * (level - 1))) & 511
-        old = spt[table, idx]
-        if level == 1 or not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or old & PT_PAGE_SIZE:
-            break
-        table = (old & PFN_MASK) >> 12
-        level -= 1
+    table, idx, level, old = walk_last(spt, ms[m, M_ROOT], gfn)
     ms[m, M_TABLE] = table
     ms[m, M_IDX] = idx
     ms[m, M_LEVEL] = level

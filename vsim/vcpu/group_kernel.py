@@ -26,15 +26,16 @@ from __future__ import annotations
 
 from numba import njit
 
-from vsim.mmu.spte import REMOVED_SPTE
+from vsim.mmu.spte import PT_WRITABLE, REMOVED_SPTE, SPTE_MMU_PRESENT, SPTE_MMU_WRITABLE
 from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, STOP_HORIZON, STOP_SET_ACCESSED, run_accesses
 from vsim.vcpu.group_exits import entry, guest_sync, irq_exit, service_flush
-from vsim.vcpu.group_fault import fault_begin, fault_install, fault_lock, find_slot
+from vsim.vcpu.group_fault import fast_fault, fault_begin, fault_install, fault_lock, find_slot, walk_last
 from vsim.vcpu.group_state import (
     C_GUEST,
     C_HIT,
     C_REF,
     F_LEAVE,
+    FAST_BITMAP,
     G_CAP,
     G_EXT_P,
     G_EXT_T,
@@ -91,6 +92,10 @@ from vsim.vcpu.group_state import (
     PH_NEXT,
     PH_OUT,
     PH_RUN,
+    SL_BASE,
+    SL_FAST,
+    SL_FAULTIN,
+    SL_HOST_OFF,
 )
 
 
@@ -116,8 +121,8 @@ def _horizon(ms, g, m):  # type: ignore[no-untyped-def]
 
 @njit(cache=True)
 def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, counters, spt, sp_level, sp_gfn,
-              sp_gen, free, g, c, slots, resident, moved, zapped, evbuf, srvbuf, srcubuf, written, wmap, pml_buf,
-              pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+              sp_gen, free, g, c, slots, resident, moved, zapped, bitmap, evbuf, srvbuf, srcubuf, written, wmap,
+              pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Run the members in key order until one leaves or the next key reaches the queue head.
 
     ``slots`` rows are ``(base_gfn, npages, host_offset, simple)``: ``simple`` when the compiled
@@ -135,7 +140,7 @@ def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, 
             return
         touched[m] = 1
         r = _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, sp_level, sp_gfn,
-                  sp_gen, free, g, c, slots, resident, moved, zapped, evbuf, srvbuf, srcubuf, written, wmap,
+                  sp_gen, free, g, c, slots, resident, moved, zapped, bitmap, evbuf, srvbuf, srcubuf, written, wmap,
                   pml_buf, pml_n)  # fmt: skip
         if r == GS_LEAVE:
             ms[m, M_PHASE] = PH_LEFT
@@ -193,7 +198,7 @@ def _leave(ms, m, why):  # type: ignore[no-untyped-def]
 
 @njit(cache=True)
 def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, sp_level, sp_gfn, sp_gen, free,
-          g, c, slots, resident, moved, zapped, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+          g, c, slots, resident, moved, zapped, bitmap, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Member ``m``'s action at its key, and what follows it up to its next sync (``t_key``: while
     the member's clock is still there, nothing can have acted first)."""
     t_key = ms[m, M_NOW]
@@ -270,19 +275,30 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, s
         if status == STOP_SET_ACCESSED:
             ms[m, M_SYNCED] = j  # nothing acts first now: run it, setting A
             return 0
-        if status != STOP_EPT_VIOLATION or present:
+        if status != STOP_EPT_VIOLATION:
             return _leave(ms, m, LEAVE_PYFAULT)
         gfn = gfns[m, j]
         s = find_slot(slots, gfn)
-        if s < 0 or not slots[s, 3]:
+        if present:  # fast_page_fault, if it will fix the fault; else Python's slow path
+            if not writes[m, j] or s < 0 or not slots[s, SL_FAST]:
+                return _leave(ms, m, LEAVE_PYFAULT)
+            table, idx, level, old = walk_last(spt, ms[m, M_ROOT], gfn)
+            if level != 1 or not old & SPTE_MMU_PRESENT or old & PT_WRITABLE or not old & SPTE_MMU_WRITABLE:
+                return _leave(ms, m, LEAVE_PYFAULT)
+        elif s < 0 or not slots[s, SL_FAULTIN]:
             return _leave(ms, m, LEAVE_PYFAULT)
-        hidx = slots[s, 2] + gfn - slots[s, 0]
-        if moved[hidx] or (g[G_UFFD] and not resident[hidx]):
-            return _leave(ms, m, LEAVE_PYFAULT)
+        else:
+            hidx = slots[s, SL_HOST_OFF] + gfn - slots[s, SL_BASE]
+            if moved[hidx] or (g[G_UFFD] and not resident[hidx]):
+                return _leave(ms, m, LEAVE_PYFAULT)
         # Room for this fault's records and for those of every other member's fault under way.
         nv = ms.shape[0]
         if g[G_NEV] + 2 * nv > evbuf.shape[0] or g[G_NSRV] + nv > srvbuf.shape[0] or g[G_NSRCU] + nv > srcubuf.shape[0]:
             return GS_FLUSH
+        if present:
+            bit = gfn - slots[s, SL_BASE] if slots[s, SL_FAST] == FAST_BITMAP else -1
+            fast_fault(m, ms, ss, counters, spt, g, c, evbuf, bitmap, gfn, refs, table, idx, old, bit)
+            continue
         fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, writes[m, j], refs, hidx)
         if ms[m, M_PHASE] == PH_LOCK:
             return 0  # mmu_lock is taken at its key

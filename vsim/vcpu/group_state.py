@@ -31,8 +31,8 @@ LEAVE_RUN, LEAVE_PYFAULT, LEAVE_LOCK, LEAVE_ENTRY = 1, 2, 3, 4
 
 # Columns of the per-member stat deltas ``ss``.
 (S_EXITS, S_PF_TAKEN, S_PF_FIXED, S_PF_SPURIOUS, S_PF_RETRY, S_HOST_ALLOCS, S_IRQ_EXITS, S_TLB_FLUSH,
- S_IO_EXITS) = range(9)  # fmt: skip
-S_COLS = 9
+ S_IO_EXITS, S_PF_FAST) = range(10)  # fmt: skip
+S_COLS = 10
 
 # The VM-wide scalars ``g`` (G_PAGES_4K + level - 1 counts the leaves of each level).
 (G_STOP, G_STOP_M, G_EXT_T, G_EXT_P, G_HZ, G_EXT_WAITING, G_NTABLES, G_CAP, G_NFREE, G_READERS, G_LOCK_BUSY,
@@ -47,7 +47,12 @@ G_COLS = 55
 
 # The costs ``c``.
 (C_GUEST, C_HIT, C_REF, C_VMEXIT, C_VMENTRY, C_FAULTIN, C_HOST, C_ZERO, C_MAP, C_SP, C_SPLIT, C_TLB_FLUSH,
- C_USERSPACE_EXIT) = range(13)  # fmt: skip
+ C_USERSPACE_EXIT, C_FAST) = range(14)  # fmt: skip
+# Columns of the memslot rows: base gfn, pages, host offset, whether the loop may fault pages in
+# (valid, not dirty-logged, on the 4K host mapping), and whether it may take fast_page_fault there
+# (FAST_SLOT: valid and not dirty-logged; FAST_BITMAP: the dirty-logged slot whose bitmap it has).
+SL_BASE, SL_NPAGES, SL_HOST_OFF, SL_FAULTIN, SL_FAST = range(5)
+FAST_SLOT, FAST_BITMAP = 1, 2
 FLUSH_REQUESTS = KVM_REQ_TLB_FLUSH | KVM_REQ_TLB_FLUSH_CURRENT  # the requests the loop services itself
 
 # Why run_group returned (G_STOP).
@@ -61,6 +66,7 @@ GS_CHUNK = 6  # member G_STOP_M needs its next chunk of accesses (or has none: i
 # Output records.
 EV_PAGE_FAULT, EV_PAGE_FAULT_RET = 0, 1  # their rows carry the sink's ids (G_EV_KIND, G_RET_NAME)
 RET_PF_RETRY, RET_PF_FIXED, RET_PF_SPURIOUS = 1, 5, 6
+PFERR_PRESENT_MASK = 1 << 0
 PFERR_WRITE_MASK = 1 << 1
 PFERR_GUEST_FINAL_MASK = 1 << 32
 SRCU_FORGET = -1  # a srcu output whose reader is simply dropped (registered earlier, ended early)

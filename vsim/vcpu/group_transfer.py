@@ -72,7 +72,8 @@ class GroupTransfer:
                     ms[m, k.M_FLAGS] |= k.F_ROOT_INVALID
 
     def _load_slots(self: VcpuGroup) -> None:
-        """Rows ``(base_gfn, npages, host_offset, simple)`` of the current memslots."""
+        """The current memslots as rows (``group_state.SL_*``), and the dirty bitmap of the first
+        dirty-logged one (the loop marks pages dirty there; other logged slots go to Python)."""
         memslots = self.vm.memslots
         key = (id(memslots), memslots.generation)
         if key == self._slots_key:
@@ -82,14 +83,24 @@ class GroupTransfer:
         self._slot_objs = list(slots)
         host = self._host if isinstance(self._host, HostMapping) else None
         rows = []
+        self._bitmap_slot = None
+        self._bitmap = np.zeros(0, dtype=np.uint8)
         for s in slots:
             if host is None and s.host.page_level == PG_LEVEL_4K:
                 host = s.host
-            simple = s.host is host and not s.flags & NOT_SIMPLE and s.dirty_bitmap is None
-            rows.append((s.base_gfn, s.npages, s.host_offset, int(simple)))
+            unlogged = not s.flags & NOT_SIMPLE and s.dirty_bitmap is None
+            fast = k.FAST_SLOT if unlogged else 0
+            if (
+                not fast
+                and self._bitmap_slot is None
+                and not s.flags & KVM_MEMSLOT_INVALID
+                and s.dirty_bitmap is not None
+            ):
+                self._bitmap_slot, self._bitmap, fast = s, s.dirty_bitmap, k.FAST_BITMAP
+            rows.append((s.base_gfn, s.npages, s.host_offset, int(unlogged and s.host is host), fast))
         self._host = host if host is not None else NoHost()  # a stand-in that no row names
         self.g[k.G_PFN_BASE] = self._host.pfn_base
-        self._slots = np.array(rows, dtype=np.int64).reshape(-1, 4)
+        self._slots = np.array(rows, dtype=np.int64).reshape(-1, 5)
 
     def _grow(self: VcpuGroup) -> None:
         """Load the free tables, or grow the pool."""
@@ -180,6 +191,7 @@ class GroupTransfer:
             st.irq_exits += d[k.S_IRQ_EXITS]
             st.tlb_flush += d[k.S_TLB_FLUSH]
             st.io_exits += d[k.S_IO_EXITS]
+            st.pf_fast += d[k.S_PF_FAST]
             ss[m] = 0
         touched[:] = 0
         lock = vm.mmu_lock

@@ -180,7 +180,8 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
             if status == STOP_DONE:
                 return pass_end
             if group is not None and (
-                group.takes_fault(self, gfns.item(j)) if status == STOP_EPT_VIOLATION and not present and j != no_join
+                group.takes_fault(self, gfns.item(j), present, writes.item(j))
+                if status == STOP_EPT_VIOLATION and j != no_join
                 else (status == STOP_SET_ACCESSED or (status == STOP_HORIZON and self.kick_at > self.now))
                 and group.takes_wait(self)
             ):  # fmt: skip
