@@ -12,9 +12,10 @@ Members run their stretches of accesses with ``run_accesses`` and take the commo
 compiled code: an EPT violation on a not-present SPTE of a memslot backed by 4K host pages,
 ``kvm_tdp_mmu_page_fault`` under ``read_lock(mmu_lock)`` (``kvm_faultin_pfn``,
 ``is_page_fault_stale``, ``kvm_tdp_mmu_map`` with its cmpxchg races, ``RET_PF_RETRY``/``SPURIOUS``),
-then VM entry. They also take a kick's IPI (``handle_external_interrupt``) with its TLB-flush
-request at entry, and a pass end's ``GUEST_SYNC`` when no selftest program waits for it; the driver
-hands them their next chunk of accesses. The code mirrors ``Vcpu.run``/``_run_batched``,
+then VM entry; and a write to a write-protected 4K SPTE (``fast_page_fault``, dirty logging). They
+also take a kick's IPI (``handle_external_interrupt``) with its TLB-flush request at entry, and a
+pass end's ``GUEST_SYNC`` when no selftest program waits for it; the driver hands them their next
+chunk of accesses. The code mirrors ``Vcpu.run``/``_run_batched``,
 ``VcpuExits``, ``VcpuRequests`` and ``TdpMmu.page_fault`` step for step; the equivalence tests hold
 the two equal. Everything else makes the member leave the group at a point where its Python code
 can go on: before the access (``LEAVE_RUN``), to handle that one fault in Python
