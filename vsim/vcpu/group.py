@@ -98,8 +98,8 @@ class VcpuGroup(GroupTransfer):
         costs = (c.guest_access, c.tlb_hit, c.walk_ref, c.vmexit, c.vmentry, c.faultin_present, c.host_fault,
                  c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte, c.tlb_flush, c.userspace_exit,
                  c.fast_page_fault)  # fmt: skip
-        self.c = np.array(costs, dtype=np.int64)  # in the order of group_kernel's C_* indices
-        # Event rows (group_kernel.EV_*): a fault and its outcome, as kvm_mmu_do_page_fault logs them.
+        self.c = np.array(costs, dtype=np.int64)  # in the order of group_state's C_* indices
+        # Event rows (group_state.EV_*): a fault and its outcome, as kvm_mmu_do_page_fault logs them.
         self.evbuf = np.zeros((max(8192, 4 * nv), ROW_COLS), dtype=np.int64)
         g[k.G_EV_KIND + k.EV_PAGE_FAULT] = KIND_ID["kvm_page_fault"]
         g[k.G_EV_KIND + k.EV_PAGE_FAULT_RET] = KIND_ID["vsim_page_fault_ret"]
@@ -113,9 +113,8 @@ class VcpuGroup(GroupTransfer):
         self._pml_n = np.zeros(1, dtype=np.int64)
         self._resume: list[Event | None] = [None] * nv
         self._fault_slot: list[object] = [None] * nv  # the memslot each member's fault found
-        self._slot_objs: list[object] = []
         self._slots_key: tuple[int, int] | None = None
-        self._slots = np.zeros((0, 4), dtype=np.int64)
+        self._slots = np.zeros((0, 5), dtype=np.int64)  # (group_state.SL_* columns)
         self._host = None
         self._bitmap_slot = None
         self._bitmap = np.zeros(0, dtype=np.uint8)

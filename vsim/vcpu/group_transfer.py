@@ -80,7 +80,6 @@ class GroupTransfer:
             return
         self._slots_key = key
         slots = memslots.slots
-        self._slot_objs = list(slots)
         host = self._host if isinstance(self._host, HostMapping) else None
         rows = []
         self._bitmap_slot = None
