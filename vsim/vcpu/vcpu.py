@@ -4,7 +4,9 @@ The vCPU keeps a local clock ``now`` that may run ahead of ``env.now`` while it 
 that touches only its own state (TLB hits, successful walks). It yields to SimPy only where another
 actor could interleave: before it takes ``mmu_lock``, before it installs an SPTE, and when an
 access ends in an EPT violation. ``sync()`` skips even those yields when nothing else is queued
-before the vCPU's ``(now, priority)`` key (``vsim.sched``).
+before the vCPU's ``(now, priority)`` key (``vsim.sched``). Under the TDP MMU a batched vCPU that
+would yield there joins the VM's vCPU group instead (``vsim.vcpu.group``), which runs it with the
+other members in compiled code and hands it back where its Python code must go on.
 
 Exit handling follows ``vcpu_enter_guest``/``vmx_handle_exit`` (``vsim.vcpu.exits``): the vCPU
 leaves guest mode, the exit handler runs (``handle_ept_violation`` → ``kvm_mmu_page_fault``), and
