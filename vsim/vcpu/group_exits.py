@@ -49,29 +49,39 @@ from vsim.vcpu.tlb import EMPTY
 
 
 @njit(cache=True)
+def vm_exit(m, ms, ss, g, c, t_token, t_exit, in_fault):  # type: ignore[no-untyped-def]
+    """``VcpuExits._exit``: leave guest mode at ``t_exit``, enter KVM under ``kvm->srcu`` (a read
+    side from ``t_token``); the member's clock goes on after the exit's cost."""
+    ms[m, M_MODE] = 0  # OUTSIDE_GUEST_MODE
+    ss[m, S_EXITS] += 1
+    ms[m, M_EXIT_SEQ] += 1
+    g[G_SRCU_NEXT] += 1  # srcu_read_lock
+    ms[m, M_TOKEN] = g[G_SRCU_NEXT]
+    ms[m, M_TOKEN_T] = t_token
+    ms[m, M_SRCU_REG] = 0
+    ms[m, M_T_EXIT] = t_exit
+    ms[m, M_IN_FAULT] = in_fault
+    ms[m, M_NOW] = t_exit + c[C_VMEXIT]
+
+
+@njit(cache=True)
 def guest_sync(m, ms, ss, g, c, srcubuf):  # type: ignore[no-untyped-def]
     """``VcpuExits.guest_sync`` with no selftest program: the ucall's port I/O exits to userspace
     (``KVM_EXIT_IO``), ``KVM_RUN`` returns and is called again; entry and the next chunk follow."""
     now = ms[m, M_NOW]
-    ms[m, M_MODE] = 0  # OUTSIDE_GUEST_MODE
-    ss[m, S_EXITS] += 1
-    ms[m, M_EXIT_SEQ] += 1
-    g[G_SRCU_NEXT] += 1  # srcu_read_lock at the exit ...
-    token = g[G_SRCU_NEXT]
-    now += c[C_VMEXIT]
+    vm_exit(m, ms, ss, g, c, now, now, 0)
     ss[m, S_IO_EXITS] += 1
-    if now >= g[G_NEXT_SYNC]:  # ... and its unlock as KVM_RUN returns
+    now = ms[m, M_NOW]
+    if now >= g[G_NEXT_SYNC]:  # the exit's read side ends as KVM_RUN returns
         k = g[G_NSRCU]
-        srcubuf[k, 0] = token
-        srcubuf[k, 1] = ms[m, M_NOW]
+        srcubuf[k, 0] = ms[m, M_TOKEN]
+        srcubuf[k, 1] = ms[m, M_TOKEN_T]
         srcubuf[k, 2] = now
         g[G_NSRCU] = k + 1
     now += c[C_USERSPACE_EXIT]
     g[G_SRCU_NEXT] += 1  # KVM_RUN again: vcpu_enter_guest under a new read side
     ms[m, M_TOKEN] = g[G_SRCU_NEXT]
     ms[m, M_TOKEN_T] = now
-    ms[m, M_SRCU_REG] = 0
-    ms[m, M_IN_FAULT] = 0
     ms[m, M_PASS_END] = 0  # this pass's sync is done
     ms[m, M_NOW] = now
     ms[m, M_PHASE] = PH_ENTRY
@@ -83,16 +93,7 @@ def irq_exit(m, ms, ss, g, c):  # type: ignore[no-untyped-def]
     """``handle_external_interrupt``: the kick's IPI arrives in guest mode; exit (``EXTERNAL_INTERRUPT``,
     under ``kvm->srcu``) and acknowledge it; entry comes next."""
     now = max(ms[m, M_NOW], ms[m, M_KICK])
-    ms[m, M_MODE] = 0  # OUTSIDE_GUEST_MODE
-    ss[m, S_EXITS] += 1
-    ms[m, M_EXIT_SEQ] += 1
-    g[G_SRCU_NEXT] += 1
-    ms[m, M_TOKEN] = g[G_SRCU_NEXT]
-    ms[m, M_TOKEN_T] = now
-    ms[m, M_SRCU_REG] = 0
-    ms[m, M_T_EXIT] = now
-    ms[m, M_IN_FAULT] = 0
-    ms[m, M_NOW] = now + c[C_VMEXIT]
+    vm_exit(m, ms, ss, g, c, now, now, 0)
     ss[m, S_IRQ_EXITS] += 1
     ms[m, M_PHASE] = PH_ENTRY
 

@@ -27,6 +27,7 @@ from vsim.mmu.spte import (
     SPTE_MMU_PRESENT,
     SPTE_MMU_WRITABLE,
 )
+from vsim.vcpu.group_exits import vm_exit
 from vsim.vcpu.group_state import (
     C_FAST,
     C_FAULTIN,
@@ -35,7 +36,6 @@ from vsim.vcpu.group_state import (
     C_REF,
     C_SP,
     C_SPLIT,
-    C_VMEXIT,
     C_ZERO,
     EV_PAGE_FAULT,
     EV_PAGE_FAULT_RET,
@@ -63,31 +63,23 @@ from vsim.vcpu.group_state import (
     G_REGION_BASE,
     G_RET_NAME,
     G_ROOT_CHECK,
-    G_SRCU_NEXT,
     G_TDP_PAGES,
     G_ZERO_WAITS,
     GS_GRANT,
-    M_EXIT_SEQ,
     M_FAULT_SEQ,
     M_FLAGS,
     M_GFN,
     M_IDX,
-    M_IN_FAULT,
     M_LEVEL,
     M_MMU_SEQ,
-    M_MODE,
     M_NOW,
     M_OLD,
     M_PFN,
     M_PHASE,
     M_RET,
     M_ROOT,
-    M_SRCU_REG,
-    M_T_EXIT,
     M_TABLE,
     M_TABLE_GEN,
-    M_TOKEN,
-    M_TOKEN_T,
     M_WRITE,
     PFERR_GUEST_FINAL_MASK,
     PFERR_PRESENT_MASK,
@@ -98,7 +90,6 @@ from vsim.vcpu.group_state import (
     RET_PF_FIXED,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
-    S_EXITS,
     S_HOST_ALLOCS,
     S_PF_FAST,
     S_PF_FIXED,
@@ -129,23 +120,13 @@ def fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, write, refs, present):  # 
     """``VcpuExits._exit`` for an EPT violation, then ``kvm_mmu_do_page_fault``'s count and
     tracepoint; returns the time the fault handling starts."""
     now = ms[m, M_NOW]
-    counters[m, 2] += 1
+    counters[m, 2] += 1  # the walk that ended in the violation
     counters[m, 3] += refs
-    t_exit = now + refs * c[C_REF]
-    ms[m, M_MODE] = 0  # OUTSIDE_GUEST_MODE
-    ss[m, S_EXITS] += 1
-    ms[m, M_EXIT_SEQ] += 1
-    g[G_SRCU_NEXT] += 1  # srcu_read_lock from the exit on
-    ms[m, M_TOKEN] = g[G_SRCU_NEXT]
-    ms[m, M_TOKEN_T] = now
-    ms[m, M_SRCU_REG] = 0
-    now = t_exit + c[C_VMEXIT]
-    ms[m, M_T_EXIT] = t_exit
-    ms[m, M_IN_FAULT] = 1
+    vm_exit(m, ms, ss, g, c, now, now + refs * c[C_REF], 1)
+    now = ms[m, M_NOW]
     ms[m, M_FAULT_SEQ] += 1
     ms[m, M_GFN] = gfn
     ms[m, M_WRITE] = 1 if write else 0
-    ms[m, M_NOW] = now
     ss[m, S_PF_TAKEN] += 1
     if g[G_EVENTS]:
         code = PFERR_GUEST_FINAL_MASK | (PFERR_WRITE_MASK if write else 0) | (PFERR_PRESENT_MASK if present else 0)
