@@ -12,10 +12,8 @@ from test_equivalence import _random_config
 
 from vsim.config import load_config
 from vsim.events.sink import EventSink
-from vsim.mmu.spte import PT_PAGE_SIZE, SPTE_MMU_PRESENT, make_huge_page_split_spte, make_spte
 from vsim.runner import run_scenario
 from vsim.vcpu import group_state as k
-from vsim.vcpu.group_fault import split_spte
 from vsim.vm import Vm
 
 
@@ -45,7 +43,7 @@ def test_group_equals_reference(tmp_path: Path, seed: int, backing_4k: bool) -> 
     for vm in vms:
         vm.run()
     g, r = (vm.mmu for vm in vms)
-    assert g.n_tables == r.n_tables and g._free == r._free
+    assert g.n_tables == r.n_tables and np.array_equal(g.pool.free_tables(), r.pool.free_tables())
     assert np.array_equal(g.spt[: g.n_tables], r.spt[: r.n_tables])
     assert np.array_equal(g.sp_level[: g.n_tables], r.sp_level[: r.n_tables])
     hosts = [{id(s.host): s.host for s in vm.memslots.slots} for vm in vms]
@@ -95,14 +93,6 @@ def test_group_is_off_where_compiled_code_cannot_follow() -> None:
         assert Vm(make_config("sim.invariants=false", *extra)).group is None, extra
     assert Vm(make_config("sim.invariants=false"), EventSink("all")).group is None  # records at every SPTE change
     assert Vm(make_config("sim.invariants=false"), EventSink("faults")).group is not None
-
-
-def test_compiled_spte_helpers_match_spte_py() -> None:
-    huge = make_spte(5 << 9, 2, True)
-    assert huge & PT_PAGE_SIZE and huge & SPTE_MMU_PRESENT
-    for level, spte in ((2, huge), (3, make_spte(7 << 18, 3, False))):
-        for i in (0, 1, 511):
-            assert split_spte(spte, level, i) == make_huge_page_split_spte(spte, level, i)
 
 
 def _run_logged(sets: list[str], shrink: bool = False) -> tuple[Vm, bytes]:

@@ -44,6 +44,17 @@ def mark_page_dirty_in_slot(slot: Memslot | None, gfn: int) -> None:
         slot.dirty_bitmap[gfn - slot.base_gfn] = 1
 
 
+NO_BITMAP = np.zeros(0, dtype=np.uint8)
+
+
+def dirty_bit(slot: Memslot | None, gfn: int) -> tuple[np.ndarray, int]:
+    """Where compiled code marks ``gfn`` dirty: the slot's bitmap and the page's index in it, or
+    no bitmap and -1 when the slot is not dirty-logged."""
+    if slot is not None and slot.dirty_bitmap is not None:
+        return slot.dirty_bitmap, gfn - slot.base_gfn
+    return NO_BITMAP, -1
+
+
 def _words(n: int) -> int:
     return -(-n // WORD)
 

@@ -82,29 +82,48 @@ class VcpuStat:
         return {name: int(getattr(self, name)) for name in VCPU_STATS}
 
 
-class VmStat:
-    """``struct kvm_vm_stat`` (the subset this version maintains)."""
+# VM stats kept in an int64 array that compiled MMU operations update in place (``vsim.mmu.sp_pool``
+# takes it as ``counts``); ``VmStat`` reads and writes them as attributes like the others.
+ARRAY_STATS = ("pages_4k", "pages_2m", "pages_1g", "tdp_mmu_pages", "mmu_shadow_pages", "refaults")
+K_PAGES_4K, K_PAGES_2M, K_PAGES_1G, K_TDP_MMU_PAGES, K_MMU_SHADOW_PAGES, K_REFAULTS = range(len(ARRAY_STATS))
+N_ARRAY_STATS = len(ARRAY_STATS)
 
-    __slots__ = VM_STATS
+
+class VmStat:
+    """``struct kvm_vm_stat`` (the subset this version maintains). The ``ARRAY_STATS`` live in
+    ``counts``, which the MMU's page-table pool shares."""
+
+    __slots__ = tuple(n for n in VM_STATS if n not in ARRAY_STATS) + ("counts",)
 
     def __init__(self) -> None:
+        self.counts = np.zeros(N_ARRAY_STATS, dtype=np.int64)
         for name in VM_STATS:
-            setattr(self, name, 0)
+            if name not in ARRAY_STATS:
+                setattr(self, name, 0)
 
     def add(self, name: str, delta: int) -> None:
         setattr(self, name, getattr(self, name) + delta)
 
     def add_pages(self, level: int, delta: int) -> None:
         """``kvm_update_page_stats``."""
-        if level == 1:
-            self.pages_4k += delta
-        elif level == 2:
-            self.pages_2m += delta
-        else:
-            self.pages_1g += delta
+        self.counts[K_PAGES_4K + level - 1] += delta
 
     def as_dict(self) -> dict[str, int]:
         return {name: int(getattr(self, name)) for name in VM_STATS}
+
+
+def _array_stat(k: int) -> property:
+    def get(self: VmStat) -> int:
+        return int(self.counts[k])
+
+    def put(self: VmStat, value: int) -> None:
+        self.counts[k] = value
+
+    return property(get, put)
+
+
+for _k, _name in enumerate(ARRAY_STATS):
+    setattr(VmStat, _name, _array_stat(_k))
 
 
 def percentiles(samples: array | np.ndarray | list[int]) -> dict[str, int]:

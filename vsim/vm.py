@@ -77,8 +77,6 @@ class Vm:
         self.memslot_srcu_ns = array("q")
         self.memslot_zap_ns = array("q")
         self.region_base_gfn = base_gfn
-        self._zapped = np.zeros(nv * per, dtype=np.bool_)  # test-region gfns a zap unmapped
-        self._any_zapped = False
         if cfg.vmm.stress.iterations:
             # The dummy slot: one page just below the test region, with its own host page.
             dummy = HostMapping(pfn_base=1 << 36, npages=1, page_level=1)
@@ -145,23 +143,6 @@ class Vm:
         return 8 + pages // 512 + pages // (512 * 512)
 
     # -- requests and kicks (kvm_make_all_cpus_request) ------------------------------------------
-    def note_zapped(self, gfn: int, level: int) -> None:
-        """A zap unmapped a leaf: a later fault that maps these gfns again is a refault."""
-        self._any_zapped = True
-        lo = gfn - self.region_base_gfn
-        n = 1 << (9 * (level - 1))
-        if lo + n > 0 and lo < len(self._zapped):
-            self._zapped[max(lo, 0) : lo + n] = True
-
-    def note_mapped(self, gfn: int, level: int) -> None:
-        if not self._any_zapped:
-            return  # nothing was ever unmapped: no fault can be a refault
-        lo = gfn - self.region_base_gfn
-        n = 1 << (9 * (level - 1))
-        if 0 <= lo < len(self._zapped) and self._zapped[lo : lo + n].any():
-            self.stat.refaults += 1
-            self._zapped[lo : lo + n] = False
-
     def next_vmm_action(self) -> int:
         """The earliest time the VMM can act again: its wake-up time, or now while it waits on
         something (``NEVER`` without a VMM or once its schedule is done)."""

@@ -222,7 +222,7 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
                 t = kvm_flush_remote_tlbs(vm, t, me=vid)
         elif self.set_leaf(slot, table, idx, level, base, new, vid, t) > RMAP_RECYCLE_THRESHOLD:
             t = self.rmap_recycle(slot, base, level, vid, t)
-        vm.note_mapped(base, level)
+        self.note_mapped(base, level)
         return ret, t
 
     def make_spte_writable(self, v: Vcpu, gfn: int, level: int, old: int, t: int) -> bool:
@@ -260,6 +260,6 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
                 continue
             new = make_spte(slot.gfn_to_pfn(gfn), PG_LEVEL_4K, self.prefetch_writable(slot, gfn), prefetch=True)
             self.set_leaf(slot, table, i, PG_LEVEL_4K, gfn, new, v.id, t)
-            vm.note_mapped(gfn, PG_LEVEL_4K)
+            self.note_mapped(gfn, PG_LEVEL_4K)
             done += 1
         return done * self._c_prefetch

@@ -18,17 +18,13 @@ from vsim.memslots import KVM_MEMSLOT_INVALID
 from vsim.mmu.fast_page_fault import fast_page_fault, page_fault_can_be_fast
 from vsim.mmu.mmio import vcpu_cache_mmio_info
 from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmPageFault
+from vsim.mmu.sp_pool import H_LOG, NO_STAT, SpPool, account_spte_change, note_mapped, note_zapped, sp_free
 from vsim.mmu.spte import (
-    PFN_MASK,
-    PFN_SHIFT,
     PG_LEVEL_4K,
-    PT_PAGE_SIZE,
-    REMOVED_SPTE,
-    SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT,
-    TDP_ROOT_LEVEL,
-    is_last_spte,
 )
+from vsim.mmu.tdp_mmu_map import tdp_walk_to
+from vsim.stats import ARRAY_STATS
 
 if TYPE_CHECKING:
     from vsim.vcpu.vcpu import Vcpu
@@ -61,50 +57,53 @@ class PageTables:
         self._locked_check = vm.cfg.host_mm.locked_retry_check  # False brings back R8
         self._root_check = vm.cfg.mmu.stale_root_check  # False brings back R3
         self._pre_lock_retry = vm.cfg.host_mm.pre_lock_retry and bool(vm.cfg.host_mm.invalidations)
-        self.spt = np.zeros((initial_tables, SPTE_ENT_PER_PAGE), dtype=np.int64)
-        self.sp_level = np.zeros(initial_tables, dtype=np.int8)
-        self.sp_gfn = np.zeros(initial_tables, dtype=np.int64)
-        self.n_tables = 0
-        self._free: list[int] = []  # freed page tables (zeroed), reused first
-        # Bumped whenever a table is freed or reused: a walk that remembers it can tell that the
-        # table it read is gone, where KVM's RCU-deferred free makes a late cmpxchg fail instead.
-        self.sp_gen = np.zeros(initial_tables, dtype=np.int64)
+        cfg = vm.cfg
+        region_pages = cfg.vm.vcpus * (cfg.workload.per_vcpu_memory // 4096)
+        self.pool = SpPool(vm.stat.counts, vm.region_base_gfn, region_pages, initial_tables)
+        # Compiled operations log their SPTE changes only when something reads them.
+        self.logging = vm.sink.all or vm.checker is not None
+        self.pool.p.hdr[H_LOG] = self.logging
+        self._stat = ARRAY_STATS.index(self.pages_stat)
+
+    # -- the pool's arrays (replaced when the pool grows: read them each time) --------------------
+    @property
+    def spt(self) -> np.ndarray:
+        return self.pool.p.spt
+
+    @property
+    def sp_level(self) -> np.ndarray:
+        return self.pool.p.sp_level
+
+    @property
+    def sp_gfn(self) -> np.ndarray:
+        return self.pool.p.sp_gfn
+
+    @property
+    def sp_gen(self) -> np.ndarray:
+        """Bumped whenever a table is freed or reused: a walk that remembers it can tell that the
+        table it read is gone, where KVM's RCU-deferred free makes a late cmpxchg fail instead."""
+        return self.pool.p.sp_gen
+
+    @property
+    def n_tables(self) -> int:
+        return self.pool.n_tables
 
     # -- page-table pool -------------------------------------------------------------------------
     def alloc_sp(self, level: int, gfn: int, counted: bool = True) -> int:
         """A zeroed page table from the pool (``tdp_mmu_alloc_sp`` / ``kvm_mmu_alloc_shadow_page``);
         ``counted`` is False for the PAE root pages, which are not shadow pages."""
-        if self._free:
-            table = self._free.pop()
-            self.sp_gen[table] += 1
-            self.sp_level[table] = level
-            self.sp_gfn[table] = gfn
-            if counted:
-                self.vm.stat.add(self.pages_stat, 1)
-            return table
-        n = self.n_tables
-        if n == len(self.spt):
-            self.grow_pool()
-        self.sp_level[n] = level
-        self.sp_gfn[n] = gfn
-        self.n_tables = n + 1
-        if counted:
-            self.vm.stat.add(self.pages_stat, 1)
-        return n
-
-    def grow_pool(self) -> None:
-        """Make room for more tables (the arrays are replaced: walks re-read ``spt``)."""
-        grow = max(64, len(self.spt))
-        self.spt = np.concatenate([self.spt, np.zeros((grow, SPTE_ENT_PER_PAGE), dtype=np.int64)])
-        self.sp_level = np.concatenate([self.sp_level, np.zeros(grow, dtype=np.int8)])
-        self.sp_gfn = np.concatenate([self.sp_gfn, np.zeros(grow, dtype=np.int64)])
-        self.sp_gen = np.concatenate([self.sp_gen, np.zeros(grow, dtype=np.int64)])
+        return self.pool.alloc(level, gfn, self._stat if counted else NO_STAT)
 
     def _free_sp(self, table: int, counted: bool = True) -> None:
-        self.sp_gen[table] += 1
-        self._free.append(table)
-        if counted:
-            self.vm.stat.add(self.pages_stat, -1)
+        sp_free(self.pool.p, table, self._stat if counted else NO_STAT)
+
+    def note_zapped(self, gfn: int, level: int) -> None:
+        """A zap unmapped a leaf: a later fault that maps these gfns again is a refault."""
+        note_zapped(self.pool.p, gfn, level)
+
+    def note_mapped(self, gfn: int, level: int) -> None:
+        """A fault mapped a leaf: vsim's ``refaults`` counts it if a zap had unmapped it."""
+        note_mapped(self.pool.p, gfn, level)
 
     def alloc_vcpu_root(self, v: Vcpu) -> Root:
         """The root a vCPU loads (``kvm_mmu_load``): the MMU's shared root of its role."""
@@ -116,18 +115,9 @@ class PageTables:
 
     # -- lockless walks --------------------------------------------------------------------------
     def walk_to(self, root: Root, gfn: int, goal: int) -> tuple[int, int, int, int]:
-        """``kvm_tdp_mmu_map``'s walk: down to ``goal`` at most, stopping early at a leaf, a
-        non-present or a frozen entry."""
-        item = self.spt.item
-        table = root.table
-        level = TDP_ROOT_LEVEL
-        while True:
-            idx = (gfn >> (9 * (level - 1))) & 511
-            old = item(table, idx)
-            if level == goal or not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or old & PT_PAGE_SIZE:
-                return table, idx, level, old
-            table = (old & PFN_MASK) >> PFN_SHIFT
-            level -= 1
+        """``kvm_tdp_mmu_map``'s walk (``tdp_walk_to``): down to ``goal`` at most, stopping early at
+        a leaf, a non-present or a frozen entry."""
+        return tdp_walk_to(self.spt, root.table, gfn, goal)  # type: ignore[no-any-return]
 
     def walk_last(self, root: Root, gfn: int) -> tuple[int, int, int, int]:
         """``tdp_mmu_for_each_pte`` down to ``gfn``'s leaf: ``(table, index, level, old_spte)`` of
@@ -154,16 +144,21 @@ class PageTables:
     # -- SPTE changes ----------------------------------------------------------------------------
     def handle_changed_spte(self, gfn: int, old: int, new: int, level: int, vcpu_id: int, t: int) -> None:
         """``handle_changed_spte``: page stats, the tracepoint and the invariant checks."""
-        vm = self.vm
-        was_leaf = bool(old & SPTE_MMU_PRESENT) and old != REMOVED_SPTE and is_last_spte(old, level)
-        is_leaf = bool(new & SPTE_MMU_PRESENT) and new != REMOVED_SPTE and is_last_spte(new, level)
-        if was_leaf != is_leaf:
-            vm.stat.add_pages(level, 1 if is_leaf else -1)
+        account_spte_change(self.vm.stat.counts, old, new, level)
+        self.spte_hooks(gfn, old, new, level, vcpu_id, t)
 
+    def spte_hooks(self, gfn: int, old: int, new: int, level: int, actor: int, t: int) -> None:
+        """What reads an SPTE change besides the page stats: the tracepoint and the checker."""
+        vm = self.vm
         if vm.sink.all:
-            vm.sink.emit(self.spte_event, t, vcpu_id, 0, gfn, level, old, new)
+            vm.sink.emit(self.spte_event, t, actor, 0, gfn, level, old, new)
         if vm.checker is not None:
-            vm.checker.on_spte_changed(gfn, old, new, level, t, vcpu_id)
+            vm.checker.on_spte_changed(gfn, old, new, level, t, actor)
+
+    def replay_changes(self) -> None:
+        """Hand the SPTE changes that compiled operations logged to ``spte_hooks``, in order."""
+        for gfn, old, new, level, actor, t in self.pool.take_changes():
+            self.spte_hooks(gfn, old, new, level, actor, t)
 
     # -- the front of a direct fault ----------------------------------------------------------------
     def fast_path_and_faultin(self, v: Vcpu, fault: KvmPageFault) -> int | None:
@@ -243,7 +238,7 @@ class PageTables:
         spt = self.spt[:n]
         present = (spt & SPTE_MMU_PRESENT) != 0
         live = np.ones(n, dtype=bool)
-        live[self._free] = False
+        live[self.pool.free_tables()] = False
         for level in (1, 2, 3):
             rows = (self.sp_level[:n] == level) & live
             if level == PG_LEVEL_4K:

@@ -370,6 +370,6 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
             writable = bool(access & ACC_WRITE_MASK) and self.mmu_try_to_unsync_pages(slot, gfn, True, True)
             self.set_leaf(slot, table, i, PG_LEVEL_4K, gfn, make_spte(slot.gfn_to_pfn(gfn), 1, writable, prefetch=True),
                           v.id, v.now)  # fmt: skip
-            vm.note_mapped(gfn, PG_LEVEL_4K)
+            self.note_mapped(gfn, PG_LEVEL_4K)
             done += 1
         return done * self._c_prefetch

@@ -179,7 +179,7 @@ class ShadowMmu(PageTables):
         gfns = self.sp_of[table].gfns
         if gfns is not None:
             del gfns[idx]
-        self.vm.note_zapped(gfn, level)
+        self.note_zapped(gfn, level)
 
     def rmap_recycle(self, slot: Memslot, gfn: int, level: int, actor: int, t: int) -> int:
         """Past ``RMAP_RECYCLE_THRESHOLD`` SPTEs on one head: zap them all, then flush."""

@@ -16,33 +16,27 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from vsim.dirty_log import mark_page_dirty_in_slot
+from vsim.dirty_log import dirty_bit
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.mmio import make_mmio_spte
 from vsim.mmu.page_fault import (
     RET_PF_EMULATE,
-    RET_PF_FIXED,
     RET_PF_RETRY,
-    RET_PF_SPURIOUS,
     KvmPageFault,
 )
 from vsim.mmu.page_tables import PageTables
 from vsim.mmu.spte import (
-    PFN_MASK,
-    PFN_SHIFT,
     REMOVED_SPTE,
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT,
     TDP_ROOT_LEVEL,
     is_last_spte,
-    make_huge_page_split_spte,
-    make_nonleaf_spte,
+    is_shadow_present_pte,
     make_spte,
     pages_per_level,
-    spte_index,
+    spte_to_pfn,
 )
+from vsim.mmu.tdp_mmu_map import count_entries, handle_removed_pt, tdp_mmu_map_install, tdp_zap_table
 from vsim.mmu.tdp_range_ops import TdpRangeOps
 from vsim.requests import kvm_flush_remote_tlbs
 
@@ -98,7 +92,7 @@ class TdpMmu(TdpRangeOps, PageTables):
         root.refcount -= 1
         if root.refcount == 0:
             self.roots.remove(root)
-            self._zap_table(root.table, 0, vid, t)
+            self._zap_table(root.table, vid, t)
         return t
 
     def invalidate_all_roots(self) -> list[TdpRoot]:
@@ -118,25 +112,14 @@ class TdpMmu(TdpRangeOps, PageTables):
         """``tdp_mmu_zap_root``: clear every SPTE under an invalidated root, bottom-up (no flush:
         every vCPU flushes when it loads a new root). Returns the entries visited. The child
         tables go back to the pool; the root table goes when its last reference does."""
-        return self._zap_table(root.table, 0, vid, t, free=False)
+        return self._zap_table(root.table, vid, t, free=False)
 
-    def _zap_table(self, table: int, gfn: int, vid: int, t: int, free: bool = True) -> int:
-        level = int(self.sp_level[table])
-        visited = 0
-        for i in np.flatnonzero(self.spt[table]).tolist():
-            old = self.spt.item(table, i)
-            child_gfn = gfn + i * pages_per_level(level)
-            visited += 1
-            present = bool(old & SPTE_MMU_PRESENT) and old != REMOVED_SPTE
-            if present and not is_last_spte(old, level):
-                visited += self._zap_table((old & PFN_MASK) >> PFN_SHIFT, child_gfn, vid, t)
-            elif present:
-                self.vm.note_zapped(child_gfn, level)
-            self.spt[table, i] = 0
-            self.handle_changed_spte(child_gfn, old, 0, level, vid, t)
-        if free:
-            self._free_sp(table)
-        return visited
+    def _zap_table(self, table: int, vid: int, t: int, free: bool = True) -> int:
+        if self.logging:
+            self.pool.reserve_changes(count_entries(self.pool.p, table))
+        visited = tdp_zap_table(self.pool.p, table, self._stat, free, vid, t)
+        self.replay_changes()
+        return int(visited)
 
     # -- the fault -------------------------------------------------------------------------------
     def page_fault(self, v: Vcpu, fault: KvmPageFault) -> FaultGen:
@@ -179,7 +162,8 @@ class TdpMmu(TdpRangeOps, PageTables):
         return ret
 
     def _map_install(self, v: Vcpu, fault: KvmPageFault, last: tuple[int, int, int, int]) -> int:
-        """The cmpxchg half of ``kvm_tdp_mmu_map`` against the entry its walk ended at earlier."""
+        """The cmpxchg half of ``kvm_tdp_mmu_map`` (``tdp_mmu_map_install``) against the entry its
+        walk ended at earlier; then the flush a collapsed page table needs."""
         table, idx, level, old = last
         vid = v.id
         t = v.now
@@ -187,67 +171,35 @@ class TdpMmu(TdpRangeOps, PageTables):
         goal = fault.goal_level
         if old == REMOVED_SPTE:
             return RET_PF_RETRY
-        if self.vm.sink.all:
-            self.vm.sink.emit("kvm_mmu_spte_requested", t, vid, gfn, fault.pfn, goal)
-        spt = self.spt
-        while level > goal:
-            if spt.item(table, idx) != old:
-                return RET_PF_RETRY  # tdp_mmu_link_sp's cmpxchg would fail; the SP goes back
-            base = gfn & ~(pages_per_level(level) - 1)
-            child = self.alloc_sp(level - 1, base)
-            spt = self.spt
-            if old & SPTE_MMU_PRESENT:
-                # A huge leaf above the goal: tdp_mmu_split_huge_page fills the child first.
-                row = spt[child]
-                for i in range(SPTE_ENT_PER_PAGE):
-                    row[i] = make_huge_page_split_spte(old, level, i)
-                self.vm.stat.add_pages(level - 1, SPTE_ENT_PER_PAGE)
-            self.try_cmpxchg(table, idx, level, base, old, make_nonleaf_spte(child), vid, t)
-            table, level = child, level - 1
-            idx = spte_index(gfn, level)
-            old = spt.item(table, idx)
-        # tdp_mmu_map_handle_target_level
-        base = gfn & ~(pages_per_level(goal) - 1)
+        vm = self.vm
+        if vm.sink.all:
+            vm.sink.emit("kvm_mmu_spte_requested", t, vid, gfn, fault.pfn, goal)
         slot = fault.slot
         if slot is None:
             # The generation is read now, at install: later than the memslot lookup (R1's window).
-            new = make_mmio_spte(gfn, self.vm.memslots.generation)
+            new = make_mmio_spte(gfn, vm.memslots.generation)
         else:
             # The pfn resolved before the lock: only the locked retry check makes it safe to use.
             new = make_spte(fault.pfn & ~(pages_per_level(goal) - 1), goal, fault.map_writable)
-            if fault.map_writable:  # make_spte marks a writable 4K SPTE of a logged slot dirty
-                mark_page_dirty_in_slot(slot, gfn)
-        if new == old:
-            return RET_PF_SPURIOUS
-        if not self.try_cmpxchg(table, idx, goal, base, old, new, vid, t):
-            return RET_PF_RETRY
-        # A page table replaced by a huge leaf: handle_removed_pt, then kvm_flush_remote_tlbs_gfn
-        # if it held translations a TLB may cache (x86 flushes everything).
-        collapsed = old & SPTE_MMU_PRESENT and not is_last_spte(old, level)
-        if collapsed and self.handle_removed_pt((old & PFN_MASK) >> PFN_SHIFT, base, vid, t):
-            v.now = kvm_flush_remote_tlbs(self.vm, t, me=vid)
-        if slot is None:
+        bitmap, bit = dirty_bit(slot, gfn)
+        self.pool.reserve(level - goal)
+        if self.logging:
+            collapsing = level == goal and is_shadow_present_pte(old) and not is_last_spte(old, goal)
+            removed = count_entries(self.pool.p, spte_to_pfn(old)) if collapsing else 0
+            self.pool.reserve_changes(level - goal + 1 + removed)
+        ret, leaves = tdp_mmu_map_install(self.pool.p, self._stat, table, idx, level, old, gfn, goal, new,
+                                          slot is None, bitmap, bit, vid, t)  # fmt: skip
+        self.replay_changes()
+        if leaves:  # kvm_flush_remote_tlbs_gfn for the translations it held (x86 flushes everything)
+            v.now = kvm_flush_remote_tlbs(vm, t, me=vid)
+        if ret == RET_PF_EMULATE:
             v.stat.pf_mmio_spte_created += 1
-            return RET_PF_EMULATE
-        self.vm.note_mapped(base, goal)
-        return RET_PF_FIXED
+        return int(ret)
 
     def handle_removed_pt(self, table: int, gfn: int, vid: int, t: int) -> int:
-        """``handle_removed_pt``: clear an unlinked page table and its children, return them to the
-        pool; the number of present leaves it held (translations a TLB may cache)."""
-        level = int(self.sp_level[table])
-        leaves = 0
-        for i in range(SPTE_ENT_PER_PAGE):
-            old = self.spt.item(table, i)
-            if not old:
-                continue
-            child_gfn = gfn + i * pages_per_level(level)
-            self.spt[table, i] = 0
-            self.handle_changed_spte(child_gfn, old, 0, level, vid, t)
-            if old & SPTE_MMU_PRESENT and old != REMOVED_SPTE:
-                if is_last_spte(old, level):
-                    leaves += 1
-                else:
-                    leaves += self.handle_removed_pt((old & PFN_MASK) >> PFN_SHIFT, child_gfn, vid, t)
-        self._free_sp(table)
-        return leaves
+        """``handle_removed_pt`` (``vsim.mmu.tdp_mmu_map``): the present leaves the table held."""
+        if self.logging:
+            self.pool.reserve_changes(count_entries(self.pool.p, table))
+        leaves = handle_removed_pt(self.pool.p, table, gfn, self._stat, vid, t)
+        self.replay_changes()
+        return int(leaves)

@@ -39,14 +39,16 @@ from vsim.mmu.spte import (
     SPTE_MMU_WRITABLE,
     TDP_ROOT_LEVEL,
     age_spte,
-    make_huge_page_split_spte,
+    is_last_spte,
     make_nonleaf_spte,
     pages_per_level,
     spte_is_young,
 )
+from vsim.mmu.tdp_mmu_map import tdp_split_huge_page
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
+    from vsim.mmu.sp_pool import SpPool
     from vsim.mmu.tdp_mmu import TdpRoot
     from vsim.vm import Vm
 
@@ -60,6 +62,8 @@ class TdpRangeOps:
     vm: Vm
     spt: np.ndarray
     roots: list[TdpRoot]
+    pool: SpPool
+    _stat: int
 
     def _entries(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
         """``(table, index, level, gfn, spte)`` of every present entry overlapping ``[start, end)``
@@ -84,10 +88,6 @@ class TdpRangeOps:
             if level > PG_LEVEL_4K and not spte & PT_PAGE_SIZE:
                 yield from self._walk((spte & PFN_MASK) >> PFN_SHIFT, level - 1, gfn, start, end)
 
-    @staticmethod
-    def _is_leaf(spte: int, level: int) -> bool:
-        return level == PG_LEVEL_4K or bool(spte & PT_PAGE_SIZE)
-
     def zap_leafs(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
         """``tdp_mmu_zap_leafs``: clear every leaf overlapping ``[start, end)`` (page tables stay).
         Returns ``(entries visited, flush needed)``."""
@@ -95,9 +95,9 @@ class TdpRangeOps:
         flush = False
         for table, i, level, gfn, spte in list(self._entries(start, end)):
             visited += 1
-            if self._is_leaf(spte, level):
+            if is_last_spte(spte, level):
                 self.set_spte(table, i, level, gfn, spte, 0, actor, t)
-                self.vm.note_zapped(gfn, level)
+                self.note_zapped(gfn, level)
                 flush = True
         return visited, flush
 
@@ -109,7 +109,7 @@ class TdpRangeOps:
         ad = self.vm.cfg.mmu.ept_ad
         for table, i, level, g, spte in list(self._entries(gfn, gfn + 1)):
             visited += 1
-            if self._is_leaf(spte, level) and spte_is_young(spte, ad):
+            if is_last_spte(spte, level) and spte_is_young(spte, ad):
                 self.set_spte(table, i, level, g, spte, age_spte(spte, ad), actor, t)
                 young = True
         return visited, young
@@ -121,7 +121,7 @@ class TdpRangeOps:
         ad = self.vm.cfg.mmu.ept_ad
         for _, _, level, _, spte in self._entries(gfn, gfn + 1):
             visited += 1
-            young = young or (self._is_leaf(spte, level) and spte_is_young(spte, ad))
+            young = young or (is_last_spte(spte, level) and spte_is_young(spte, ad))
         return visited, young
 
     def wrprot_range(
@@ -134,7 +134,7 @@ class TdpRangeOps:
         flush = False
         for table, i, level, gfn, spte in list(self._entries(start, end)):
             visited += 1
-            if level < min_level or not self._is_leaf(spte, level) or not spte & mask:
+            if level < min_level or not is_last_spte(spte, level) or not spte & mask:
                 continue
             # Dirty logging leaves MMU-writable set, so the next write is fixed by fast_page_fault.
             self.set_spte(table, i, level, gfn, spte, spte & ~mask, actor, t)
@@ -176,7 +176,7 @@ class TdpRangeOps:
         SPTEs created."""
         created = 0
         for table, i, level, gfn, spte in list(self._entries(start, end)):
-            if level > target_level and self._is_leaf(spte, level):
+            if level > target_level and is_last_spte(spte, level):
                 created += self._split(table, i, level, gfn, spte, (start, end, target_level), actor, t)
         return created
 
@@ -185,11 +185,8 @@ class TdpRangeOps:
     ) -> int:
         """Split one huge leaf; then its children that overlap ``[start, end)`` above the target."""
         start, end, target = goal
-        child = self.alloc_sp(level - 1, gfn)
-        row = self.spt[child]
-        for k in range(SPTE_ENT_PER_PAGE):
-            row[k] = make_huge_page_split_spte(spte, level, k)
-        self.vm.stat.add_pages(level - 1, SPTE_ENT_PER_PAGE)
+        self.pool.reserve(1)
+        child = int(tdp_split_huge_page(self.pool.p, spte, level, gfn, self._stat))
         self.set_spte(table, i, level, gfn, spte, make_nonleaf_spte(child), actor, t)
         created = SPTE_ENT_PER_PAGE
         if level - 1 > target:
@@ -206,7 +203,7 @@ class TdpRangeOps:
         entries = list(self._entries(start, end))
         found: list[Collapsible] = []
         for table, i, level, gfn, spte in entries:
-            if level == PG_LEVEL_4K or level > 3 or self._is_leaf(spte, level):
+            if level == PG_LEVEL_4K or level > 3 or is_last_spte(spte, level):
                 continue
             if self.spt.item(table, i) != spte:
                 continue  # replaced while handling a parent
@@ -240,7 +237,7 @@ class TdpRangeOps:
         for table, i, level, gfn, spte, _ in found:
             self.set_spte(table, i, level, gfn, spte, 0, actor, t)
             self.handle_removed_pt((spte & PFN_MASK) >> PFN_SHIFT, gfn, actor, t)
-            self.vm.note_zapped(gfn, level)
+            self.note_zapped(gfn, level)
         return visited, len(found)
 
     def _first_leaf(self, table: int, level: int) -> int | None:
@@ -248,7 +245,7 @@ class TdpRangeOps:
             spte = int(self.spt[table, i])
             if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
                 continue
-            if self._is_leaf(spte, level):
+            if is_last_spte(spte, level):
                 return spte
             found = self._first_leaf((spte & PFN_MASK) >> PFN_SHIFT, level - 1)
             if found is not None:

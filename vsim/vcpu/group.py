@@ -107,7 +107,6 @@ class VcpuGroup(GroupTransfer):
             g[k.G_RET_NAME + code] = vm.sink.codec.intern(name)
         self.srvbuf = np.zeros((max(8192, 2 * nv), 2), dtype=np.int64)
         self.srcubuf = np.zeros((max(1024, 2 * nv), 3), dtype=np.int64)
-        self._free = np.zeros(0, dtype=np.int64)  # the page-table pool's free list, when loaded
         self._empty8 = np.zeros(0, dtype=np.uint8)
         self._empty64 = np.zeros(0, dtype=np.int64)
         self._pml_n = np.zeros(1, dtype=np.int64)
@@ -243,14 +242,13 @@ class VcpuGroup(GroupTransfer):
         while True:
             mmu = vm.mmu
             run_group(self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags, self.wr,
-                      self.sets, self.ways, self.count, self.counters, mmu.spt, mmu.sp_level, mmu.sp_gfn,
-                      mmu.sp_gen, self._free, g, self.c, self._slots, self._host.resident, self._host.moved,  # type: ignore[union-attr]
-                      vm._zapped, self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self._empty8, self._empty64,  # noqa: SLF001
-                      self._empty64, self._pml_n)  # fmt: skip
+                      self.sets, self.ways, self.count, self.counters, mmu.pool.p, g, self.c, self._slots,
+                      self._host.resident, self._host.moved, self._bitmap, self.evbuf, self.srvbuf,  # type: ignore[union-attr]
+                      self.srcubuf, self._empty8, self._empty64, self._empty64, self._pml_n)  # fmt: skip
             self._drain()
             stop = int(g[k.G_STOP])
             if stop == k.GS_GROW:
-                self._grow()
+                mmu.pool.grow()
             elif stop == k.GS_CHUNK:
                 self._next_chunk(int(g[k.G_STOP_M]))
             elif stop != k.GS_FLUSH:

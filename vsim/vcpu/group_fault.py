@@ -3,30 +3,26 @@
 ``kvm_tdp_mmu_page_fault`` for an EPT violation on a not-present SPTE of a memslot backed by 4K host
 pages, in the steps a member takes at its keys (``vsim.vcpu.group_kernel``): the exit and
 ``kvm_faultin_pfn`` (``fault_begin``), ``read_lock(mmu_lock)`` with ``is_page_fault_stale`` and the
-walk (``fault_lock``), and the cmpxchg install with ``read_unlock`` (``fault_install``). Line for
-line ``VcpuExits.handle_ept_violation``, ``PageTables.kvm_faultin_pfn``, ``TdpMmu.page_fault`` and
-``TdpMmu._map_install``; the equivalence tests hold them equal.
+walk (``fault_lock``), and the cmpxchg install with ``read_unlock`` (``fault_install``). The walk,
+``make_spte`` and the install are the TDP MMU's own compiled operations (``vsim.mmu.tdp_mmu_map``),
+the same ones ``TdpMmu.page_fault`` calls; what is here is the choreography around them, step for
+step ``VcpuExits.handle_ept_violation``, ``PageTables.kvm_faultin_pfn`` and ``TdpMmu.page_fault``
+(the equivalence tests hold the two equal).
 """
 
 from __future__ import annotations
 
 from numba import njit
 
+from vsim.mmu.sp_pool import change_spte
 from vsim.mmu.spte import (
-    ACC_ALL,
-    EPT_MT_WB,
-    PFN_MASK,
-    PT_EXEC,
-    PT_PAGE_SIZE,
-    PT_PRESENT_R,
     PT_WRITABLE,
     REMOVED_SPTE,
-    SPTE_ACCESSED,
-    SPTE_DIRTY,
-    SPTE_HOST_WRITABLE,
     SPTE_MMU_PRESENT,
-    SPTE_MMU_WRITABLE,
+    make_spte,
 )
+from vsim.mmu.tdp_mmu_map import tdp_mmu_map_install, tdp_walk_to
+from vsim.stats import K_TDP_MMU_PAGES
 from vsim.vcpu.group_exits import vm_exit
 from vsim.vcpu.group_state import (
     C_FAST,
@@ -40,7 +36,6 @@ from vsim.vcpu.group_state import (
     EV_PAGE_FAULT,
     EV_PAGE_FAULT_RET,
     F_ROOT_INVALID,
-    G_ANY_ZAPPED,
     G_EV_KIND,
     G_EVENTS,
     G_GRANT_T,
@@ -52,18 +47,12 @@ from vsim.vcpu.group_state import (
     G_LOCKED_CHECK,
     G_MMU_SEQ,
     G_NEV,
-    G_NFREE,
-    G_NTABLES,
-    G_PAGES_4K,
     G_PFN_BASE,
     G_POPULATED,
     G_PRE_LOCK,
     G_READERS,
-    G_REFAULTS,
-    G_REGION_BASE,
     G_RET_NAME,
     G_ROOT_CHECK,
-    G_TDP_PAGES,
     G_ZERO_WAITS,
     GS_GRANT,
     M_FAULT_SEQ,
@@ -135,27 +124,12 @@ def fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, write, refs, present):  # 
 
 
 @njit(cache=True)
-def walk_last(spt, root, gfn):  # type: ignore[no-untyped-def]
-    """``PageTables.walk_to(root, gfn, PG_LEVEL_4K)``: ``(table, index, level, old_spte)`` of the
-    last entry (a leaf, a non-present or a frozen entry)."""
-    table = root
-    level = 4
-    while True:
-        idx = (gfn >> (9 * (level - 1))) & 511
-        old = spt[table, idx]
-        if level == 1 or not (old & SPTE_MMU_PRESENT) or old == REMOVED_SPTE or old & PT_PAGE_SIZE:
-            return table, idx, level, old
-        table = (old & PFN_MASK) >> 12
-        level -= 1
-
-
-@njit(cache=True)
-def fast_fault(m, ms, ss, counters, spt, g, c, evbuf, bitmap, gfn, refs, table, idx, old, bit):  # type: ignore[no-untyped-def]
+def fast_fault(m, ms, ss, counters, pool, g, c, evbuf, bitmap, gfn, refs, table, idx, old, bit):  # type: ignore[no-untyped-def]
     """A write to a write-protected, MMU-writable 4K SPTE (dirty logging): ``fast_page_fault``
     gives W back with a lockless cmpxchg and marks the page dirty (``bitmap[bit]``, or no bitmap
     when ``bit`` < 0); the caller checked that it can."""
     fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, True, refs, True)
-    spt[table, idx] = old | PT_WRITABLE  # handle_changed_spte: still a 4K leaf
+    change_spte(pool, table, idx, 1, gfn, old, old | PT_WRITABLE, m, ms[m, M_NOW])
     ss[m, S_PF_FAST] += 1
     if bit >= 0:
         bitmap[bit] = 1  # mark_page_dirty_in_slot
@@ -189,7 +163,7 @@ def fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, write, refs, hi
 
 
 @njit(cache=True)
-def fault_lock(m, ms, ss, spt, sp_gen, g, c, evbuf):  # type: ignore[no-untyped-def]
+def fault_lock(m, ms, ss, pool, g, c, evbuf):  # type: ignore[no-untyped-def]
     """``read_lock(mmu_lock)`` (uncontended), ``is_page_fault_stale``, then ``kvm_tdp_mmu_map``'s
     walk and map work, up to the install."""
     g[G_LOCK_NEXT_ID] += 1
@@ -201,12 +175,12 @@ def fault_lock(m, ms, ss, spt, sp_gen, g, c, evbuf):  # type: ignore[no-untyped-
         g[G_READERS] -= 1  # no writer waits (G_LOCK_BUSY): no hand-over
         fault_end(m, ms, ss, g, evbuf, RET_PF_RETRY)
         return
-    table, idx, level, old = walk_last(spt, ms[m, M_ROOT], gfn)
+    table, idx, level, old = tdp_walk_to(pool.spt, ms[m, M_ROOT], gfn, 1)
     ms[m, M_TABLE] = table
     ms[m, M_IDX] = idx
     ms[m, M_LEVEL] = level
     ms[m, M_OLD] = old
-    ms[m, M_TABLE_GEN] = sp_gen[table]
+    ms[m, M_TABLE_GEN] = pool.sp_gen[table]
     new_tables = level - 1 if level > 1 and old != REMOVED_SPTE else 0
     ms[m, M_NOW] += c[C_MAP] + c[C_SP] * new_tables
     if new_tables and old & SPTE_MMU_PRESENT:  # splitting a huge leaf fills each new table
@@ -215,60 +189,16 @@ def fault_lock(m, ms, ss, spt, sp_gen, g, c, evbuf):  # type: ignore[no-untyped-
 
 
 @njit(cache=True)
-def fault_install(m, ms, ss, spt, sp_level, sp_gfn, sp_gen, free, g, zapped, evbuf):  # type: ignore[no-untyped-def]
-    """The cmpxchg half of ``kvm_tdp_mmu_map`` (``TdpMmu._map_install``), then ``read_unlock``."""
+def fault_install(m, ms, ss, pool, g, bitmap, evbuf):  # type: ignore[no-untyped-def]
+    """The cmpxchg half of ``kvm_tdp_mmu_map`` (``tdp_mmu_map_install``), then ``read_unlock``."""
     table = ms[m, M_TABLE]
-    idx = ms[m, M_IDX]
-    level = ms[m, M_LEVEL]
-    old = ms[m, M_OLD]
-    gfn = ms[m, M_GFN]
-    ret = RET_PF_FIXED
-    if sp_gen[table] != ms[m, M_TABLE_GEN] or old == REMOVED_SPTE:
-        ret = RET_PF_RETRY
-    else:
-        while level > 1:
-            if spt[table, idx] != old:
-                ret = RET_PF_RETRY
-                break
-            base = gfn & ~((1 << (9 * (level - 1))) - 1)
-            if g[G_NFREE]:  # alloc_sp: a freed table first
-                g[G_NFREE] -= 1
-                child = free[g[G_NFREE]]
-                sp_gen[child] += 1
-            else:
-                child = g[G_NTABLES]
-                g[G_NTABLES] += 1
-            sp_level[child] = level - 1
-            sp_gfn[child] = base
-            g[G_TDP_PAGES] += 1
-            if is_leaf(old, level):  # tdp_mmu_split_huge_page fills the child first
-                for k in range(512):
-                    spt[child, k] = split_spte(old, level, k)
-                g[G_PAGES_4K + level - 2] += 512
-                g[G_PAGES_4K + level - 1] -= 1  # handle_changed_spte: the huge leaf goes
-            spt[table, idx] = SPTE_MMU_PRESENT | ACC_ALL | SPTE_ACCESSED | (child << 12)  # make_nonleaf_spte
-            table = child
-            level -= 1
-            idx = (gfn >> (9 * (level - 1))) & 511
-            old = spt[table, idx]
-        if ret == RET_PF_FIXED:
-            # make_spte for a writable 4K page
-            new = (SPTE_MMU_PRESENT | PT_PRESENT_R | PT_EXEC | EPT_MT_WB | (ms[m, M_PFN] << 12) | SPTE_ACCESSED
-                   | SPTE_HOST_WRITABLE | SPTE_MMU_WRITABLE | PT_WRITABLE | SPTE_DIRTY)  # fmt: skip
-            if new == old:
-                ret = RET_PF_SPURIOUS
-            elif spt[table, idx] != old:
-                ret = RET_PF_RETRY
-            else:
-                spt[table, idx] = new
-                if not is_leaf(old, 1):  # handle_changed_spte: a new 4K leaf
-                    g[G_PAGES_4K] += 1
-                if g[G_ANY_ZAPPED]:  # Vm.note_mapped: a refault of a zapped gfn
-                    lo = gfn - g[G_REGION_BASE]
-                    if 0 <= lo < zapped.shape[0] and zapped[lo]:
-                        g[G_REFAULTS] += 1
-                        zapped[lo] = False
     now = ms[m, M_NOW]
+    if pool.sp_gen[table] != ms[m, M_TABLE_GEN]:
+        ret = RET_PF_RETRY  # the table was freed since the walk (TdpMmu.page_fault_locked)
+    else:
+        new = make_spte(ms[m, M_PFN], 1, True)
+        ret, _ = tdp_mmu_map_install(pool, K_TDP_MMU_PAGES, table, ms[m, M_IDX], ms[m, M_LEVEL], ms[m, M_OLD],
+                                     ms[m, M_GFN], 1, new, False, bitmap, -1, m, now)  # fmt: skip
     g[G_READERS] -= 1
     fault_end(m, ms, ss, g, evbuf, ret)
     if g[G_READERS] == 0 and g[G_LOCK_WAITERS]:
@@ -290,22 +220,6 @@ def fault_end(m, ms, ss, g, evbuf, ret):  # type: ignore[no-untyped-def]
     if g[G_EVENTS]:
         record_event(g, evbuf, EV_PAGE_FAULT_RET, ms[m, M_NOW], m, ms[m, M_FAULT_SEQ], g[G_RET_NAME + ret], 1)
     ms[m, M_PHASE] = PH_ENTRY
-
-
-@njit(cache=True, inline="always")
-def is_leaf(spte, level):  # type: ignore[no-untyped-def]
-    """A present leaf at ``level`` (``is_shadow_present_pte`` and ``is_last_spte``)."""
-    return spte & SPTE_MMU_PRESENT and spte != REMOVED_SPTE and (level == 1 or spte & PT_PAGE_SIZE)
-
-
-@njit(cache=True, inline="always")
-def split_spte(huge, level, k):  # type: ignore[no-untyped-def]
-    """``make_huge_page_split_spte``: child ``k`` of a huge leaf at ``level``."""
-    pfn = ((huge & PFN_MASK) >> 12) + k * (1 << (9 * (level - 2)))
-    spte = (huge & ~PFN_MASK) | (pfn << 12)
-    if level == 2:
-        spte &= ~PT_PAGE_SIZE
-    return spte
 
 
 @njit(cache=True, inline="always")

@@ -27,21 +27,21 @@ from __future__ import annotations
 
 from numba import njit
 
+from vsim.mmu.sp_pool import H_NFREE, H_NTABLES
 from vsim.mmu.spte import PT_WRITABLE, REMOVED_SPTE, SPTE_MMU_PRESENT, SPTE_MMU_WRITABLE
+from vsim.mmu.tdp_mmu_map import tdp_walk_to
 from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, STOP_HORIZON, STOP_SET_ACCESSED, run_accesses
 from vsim.vcpu.group_exits import entry, guest_sync, irq_exit, service_flush
-from vsim.vcpu.group_fault import fast_fault, fault_begin, fault_install, fault_lock, find_slot, walk_last
+from vsim.vcpu.group_fault import fast_fault, fault_begin, fault_install, fault_lock, find_slot
 from vsim.vcpu.group_state import (
     C_GUEST,
     C_HIT,
     C_REF,
     F_LEAVE,
     FAST_BITMAP,
-    G_CAP,
     G_EXT_P,
     G_EXT_T,
     G_EXT_WAITING,
-    G_FREE_LOADED,
     G_GUEST_REFS,
     G_HZ,
     G_LOCK_BUSY,
@@ -49,11 +49,9 @@ from vsim.vcpu.group_state import (
     G_NEV,
     G_NEXT_P,
     G_NEXT_T,
-    G_NFREE,
     G_NLEFT,
     G_NSRCU,
     G_NSRV,
-    G_NTABLES,
     G_PROGRAM,
     G_REGION_BASE,
     G_SRCU_WAITS,
@@ -121,9 +119,8 @@ def _horizon(ms, g, m):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, counters, spt, sp_level, sp_gfn,
-              sp_gen, free, g, c, slots, resident, moved, zapped, bitmap, evbuf, srvbuf, srcubuf, written, wmap,
-              pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, counters, pool, g, c, slots,
+              resident, moved, bitmap, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Run the members in key order until one leaves or the next key reaches the queue head.
 
     ``slots`` rows are ``(base_gfn, npages, host_offset, simple)``: ``simple`` when the compiled
@@ -140,9 +137,8 @@ def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, 
             g[G_STOP] = GS_LEAVE  # the members that left act in Python first
             return
         touched[m] = 1
-        r = _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, sp_level, sp_gfn,
-                  sp_gen, free, g, c, slots, resident, moved, zapped, bitmap, evbuf, srvbuf, srcubuf, written, wmap,
-                  pml_buf, pml_n)  # fmt: skip
+        r = _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, pool, g, c, slots, resident,
+                  moved, bitmap, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n)  # fmt: skip
         if r == GS_LEAVE:
             ms[m, M_PHASE] = PH_LEFT
             left[g[G_NLEFT]] = m
@@ -198,8 +194,8 @@ def _leave(ms, m, why):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, sp_level, sp_gfn, sp_gen, free,
-          g, c, slots, resident, moved, zapped, bitmap, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, pool, g, c, slots, resident, moved,
+          bitmap, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Member ``m``'s action at its key, and what follows it up to its next sync (``t_key``: while
     the member's clock is still there, nothing can have acted first)."""
     t_key = ms[m, M_NOW]
@@ -220,15 +216,15 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, s
         if phase == PH_LOCK:
             if g[G_LOCK_BUSY]:  # a writer holds or waits for mmu_lock: the member waits in Python
                 return _leave(ms, m, LEAVE_LOCK)
-            fault_lock(m, ms, ss, spt, sp_gen, g, c, evbuf)
+            fault_lock(m, ms, ss, pool, g, c, evbuf)
             if ms[m, M_PHASE] == PH_INSTALL:
                 return 0  # the install waits for its key
             continue
         if phase == PH_INSTALL:
             need = ms[m, M_LEVEL] - 1 if ms[m, M_OLD] != REMOVED_SPTE else 0
-            if need and (need > g[G_NFREE] + g[G_CAP] - g[G_NTABLES] or (g[G_NFREE] and not g[G_FREE_LOADED])):
+            if need > pool.hdr[H_NFREE] + pool.spt.shape[0] - pool.hdr[H_NTABLES]:
                 return GS_GROW
-            r = fault_install(m, ms, ss, spt, sp_level, sp_gfn, sp_gen, free, g, zapped, evbuf)
+            r = fault_install(m, ms, ss, pool, g, bitmap, evbuf)
             if r:
                 return r
             continue
@@ -255,7 +251,7 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, s
         i0 = ms[m, M_I]
         limit = min(_horizon(ms, g, m), ms[m, M_KICK]) - now0
         j, dt, status, refs, present = run_accesses(
-            gfns[m], writes[m], i0, ms[m, M_N], limit, spt, ms[m, M_ROOT], g[G_GUEST_REFS], g[G_MAX_CLASS],
+            gfns[m], writes[m], i0, ms[m, M_N], limit, pool.spt, ms[m, M_ROOT], g[G_GUEST_REFS], g[G_MAX_CLASS],
             tags[m], wr[m], sets, ways, count[m], c[C_GUEST], c[C_HIT], c[C_REF], counters[m], written,
             g[G_REGION_BASE], wmap, pml_buf, pml_n, ms[m, M_SYNCED],
         )  # fmt: skip
@@ -283,7 +279,7 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, s
         if present:  # fast_page_fault, if it will fix the fault; else Python's slow path
             if not writes[m, j] or s < 0 or not slots[s, SL_FAST]:
                 return _leave(ms, m, LEAVE_PYFAULT)
-            table, idx, level, old = walk_last(spt, ms[m, M_ROOT], gfn)
+            table, idx, level, old = tdp_walk_to(pool.spt, ms[m, M_ROOT], gfn, 1)
             if level != 1 or not old & SPTE_MMU_PRESENT or old & PT_WRITABLE or not old & SPTE_MMU_WRITABLE:
                 return _leave(ms, m, LEAVE_PYFAULT)
         elif s < 0 or not slots[s, SL_FAULTIN]:
@@ -298,7 +294,7 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, spt, s
             return GS_FLUSH
         if present:
             bit = gfn - slots[s, SL_BASE] if slots[s, SL_FAST] == FAST_BITMAP else -1
-            fast_fault(m, ms, ss, counters, spt, g, c, evbuf, bitmap, gfn, refs, table, idx, old, bit)
+            fast_fault(m, ms, ss, counters, pool, g, c, evbuf, bitmap, gfn, refs, table, idx, old, bit)
             continue
         fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, writes[m, j], refs, hidx)
         if ms[m, M_PHASE] == PH_LOCK:

@@ -35,15 +35,15 @@ LEAVE_RUN, LEAVE_PYFAULT, LEAVE_LOCK, LEAVE_ENTRY = 1, 2, 3, 4
 S_COLS = 10
 
 # The VM-wide scalars ``g`` (G_PAGES_4K + level - 1 counts the leaves of each level).
-(G_STOP, G_STOP_M, G_EXT_T, G_EXT_P, G_HZ, G_EXT_WAITING, G_NTABLES, G_CAP, G_NFREE, G_READERS, G_LOCK_BUSY,
- G_LOCK_WAITERS, G_LOCK_NEXT_ID, G_ZERO_WAITS, G_SRCU_NEXT, G_SRCU_WAITS, G_NEXT_SYNC, G_TDP_PAGES, G_REFAULTS,
- G_POPULATED, G_MMU_SEQ, G_INV_IN_PROGRESS, G_INV_START, G_INV_END, G_ROOT_CHECK, G_LOCKED_CHECK, G_PRE_LOCK,
- G_ANY_ZAPPED, G_REGION_BASE, G_EVENTS, G_UFFD, G_PFN_BASE, G_GUEST_REFS, G_MAX_CLASS, G_NEV, G_NSRV, G_NSRCU,
- G_GRANT_T, G_NLEFT, G_FREE_LOADED, G_NEXT_T, G_NEXT_P, G_PROGRAM) = range(43)  # fmt: skip
-G_EV_KIND = 43  # + EV_*: the sink's kind id of each record the loop makes (2 entries)
-G_RET_NAME = 45  # + a RET_PF_* code: the sink's string id of its name (7 entries)
-G_PAGES_4K = 52  # + level - 1: leaves made at each level (3 entries)
-G_COLS = 55
+# (The page-table pool, the page stats and the refault record are not here: the loop works on the
+# MMU's own arrays, ``vsim.mmu.sp_pool.Pool``.)
+(G_STOP, G_STOP_M, G_EXT_T, G_EXT_P, G_HZ, G_EXT_WAITING, G_READERS, G_LOCK_BUSY, G_LOCK_WAITERS, G_LOCK_NEXT_ID,
+ G_ZERO_WAITS, G_SRCU_NEXT, G_SRCU_WAITS, G_NEXT_SYNC, G_POPULATED, G_MMU_SEQ, G_INV_IN_PROGRESS, G_INV_START,
+ G_INV_END, G_ROOT_CHECK, G_LOCKED_CHECK, G_PRE_LOCK, G_REGION_BASE, G_EVENTS, G_UFFD, G_PFN_BASE, G_GUEST_REFS,
+ G_MAX_CLASS, G_NEV, G_NSRV, G_NSRCU, G_GRANT_T, G_NLEFT, G_NEXT_T, G_NEXT_P, G_PROGRAM) = range(36)  # fmt: skip
+G_EV_KIND = 36  # + EV_*: the sink's kind id of each record the loop makes (2 entries)
+G_RET_NAME = 38  # + a RET_PF_* code: the sink's string id of its name (7 entries)
+G_COLS = 45
 
 # The costs ``c``.
 (C_GUEST, C_HIT, C_REF, C_VMEXIT, C_VMENTRY, C_FAULTIN, C_HOST, C_ZERO, C_MAP, C_SP, C_SPLIT, C_TLB_FLUSH,
@@ -58,7 +58,7 @@ FLUSH_REQUESTS = KVM_REQ_TLB_FLUSH | KVM_REQ_TLB_FLUSH_CURRENT  # the requests t
 # Why run_group returned (G_STOP).
 GS_EXTERNAL = 1  # the next member acts at or after the queue head (or there is none)
 GS_LEAVE = 2  # members left the group (``left[:g[G_NLEFT]]``, in key order)
-GS_GROW = 3  # an install needs the free tables loaded, or more than the pool has: call again after
+GS_GROW = 3  # an install needs more tables than the pool has room for: grow it and call again
 GS_FLUSH = 4  # an output buffer is full: drain it and call again
 GS_GRANT = 5  # the last reader left mmu_lock with a writer waiting: hand it over at G_GRANT_T
 GS_CHUNK = 6  # member G_STOP_M needs its next chunk of accesses (or has none: it leaves)

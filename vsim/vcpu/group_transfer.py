@@ -1,9 +1,9 @@
 """A vCPU group's state transfer: the model's Python objects to its arrays and back.
 
 Before each run of the compiled loop (``vsim.vcpu.group_kernel``) the driver reads what other actors
-may have changed (``mmu_lock``, SRCU, the MMU-notifier sequence, memslots, the page-table pool,
-obsolete roots, lockstep); after it, it writes back what the rest of the model reads (the members'
-clocks, modes, requests, IPIs and stats, the lock's readers, SRCU readers, page stats, the pool) and
+may have changed (``mmu_lock``, SRCU, the MMU-notifier sequence, memslots, obsolete roots,
+lockstep); after it, it writes back what the rest of the model reads (the members'
+clocks, modes, requests, IPIs and stats, the lock's readers, SRCU readers) and
 hands the loop's event rows, service times and SRCU readers on. Mixed into ``VcpuGroup``.
 """
 
@@ -54,12 +54,7 @@ class GroupTransfer:
         g[k.G_INV_IN_PROGRESS] = vm.mmu_invalidate_in_progress
         g[k.G_INV_START] = vm.mmu_invalidate_range_start
         g[k.G_INV_END] = vm.mmu_invalidate_range_end
-        g[k.G_ANY_ZAPPED] = vm._any_zapped  # noqa: SLF001
         mmu = vm.mmu
-        g[k.G_NTABLES] = mmu.n_tables
-        g[k.G_CAP] = len(mmu.spt)
-        g[k.G_NFREE] = len(mmu._free)  # noqa: SLF001 - loaded only if an install needs them (_grow)
-        g[k.G_FREE_LOADED] = 0
         self._load_slots()
         if vm.lockstep:  # dirty logging began on a huge-page slot or with PML: everyone goes back
             live = self.ms[:, k.M_PHASE] != k.PH_OUT
@@ -100,18 +95,6 @@ class GroupTransfer:
         self._host = host if host is not None else NoHost()  # a stand-in that no row names
         self.g[k.G_PFN_BASE] = self._host.pfn_base
         self._slots = np.array(rows, dtype=np.int64).reshape(-1, 5)
-
-    def _grow(self: VcpuGroup) -> None:
-        """Load the free tables, or grow the pool."""
-        mmu = self.vm.mmu
-        g = self.g
-        if g[k.G_NFREE] and not g[k.G_FREE_LOADED]:
-            self._free = np.array(mmu._free, dtype=np.int64)  # noqa: SLF001
-            g[k.G_FREE_LOADED] = 1
-            return
-        mmu.n_tables = int(g[k.G_NTABLES])
-        mmu.grow_pool()
-        g[k.G_CAP] = len(mmu.spt)
 
     def _drain(self: VcpuGroup) -> None:
         """Hand the loop's records to the sink, the service times to the vCPUs, and the SRCU
@@ -198,17 +181,6 @@ class GroupTransfer:
         lock._next_id = int(g[k.G_LOCK_NEXT_ID])  # noqa: SLF001
         lock.zero_waits["read"] = int(g[k.G_ZERO_WAITS])
         vm.srcu._next = int(g[k.G_SRCU_NEXT])  # noqa: SLF001
-        st = vm.stat
-        st.pages_4k += int(g[k.G_PAGES_4K])
-        st.pages_2m += int(g[k.G_PAGES_4K + 1])
-        st.pages_1g += int(g[k.G_PAGES_4K + 2])
-        st.tdp_mmu_pages += int(g[k.G_TDP_PAGES])
-        st.refaults += int(g[k.G_REFAULTS])
-        g[k.G_PAGES_4K : k.G_PAGES_4K + 3] = 0
-        g[k.G_TDP_PAGES] = g[k.G_REFAULTS] = 0
-        mmu = vm.mmu
-        mmu.n_tables = int(g[k.G_NTABLES])
-        del mmu._free[int(g[k.G_NFREE]) :]  # noqa: SLF001 - the loop took these from the end
         self._host.populated_pages += int(g[k.G_POPULATED])  # type: ignore[union-attr]
         g[k.G_POPULATED] = 0
 
