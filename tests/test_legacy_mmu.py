@@ -44,7 +44,7 @@ def test_eviction_zaps_the_oldest_pages_and_prefetch_maps_resident_neighbours() 
 
 
 def test_rmap_and_spte_disagreement_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shadow_page, "rmap_remove", lambda slot, gfn, level, loc: None)
+    monkeypatch.setattr(shadow_page, "rmap_remove", lambda descs, slot, gfn, level, loc: None)
     vm = Vm(make_config("vm.vcpus=1", "workload.per_vcpu_memory=160MiB", "workload.passes=2", LEGACY,
                         "mmu.nr_mmu_pages=64"))  # fmt: skip
     end = vm.run()

@@ -65,7 +65,7 @@ def test_upper_level_guest_tables_are_write_tracked_and_their_stores_emulated() 
     assert tracked and slot.write_track == tracked  # one count per upper-level page shadowing the gfn
     for gfn in tracked:  # and no SPTE maps them writable (§13.3)
         for level in (1, 2, 3):
-            for table, idx in rmap_entries(slot, gfn, level):
+            for table, idx in rmap_entries(mmu.descs, slot, gfn, level):
                 assert not mmu.spt.item(table, idx) & PT_WRITABLE
     # The guest links its PUD into the (shadowed) PGD, then each page table after the first into
     # the PMD, which is shadowed from the first fault through it: those stores exit and are emulated.

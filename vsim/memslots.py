@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vsim.host_mm import HostMapping
-from vsim.mmu.rmap import PteList
+from vsim.mmu.rmap import alloc_rmap
 from vsim.mmu.spte import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, pages_per_level
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -38,14 +38,16 @@ class Memslot:
     disallow_lpage: list[np.ndarray] = field(default_factory=list)
     # dirty_bitmap, one byte per page, while KVM_MEM_LOG_DIRTY_PAGES is set.
     dirty_bitmap: np.ndarray | None = None
-    # slot->arch.rmap[level - 1]: head index -> the pte_list of the legacy SPTEs mapping it.
-    rmap: list[dict[int, PteList]] = field(default_factory=lambda: [{}, {}, {}])
+    # slot->arch.rmap[level - 1]: the pte_list heads of the legacy SPTEs mapping each page of a level.
+    rmap: list[np.ndarray] = field(default_factory=list)
     # gfn_write_track: gfn -> upper-level shadow pages shadowing it (shadow paging).
     write_track: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.disallow_lpage:
             self.disallow_lpage = [self._alloc_lpage_info(lvl) for lvl in (PG_LEVEL_2M, PG_LEVEL_1G)]
+        if not self.rmap:
+            self.rmap = alloc_rmap(self.base_gfn, self.npages)
 
     def _alloc_lpage_info(self, level: int) -> np.ndarray:
         """``kvm_alloc_memslot_metadata``: one counter per huge page; misaligned edges disallowed."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vsim.mmu.hugepage import kvm_mmu_max_mapping_level
+from vsim.mmu.pte_list import DescPool, iter_pte_list
 from vsim.mmu.rmap import gfn_to_rmap_index
 from vsim.mmu.spte import (
     PG_LEVEL_1G,
@@ -51,6 +52,7 @@ class RmapRangeOps:
     vm: Vm
     spt: np.ndarray
     sp_of: dict[int, KvmMmuPage]
+    descs: DescPool
     _flush_on_mmu_writable = True
 
     def _rmap_sptes(self, start: int, end: int, level: int) -> Iterator[RmapSpte]:
@@ -60,13 +62,10 @@ class RmapRangeOps:
             if lo >= hi:
                 continue
             heads = slot.rmap[level - 1]
-            if not heads:
-                continue
-            for i in range(gfn_to_rmap_index(slot, lo, level), gfn_to_rmap_index(slot, hi - 1, level) + 1):
-                head = heads.get(i)
-                if head is not None:
-                    for table, idx in head.entries():
-                        yield table, idx, level, self.sp_of[table].get_gfn(idx)
+            first = gfn_to_rmap_index(slot, lo, level)
+            for i in (np.flatnonzero(heads[first : gfn_to_rmap_index(slot, hi - 1, level) + 1]) + first).tolist():
+                for table, idx in iter_pte_list(self.descs.d, heads, i):
+                    yield table, idx, level, self.sp_of[table].get_gfn(idx)
 
     def _all_levels(self, start: int, end: int, min_level: int = PG_LEVEL_4K) -> list[RmapSpte]:
         return [s for level in range(min_level, PG_LEVEL_1G + 1) for s in self._rmap_sptes(start, end, level)]

@@ -25,7 +25,7 @@ class ShadowChecks:
         if slot is None:
             return keys
         for level in (1, 2, 3):
-            for table, idx in rmap_entries(slot, gfn, level):
+            for table, idx in rmap_entries(self.descs, slot, gfn, level):
                 for gvpn in self._gvpns_of(table, idx << (9 * (level - 1))):
                     keys.append((level - 1, gvpn >> (9 * (level - 1))))
         return keys
@@ -65,7 +65,7 @@ class ShadowChecks:
                 if slot is None:
                     continue
                 for level in (1, 2, 3):
-                    for table, idx in rmap_entries(slot, sp.gfn, level):
+                    for table, idx in rmap_entries(self.descs, slot, sp.gfn, level):
                         if self.spt.item(table, idx) & PT_WRITABLE:
                             problems.append(("write_tracking", f"gfn {sp.gfn:#x} is shadowed but an SPTE maps "
                                              "it writable"))  # fmt: skip

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vsim.mmu.page_tables import PageTables
+from vsim.mmu.pte_list import DescPool
 from vsim.mmu.rmap import rmap_add, rmap_entries, rmap_remove
 from vsim.mmu.spte import (
     ACC_ALL,
@@ -101,6 +102,7 @@ class ShadowMmu(PageTables):
         self.sp_of: dict[int, KvmMmuPage] = {}  # page table -> its shadow page (sptep_to_sp)
         self.leaf_slot: dict[tuple[int, int], Memslot] = {}  # leaf SPTE -> the slot whose rmap has it
         self.n_used_mmu_pages = 0
+        self.descs = DescPool()  # mmu_pte_list_desc_cache: the rmaps' descriptors
         pages = sum(s.npages for s in vm.memslots.slots)
         # kvm_mmu_calculate_default_mmu_pages, unless the VMM set it (KVM_SET_NR_MMU_PAGES).
         default = max(pages * KVM_PERMILLE_MMU_PAGES // 1000, KVM_MIN_ALLOC_MMU_PAGES)
@@ -166,7 +168,7 @@ class ShadowMmu(PageTables):
         gfns = self.sp_of[table].gfns
         if gfns is not None:
             gfns[idx] = gfn
-        n = rmap_add(slot, gfn, level, (table, idx))
+        n = rmap_add(self.descs, slot, gfn, level, (table, idx))
         self.vm.stat.max_mmu_rmap_size = max(self.vm.stat.max_mmu_rmap_size, n)
         return n
 
@@ -175,7 +177,7 @@ class ShadowMmu(PageTables):
         old = self.spt.item(table, idx)
         self.set_spte(table, idx, level, gfn, old, 0, actor, t)
         slot = self.leaf_slot.pop((table, idx))
-        rmap_remove(slot, gfn, level, (table, idx))
+        rmap_remove(self.descs, slot, gfn, level, (table, idx))
         gfns = self.sp_of[table].gfns
         if gfns is not None:
             del gfns[idx]
@@ -183,7 +185,7 @@ class ShadowMmu(PageTables):
 
     def rmap_recycle(self, slot: Memslot, gfn: int, level: int, actor: int, t: int) -> int:
         """Past ``RMAP_RECYCLE_THRESHOLD`` SPTEs on one head: zap them all, then flush."""
-        for table, idx in rmap_entries(slot, gfn, level):
+        for table, idx in rmap_entries(self.descs, slot, gfn, level):
             self.drop_spte(table, idx, level, gfn, actor, t)
         self.vm.stat.mmu_recycled += 1
         return kvm_flush_remote_tlbs(self.vm, t, me=actor)
@@ -290,7 +292,7 @@ class ShadowMmu(PageTables):
             spte = self.spt.item(table, idx)
             if not (spte & SPTE_MMU_PRESENT) or not is_last_spte(spte, sp.level):
                 problems.append(f"rmap holds a non-leaf at table {table} index {idx}")
-            if rmap_entries(slot, gfn, sp.level).count((table, idx)) != 1:
+            if rmap_entries(self.descs, slot, gfn, sp.level).count((table, idx)) != 1:
                 problems.append(f"gfn {gfn:#x} level {sp.level}: leaf not on its rmap once")
             seen.add((table, idx))
         for sp in self.sp_of.values():
