@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from conftest import make_shadow_page
+
+from vsim.mmu.mmu_page import KvmMmuPage
 from vsim.mmu.page_track import PageTrack
-from vsim.mmu.shadow_page import KvmMmuPage
 
 
 def _sp(level: int, four: bool = False, quadrant: int = 0) -> KvmMmuPage:
-    return KvmMmuPage(0, 1, level, False, 7, 0, None, quadrant=quadrant, has_4_byte_gpte=four)  # type: ignore[arg-type]
+    return make_shadow_page(level, quadrant=quadrant, has_4_byte_gpte=four)
 
 
 def test_only_whole_aligned_gpte_writes_are_aligned() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import make_shadow_page
+
 from vsim.guest.memory import GuestMemory
 from vsim.guest.paging import (
     ACC_USER_MASK,
@@ -17,7 +19,6 @@ from vsim.guest.paging import (
 )
 from vsim.mmu.page_fault import PFERR_PRESENT_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK
 from vsim.mmu.paging_tmpl import gpte_index, protect_clean_gpte, sp_quadrant, walk_addr
-from vsim.mmu.shadow_page import KvmMmuPage
 
 
 def test_init_context_picks_the_walker_from_the_paging_registers() -> None:
@@ -69,8 +70,8 @@ def test_32_bit_walks_read_two_gptes() -> None:
 
 
 def test_quadrants_map_shadow_entries_to_32_bit_gptes() -> None:
-    pt = KvmMmuPage(0, 5, 1, False, 7, 0, None, quadrant=1, has_4_byte_gpte=True)  # type: ignore[arg-type]
-    pd = KvmMmuPage(0, 6, 2, False, 7, 0, None, quadrant=2, has_4_byte_gpte=True)  # type: ignore[arg-type]
+    pt = make_shadow_page(1, 5, quadrant=1, has_4_byte_gpte=True)
+    pd = make_shadow_page(2, 6, quadrant=2, has_4_byte_gpte=True)
     assert gpte_index(pt, 3) == 512 + 3  # the second half of a 1024-entry table
     assert gpte_index(pd, 7) == 2 * 256 + 3  # two PAE PDEs per 4 MiB guest PDE
     gvpn = (3 << 18) | (1 << 9)

@@ -120,7 +120,6 @@ class Vm:
         self.lockstep = shadow or (isinstance(self.mmu, LegacyMmu) and self.mmu.zaps_by_vcpus_possible(nv * per))
         self.nr_memslots_dirty_logging = 0  # with PML: memslots whose logging turned PML on
         self.parked: set[object] = set()  # queued wake-ups of vCPUs between stretches of accesses
-        self.mmu_valid_gen = 0
         self.vcpus = []
         vcpu_class = ShadowVcpu if shadow else Vcpu
         for i in range(nv):
@@ -130,6 +129,15 @@ class Vm:
         if self.program is not None:
             self.program.set_workloads()
         self.group = VcpuGroup(self) if group_enabled(self) else None
+
+    @property
+    def mmu_valid_gen(self) -> int:
+        """``kvm->arch.mmu_valid_gen`` (kept by the MMU's shadow pages)."""
+        return self.mmu.mmu_valid_gen
+
+    @mmu_valid_gen.setter
+    def mmu_valid_gen(self, gen: int) -> None:
+        self.mmu.mmu_valid_gen = gen
 
     def _region(self, cfg: WorkloadConfig, i: int) -> tuple[int, int]:
         """The pages vCPU ``i``'s workload touches: its slice of the test region, or under a paging

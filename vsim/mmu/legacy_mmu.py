@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 from vsim.dirty_log import mark_page_dirty_in_slot
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.mmio import make_mmio_spte
+from vsim.mmu.mmu_page import KvmMmuPage
 from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
 from vsim.mmu.rmap import RMAP_RECYCLE_THRESHOLD
 from vsim.mmu.rmap_walks import RmapRangeOps
-from vsim.mmu.shadow_page import KVM_REFILL_PAGES, KvmMmuPage, ShadowMmu
+from vsim.mmu.shadow_page import KVM_REFILL_PAGES, ShadowMmu
 from vsim.mmu.spte import (
     PFN_MASK,
     PFN_SHIFT,

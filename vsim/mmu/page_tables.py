@@ -44,6 +44,7 @@ class PageTables:
     """The pool of page tables and the SPTE operations common to the MMUs."""
 
     pages_stat = ""  # the VM stat counting tables in use
+    mmu_valid_gen = 0  # kvm->arch.mmu_valid_gen (the TDP MMU's roots do not read it)
     spte_event = ""  # the tracepoint logged for every SPTE change
 
     def __init__(self, vm: Vm, initial_tables: int = 64) -> None:

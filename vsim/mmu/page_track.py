@@ -22,8 +22,8 @@ from vsim.mmu.spte import PG_LEVEL_4K, SPTE_MMU_PRESENT, is_last_spte
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
+    from vsim.mmu.mmu_page import KvmMmuPage
     from vsim.mmu.shadow_mmu import ShadowPagingMmu
-    from vsim.mmu.shadow_page import KvmMmuPage
     from vsim.vcpu.vcpu import Vcpu
 
 WRITE_FLOOD_THRESHOLD = 3

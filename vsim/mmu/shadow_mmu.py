@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from vsim.guest.paging import ACC_ALL, ACC_WRITE_MASK, PagingMode, gpte_access, gpte_to_gfn
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.legacy_mmu import PTE_PREFETCH_NUM, LegacyMmu
+from vsim.mmu.mmu_page import KvmMmuPage
 from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_RETRY, KvmPageFault
 from vsim.mmu.page_track import PageTrack
 from vsim.mmu.paging_tmpl import (
@@ -38,7 +39,6 @@ from vsim.mmu.paging_tmpl import (
     walk_addr,
 )
 from vsim.mmu.shadow_checks import ShadowChecks
-from vsim.mmu.shadow_page import KvmMmuPage
 from vsim.mmu.spte import (
     PFN_MASK,
     PFN_SHIFT,
@@ -82,6 +82,7 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
     """The shadow MMU: indirect shadow pages from the guest's page tables, faults under the write lock."""
 
     mode = "shadow"
+    indirect = True
 
     def __init__(self, vm: Vm, guest_mode: PagingMode, guest_mem: GuestMemory, initial_tables: int = 64) -> None:
         super().__init__(vm, initial_tables)

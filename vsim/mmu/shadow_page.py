@@ -13,11 +13,11 @@ and only then frees the pages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vsim.mmu.mmu_page import S_N_USED, S_VALID_GEN, ActivePages, KvmMmuPage, Role, ShadowPages, SpViews
 from vsim.mmu.page_tables import PageTables
 from vsim.mmu.pte_list import DescPool
 from vsim.mmu.rmap import rmap_add, rmap_entries, rmap_remove
@@ -37,56 +37,10 @@ if TYPE_CHECKING:
     from vsim.memslots import Memslot
     from vsim.vm import Vm
 
-KVM_MMU_HASH_SHIFT = 12
-GOLDEN_RATIO_64 = 0x61C8864680B583EB
 KVM_MIN_FREE_MMU_PAGES = 5
 KVM_REFILL_PAGES = 25
 KVM_MIN_ALLOC_MMU_PAGES = 64
 KVM_PERMILLE_MMU_PAGES = 20
-
-
-def kvm_page_table_hashfn(gfn: int) -> int:
-    """``hash_64(gfn, KVM_MMU_HASH_SHIFT)``."""
-    return ((gfn * GOLDEN_RATIO_64) & ((1 << 64) - 1)) >> (64 - KVM_MMU_HASH_SHIFT)
-
-
-@dataclass(eq=False)
-class KvmMmuPage:
-    """``struct kvm_mmu_page`` (the fields the simulation needs)."""
-
-    table: int
-    gfn: int
-    level: int  # role.level
-    direct: bool  # role.direct
-    access: int  # role.access
-    mmu_valid_gen: int
-    vm: Vm = field(repr=False)
-    quadrant: int = 0  # role.quadrant: which part of a 4-byte-gpte guest table this page shadows
-    has_4_byte_gpte: bool = False  # role.has_4_byte_gpte (a paging32 guest)
-    root_count: int = 0
-    role_invalid: bool = False  # role.invalid: zapped while still in use as a root
-    parent_ptes: list[tuple[int, int]] = field(default_factory=list)
-    # Indirect pages only (shadow paging): shadowed_translation's gfn per entry.
-    gfns: dict[int, int] | None = None
-    unsync: bool = False
-    unsync_children: int = 0
-    unsync_child_bitmap: set[int] = field(default_factory=set)
-    write_flooding_count: int = 0
-    pae_index: int | None = None  # a PAE root page: its entry in pae_root
-
-    @property
-    def invalid(self) -> bool:
-        """Obsolete (``is_obsolete_sp``): zapped, or from before the last fast zap."""
-        return self.role_invalid or self.mmu_valid_gen != self.vm.mmu_valid_gen
-
-    def role(self) -> tuple[int, bool, int, int, bool]:
-        return (self.level, self.direct, self.access, self.quadrant, self.has_4_byte_gpte)
-
-    def get_gfn(self, idx: int) -> int:
-        """``kvm_mmu_page_get_gfn``: the gfn entry ``idx`` maps (linear for direct pages)."""
-        if self.gfns is None:
-            return self.gfn + idx * pages_per_level(self.level)
-        return self.gfns[idx]
 
 
 class ShadowMmu(PageTables):
@@ -95,18 +49,37 @@ class ShadowMmu(PageTables):
     pages_stat = "mmu_shadow_pages"
     spte_event = "kvm_mmu_set_spte"
 
+    indirect = False  # shadow paging's pages shadow guest tables (shadowed_translation)
+
     def __init__(self, vm: Vm, initial_tables: int = 64) -> None:
         super().__init__(vm, initial_tables)
-        self.hash: list[list[KvmMmuPage]] = [[] for _ in range(1 << KVM_MMU_HASH_SHIFT)]
-        self.active: dict[KvmMmuPage, None] = {}  # active_mmu_pages, oldest first
-        self.sp_of: dict[int, KvmMmuPage] = {}  # page table -> its shadow page (sptep_to_sp)
+        self.descs = DescPool()  # mmu_pte_list_desc_cache: rmaps' and parent_ptes' descriptors
+        self.pages = ShadowPages(self.pool, self.descs, self.indirect)
+        self.sp_of = SpViews(self.pages)  # page table -> its shadow page (sptep_to_sp)
+        self.active = ActivePages(self.pages, self.sp_of)  # active_mmu_pages, oldest first
         self.leaf_slot: dict[tuple[int, int], Memslot] = {}  # leaf SPTE -> the slot whose rmap has it
-        self.n_used_mmu_pages = 0
-        self.descs = DescPool()  # mmu_pte_list_desc_cache: the rmaps' descriptors
         pages = sum(s.npages for s in vm.memslots.slots)
         # kvm_mmu_calculate_default_mmu_pages, unless the VMM set it (KVM_SET_NR_MMU_PAGES).
         default = max(pages * KVM_PERMILLE_MMU_PAGES // 1000, KVM_MIN_ALLOC_MMU_PAGES)
         self.n_max_mmu_pages = vm.cfg.mmu.nr_mmu_pages or default
+
+    @property
+    def n_used_mmu_pages(self) -> int:
+        return int(self.pages.s.hdr[S_N_USED])
+
+    @property
+    def mmu_valid_gen(self) -> int:
+        """``kvm->arch.mmu_valid_gen``, toggled by a fast zap."""
+        return int(self.pages.s.hdr[S_VALID_GEN])
+
+    @mmu_valid_gen.setter
+    def mmu_valid_gen(self, gen: int) -> None:
+        self.pages.s.hdr[S_VALID_GEN] = gen
+
+    def alloc_sp(self, level: int, gfn: int, counted: bool = True) -> int:
+        table = super().alloc_sp(level, gfn, counted)
+        self.pages.fit_pool()
+        return table
 
     # -- finding and creating shadow pages -------------------------------------------------------
     def kvm_mmu_get_shadow_page(self, gfn: int, level: int, direct: bool, access: int = ACC_ALL) -> KvmMmuPage:
@@ -123,7 +96,8 @@ class ShadowMmu(PageTables):
         """``for_each_valid_sp`` over the gfn's bucket: the valid pages of ``gfn``; notes collisions."""
         found = []
         collisions = 0
-        for sp in self.hash[kvm_page_table_hashfn(gfn)]:
+        for table in self.pages.bucket(gfn):
+            sp = self.sp_of[table]
             if sp.invalid:
                 continue  # obsolete pages are skipped
             if sp.gfn != gfn:
@@ -134,22 +108,17 @@ class ShadowMmu(PageTables):
         st.max_mmu_page_hash_collisions = max(st.max_mmu_page_hash_collisions, collisions)
         return found
 
-    def find_valid_sp(self, gfn: int, role: tuple[int, bool, int, int, bool]) -> KvmMmuPage | None:
+    def find_valid_sp(self, gfn: int, role: Role) -> KvmMmuPage | None:
         for sp in self.valid_sps(gfn):
             if sp.role() == role:
                 return sp
         return None
 
-    def kvm_mmu_alloc_shadow_page(self, gfn: int, role: tuple[int, bool, int, int, bool]) -> KvmMmuPage:
+    def kvm_mmu_alloc_shadow_page(self, gfn: int, role: Role) -> KvmMmuPage:
         """``kvm_mmu_alloc_shadow_page``: a new page at the head of ``active_mmu_pages``, hashed."""
-        vm = self.vm
-        level, direct, access, quadrant, has4 = role
-        sp = KvmMmuPage(self.alloc_sp(level, gfn), gfn, level, direct, access, vm.mmu_valid_gen, vm,
-                        quadrant=quadrant, has_4_byte_gpte=has4, gfns=None if direct else {})  # fmt: skip
-        self.hash[kvm_page_table_hashfn(gfn)].append(sp)
-        self.active[sp] = None  # the head of active_mmu_pages: the newest
-        self.sp_of[sp.table] = sp
-        self.n_used_mmu_pages += 1
+        table = self.alloc_sp(role[0], gfn)
+        self.pages.init_page(table, role, self.mmu_valid_gen)
+        sp = self.sp_of[table] = KvmMmuPage(self.pages, table)
         return sp
 
     def link_shadow_page(self, table: int, idx: int, sp: KvmMmuPage, actor: int, t: int) -> None:
@@ -240,9 +209,7 @@ class ShadowMmu(PageTables):
         raise AssertionError("only shadow paging creates indirect shadow pages")
 
     def _unhash(self, sp: KvmMmuPage) -> None:
-        self.hash[kvm_page_table_hashfn(sp.gfn)].remove(sp)
-        self.active.pop(sp)
-        self.n_used_mmu_pages -= 1
+        self.pages.unhash(sp.table)
 
     def kvm_mmu_commit_zap_page(self, invalid_list: list[KvmMmuPage], actor: int, t: int) -> int:
         """``kvm_mmu_commit_zap_page``: flush remote TLBs, then free the pages. Returns the time

@@ -39,8 +39,8 @@ from vsim.requests import KVM_REQ_MMU_SYNC
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
+    from vsim.mmu.mmu_page import KvmMmuPage
     from vsim.mmu.shadow_mmu import ShadowPagingMmu
-    from vsim.mmu.shadow_page import KvmMmuPage
     from vsim.vcpu.vcpu import Vcpu
 
 KVM_PAGE_ARRAY_NR = 16
