@@ -172,3 +172,32 @@ def test_slot_walks_yield_to_waiting_faults_and_finish() -> None:
     assert legacy["vm"]["mmu_lock_yields"] > 0 and tdp["vm"]["mmu_lock_yields"] == 0
     for st in (legacy, tdp):
         assert st["vm"]["memslot_updates"] == 2
+
+
+def test_a_shadow_spte_made_writable_by_a_resync_after_a_flags_only_update_is_logged() -> None:
+    """``FNAME(sync_spte)`` makes a write-protected SPTE writable again (``make_spte``): the page
+    is marked dirty in the memslot as it is now, after ``KVM_MEM_LOG_DIRTY_PAGES`` replaced the
+    slot, not in the copy that was current when the leaf was installed (issue 15's lost page)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslots
+    from vsim.mmu.spte import PT_WRITABLE, SPTE_MMU_WRITABLE
+
+    vm = Vm(make_config("mmu.mode=shadow", "vm.vcpus=1", "guest.process_memory=1MiB", "workload.passes=1",
+                        "workload.write_percent=100", "sim.invariants=false"))  # fmt: skip
+    vm.run()
+    mmu = vm.mmu
+    spt = mmu.spt
+    leaf = next((sp, i) for sp in mmu.sp_of.values() if not sp.direct and sp.level == 1 and not sp.invalid
+                for i in np.flatnonzero(spt[sp.table] & PT_WRITABLE).tolist())  # fmt: skip
+    sp, idx = leaf
+    gfn = sp.get_gfn(idx)
+    spt[sp.table, idx] &= ~(PT_WRITABLE | SPTE_MMU_WRITABLE)  # write-protected, as a harvest leaves it
+    old = vm.memslots.gfn_to_memslot(gfn)
+    logged = replace(old, flags=old.flags | KVM_MEM_LOG_DIRTY_PAGES, dirty_bitmap=np.zeros(old.npages, np.uint8))
+    vm.memslots = Memslots([logged if s is old else s for s in vm.memslots.slots], vm.memslots.generation + 2)
+    mmu.sync_spte(vm.vcpus[0], sp, idx)  # type: ignore[union-attr]
+    assert spt[sp.table, idx] & PT_WRITABLE
+    assert logged.dirty_bitmap is not None and logged.dirty_bitmap[gfn - logged.base_gfn] == 1

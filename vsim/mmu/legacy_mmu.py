@@ -221,7 +221,7 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
             self.set_spte(table, idx, level, base, old, new, vid, t)
             if old & PT_WRITABLE and not new & PT_WRITABLE:  # mmu_spte_update says flush
                 t = kvm_flush_remote_tlbs(vm, t, me=vid)
-        elif self.set_leaf(slot, table, idx, level, base, new, vid, t) > RMAP_RECYCLE_THRESHOLD:
+        elif self.set_leaf(self.rmap_of(slot), table, idx, level, base, new, vid, t) > RMAP_RECYCLE_THRESHOLD:
             t = self.rmap_recycle(slot, base, level, vid, t)
         self.note_mapped(base, level)
         return ret, t
@@ -248,6 +248,7 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         if slot is None or vm.mmu_invalidate_in_progress or slot.dirty_bitmap is not None:
             return 0
         sp = self.sp_of[table]
+        rmap = self.rmap_of(slot)
         done = 0
         run_ok = True
         first = idx & ~(PTE_PREFETCH_NUM - 1)
@@ -260,7 +261,7 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
                 run_ok = False
                 continue
             new = make_spte(slot.gfn_to_pfn(gfn), PG_LEVEL_4K, self.prefetch_writable(slot, gfn), prefetch=True)
-            self.set_leaf(slot, table, i, PG_LEVEL_4K, gfn, new, v.id, t)
+            self.set_leaf(rmap, table, i, PG_LEVEL_4K, gfn, new, v.id, t)
             self.note_mapped(gfn, PG_LEVEL_4K)
             done += 1
         return done * self._c_prefetch

@@ -65,6 +65,7 @@ class Sps(NamedTuple):
     pae_index: np.ndarray  # a PAE root's entry in pae_root, or -1
     parents: np.ndarray  # parent_ptes: pte_list heads
     gfns: np.ndarray  # (tables, 512) shadowed gfns of indirect pages, -1 where none; (0, 512) without
+    leaf_rmap: np.ndarray  # (tables, 512) int32: 1 + the rmap (ShadowMmu.rmaps) holding each leaf, 0 if none
     hash_head: np.ndarray  # (4096,) first page of each bucket
     hash_tail: np.ndarray  # (4096,) last page of each bucket
     hash_next: np.ndarray
@@ -91,6 +92,7 @@ class ShadowPages:
             unsync_children=np.zeros(n, dtype=np.int64), unsync_bits=np.zeros((n, 8), dtype=np.uint64),
             flood=np.zeros(n, dtype=np.int64), pae_index=np.full(n, NIL, dtype=np.int64),
             parents=np.zeros(n, dtype=np.int64), gfns=np.full((n if indirect else 0, 512), NIL, dtype=np.int64),
+            leaf_rmap=np.zeros((n, 512), dtype=np.int32),
             hash_head=np.full(buckets, NIL, dtype=np.int64), hash_tail=np.full(buckets, NIL, dtype=np.int64),
             hash_next=np.full(n, NIL, dtype=np.int64), hash_prev=np.full(n, NIL, dtype=np.int64),
             act_next=np.full(n, NIL, dtype=np.int64), act_prev=np.full(n, NIL, dtype=np.int64), hdr=hdr,
@@ -112,6 +114,7 @@ class ShadowPages:
             role=more(s.role), valid_gen=more(s.valid_gen), root_count=more(s.root_count), flags=more(s.flags),
             unsync_children=more(s.unsync_children), unsync_bits=more(s.unsync_bits), flood=more(s.flood),
             pae_index=more(s.pae_index, NIL), parents=more(s.parents), gfns=more(s.gfns, NIL),
+            leaf_rmap=more(s.leaf_rmap),
             hash_next=more(s.hash_next, NIL), hash_prev=more(s.hash_prev, NIL), act_next=more(s.act_next, NIL),
             act_prev=more(s.act_prev, NIL),
         )  # fmt: skip

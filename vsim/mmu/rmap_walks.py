@@ -140,12 +140,12 @@ class RmapRangeOps:
         """``shadow_mmu_split_huge_page``: fill a child page with the huge leaf's translation, then
         link it in place of the leaf (``drop_large_spte`` without a flush)."""
         huge = self.spt.item(table, idx)
-        slot = self.leaf_slot[(table, idx)]  # type: ignore[attr-defined]
+        rmap = self.leaf_rmap(table, idx)  # type: ignore[attr-defined]
         child = self.kvm_mmu_get_shadow_page(gfn, level - 1, True)  # type: ignore[attr-defined]
         span = pages_per_level(level - 1)
         for k in range(SPTE_ENT_PER_PAGE):
             if not self.spt.item(child.table, k):
-                self.set_leaf(slot, child.table, k, level - 1, gfn + k * span,  # type: ignore[attr-defined]
+                self.set_leaf(rmap, child.table, k, level - 1, gfn + k * span,  # type: ignore[attr-defined]
                               make_huge_page_split_spte(huge, level, k), actor, t)  # fmt: skip
         self.drop_spte(table, idx, level, gfn, actor, t)  # type: ignore[attr-defined]
         self.link_shadow_page(table, idx, child, actor, t)  # type: ignore[attr-defined]

@@ -369,8 +369,8 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
             if slot is None or not slot.resident(gfn) or (access & ACC_WRITE_MASK and slot.dirty_bitmap is not None):
                 break
             writable = bool(access & ACC_WRITE_MASK) and self.mmu_try_to_unsync_pages(slot, gfn, True, True)
-            self.set_leaf(slot, table, i, PG_LEVEL_4K, gfn, make_spte(slot.gfn_to_pfn(gfn), 1, writable, prefetch=True),
-                          v.id, v.now)  # fmt: skip
+            new = make_spte(slot.gfn_to_pfn(gfn), 1, writable, prefetch=True)
+            self.set_leaf(self.rmap_of(slot), table, i, PG_LEVEL_4K, gfn, new, v.id, v.now)
             self.note_mapped(gfn, PG_LEVEL_4K)
             done += 1
         return done * self._c_prefetch

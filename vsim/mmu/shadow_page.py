@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vsim.mmu.mmu_page import S_N_USED, S_VALID_GEN, ActivePages, KvmMmuPage, Role, ShadowPages, SpViews
+from vsim.mmu.mmu_page import NIL, S_N_USED, S_VALID_GEN, ActivePages, KvmMmuPage, Role, ShadowPages, SpViews
 from vsim.mmu.page_tables import PageTables
 from vsim.mmu.pte_list import DescPool
-from vsim.mmu.rmap import rmap_add, rmap_entries, rmap_remove
+from vsim.mmu.rmap import rmap_entries
 from vsim.mmu.spte import (
     ACC_ALL,
     PFN_MASK,
@@ -57,7 +57,10 @@ class ShadowMmu(PageTables):
         self.pages = ShadowPages(self.pool, self.descs, self.indirect)
         self.sp_of = SpViews(self.pages)  # page table -> its shadow page (sptep_to_sp)
         self.active = ActivePages(self.pages, self.sp_of)  # active_mmu_pages, oldest first
-        self.leaf_slot: dict[tuple[int, int], Memslot] = {}  # leaf SPTE -> the slot whose rmap has it
+        # The rmaps leaves are entered in: each memslot's head arrays (shared by its FLAGS_ONLY and
+        # INVALID copies) with its base gfn, numbered as leaves record them (Sps.leaf_rmap).
+        self.rmaps: list[tuple[list[np.ndarray], int]] = []
+        self._rmap_number: dict[int, int] = {}
         pages = sum(s.npages for s in vm.memslots.slots)
         # kvm_mmu_calculate_default_mmu_pages, unless the VMM set it (KVM_SET_NR_MMU_PAGES).
         default = max(pages * KVM_PERMILLE_MMU_PAGES // 1000, KVM_MIN_ALLOC_MMU_PAGES)
@@ -128,16 +131,39 @@ class ShadowMmu(PageTables):
         sp.parent_ptes.append((table, idx))
 
     # -- leaves and rmaps ------------------------------------------------------------------------
-    def set_leaf(self, slot: Memslot, table: int, idx: int, level: int, gfn: int, new: int, actor: int, t: int) -> int:
-        """Install a leaf where none was and enter it in the rmap (``mmu_set_spte`` + ``rmap_add``).
-        Returns the head's length after the add."""
+    def rmap_of(self, slot: Memslot) -> int:
+        """The number of ``slot``'s rmap (``gfn_to_rmap``'s ``slot->arch.rmap``), registered on
+        first use."""
+        key = id(slot.rmap[0])
+        k = self._rmap_number.get(key)
+        if k is None:
+            k = self._rmap_number[key] = len(self.rmaps)
+            self.rmaps.append((slot.rmap, slot.base_gfn))
+        return k
+
+    def _head(self, k: int, gfn: int, level: int) -> tuple[np.ndarray, int]:
+        heads, base = self.rmaps[k]
+        shift = 9 * (level - 1)
+        return heads[level - 1], (gfn >> shift) - (base >> shift)
+
+    def rmap_add(self, rmap: int, gfn: int, level: int, table: int, idx: int) -> int:
+        """``rmap_add``: enter the leaf on ``gfn``'s head; the head's count before."""
+        return self.descs.add(*self._head(rmap, gfn, level), table, idx)
+
+    def rmap_remove(self, rmap: int, gfn: int, level: int, table: int, idx: int) -> None:
+        """``rmap_remove``: take the leaf off ``gfn``'s head."""
+        self.descs.remove(*self._head(rmap, gfn, level), table, idx)
+
+    def set_leaf(self, rmap: int, table: int, idx: int, level: int, gfn: int, new: int, actor: int, t: int) -> int:
+        """Install a leaf where none was and enter it in rmap number ``rmap`` (``mmu_set_spte`` +
+        ``rmap_add``). Returns the head's length before the add."""
         old = self.spt.item(table, idx)
         self.set_spte(table, idx, level, gfn, old, new, actor, t)
-        self.leaf_slot[(table, idx)] = slot
-        gfns = self.sp_of[table].gfns
-        if gfns is not None:
-            gfns[idx] = gfn
-        n = rmap_add(self.descs, slot, gfn, level, (table, idx))
+        s = self.pages.s
+        s.leaf_rmap[table, idx] = rmap + 1
+        if s.gfns.shape[0] and not self.sp_of[table].direct:
+            s.gfns[table, idx] = gfn
+        n = self.rmap_add(rmap, gfn, level, table, idx)
         self.vm.stat.max_mmu_rmap_size = max(self.vm.stat.max_mmu_rmap_size, n)
         return n
 
@@ -145,12 +171,17 @@ class ShadowMmu(PageTables):
         """``drop_spte``: clear a leaf and take it off its rmap."""
         old = self.spt.item(table, idx)
         self.set_spte(table, idx, level, gfn, old, 0, actor, t)
-        slot = self.leaf_slot.pop((table, idx))
-        rmap_remove(self.descs, slot, gfn, level, (table, idx))
-        gfns = self.sp_of[table].gfns
-        if gfns is not None:
-            del gfns[idx]
+        s = self.pages.s
+        k = int(s.leaf_rmap[table, idx]) - 1
+        s.leaf_rmap[table, idx] = 0
+        self.rmap_remove(k, gfn, level, table, idx)
+        if s.gfns.shape[0] and not self.sp_of[table].direct:
+            s.gfns[table, idx] = NIL
         self.note_zapped(gfn, level)
+
+    def leaf_rmap(self, table: int, idx: int) -> int:
+        """The number of the rmap holding the leaf at ``(table, idx)``."""
+        return int(self.pages.s.leaf_rmap[table, idx]) - 1
 
     def rmap_recycle(self, slot: Memslot, gfn: int, level: int, actor: int, t: int) -> int:
         """Past ``RMAP_RECYCLE_THRESHOLD`` SPTEs on one head: zap them all, then flush."""
@@ -252,16 +283,18 @@ class ShadowMmu(PageTables):
         """Every leaf SPTE is on its gfn's rmap exactly once and every rmap entry is a present
         leaf of that gfn; every ``parent_ptes`` entry points at its child (spec §13)."""
         problems = []
-        seen: set[tuple[int, int]] = set()
-        for (table, idx), slot in self.leaf_slot.items():
+        s = self.pages.s
+        n = self.n_tables
+        leaves = np.argwhere(s.leaf_rmap[:n] != 0).tolist()
+        seen = {(table, idx) for table, idx in leaves}
+        for table, idx in leaves:
             sp = self.sp_of[table]
             gfn = sp.get_gfn(idx)
             spte = self.spt.item(table, idx)
             if not (spte & SPTE_MMU_PRESENT) or not is_last_spte(spte, sp.level):
                 problems.append(f"rmap holds a non-leaf at table {table} index {idx}")
-            if rmap_entries(self.descs, slot, gfn, sp.level).count((table, idx)) != 1:
+            if self.descs.entries(*self._head(self.leaf_rmap(table, idx), gfn, sp.level)).count((table, idx)) != 1:
                 problems.append(f"gfn {gfn:#x} level {sp.level}: leaf not on its rmap once")
-            seen.add((table, idx))
         for sp in self.sp_of.values():
             for i in np.flatnonzero(self.spt[sp.table]).tolist():
                 spte = self.spt.item(sp.table, i)
@@ -273,7 +306,7 @@ class ShadowMmu(PageTables):
         return problems
 
     def count_leaves(self) -> dict[int, int]:
-        counts = {1: 0, 2: 0, 3: 0}
-        for table, _ in self.leaf_slot:
-            counts[int(self.sp_level[table])] += 1
-        return counts
+        n = self.n_tables
+        per_table = np.count_nonzero(self.pages.s.leaf_rmap[:n], axis=1)
+        levels = self.sp_level[:n]
+        return {level: int(per_table[levels == level].sum()) for level in (1, 2, 3)}

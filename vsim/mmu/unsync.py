@@ -204,7 +204,7 @@ class UnsyncOps:
             self.drop_spte(sp.table, idx, sp.level, gfn, v.id, v.now)
             return True
         access = protect_clean_gpte(sp.access & gpte_access(gpte), gpte)
-        slot = self.leaf_slot[(sp.table, idx)]
+        slot = v.gfn_to_memslot(gfn)  # the memslot now (kvm_vcpu_gfn_to_memslot), not the one at install
         writable = bool(access & ACC_WRITE_MASK) and self.mmu_try_to_unsync_pages(slot, gfn, False, False)
         new = spte & ~(PT_WRITABLE | SPTE_MMU_WRITABLE)
         if writable:
