@@ -40,14 +40,16 @@ class Memslot:
     dirty_bitmap: np.ndarray | None = None
     # slot->arch.rmap[level - 1]: the pte_list heads of the legacy SPTEs mapping each page of a level.
     rmap: list[np.ndarray] = field(default_factory=list)
-    # gfn_write_track: gfn -> upper-level shadow pages shadowing it (shadow paging).
-    write_track: dict[int, int] = field(default_factory=dict)
+    # gfn_write_track: per page, the upper-level shadow pages shadowing it (shadow paging).
+    write_track: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
 
     def __post_init__(self) -> None:
         if not self.disallow_lpage:
             self.disallow_lpage = [self._alloc_lpage_info(lvl) for lvl in (PG_LEVEL_2M, PG_LEVEL_1G)]
         if not self.rmap:
             self.rmap = alloc_rmap(self.base_gfn, self.npages)
+        if len(self.write_track) != self.npages:
+            self.write_track = np.zeros(self.npages, dtype=np.int32)  # kvm_page_track_write_tracking_alloc
 
     def _alloc_lpage_info(self, level: int) -> np.ndarray:
         """``kvm_alloc_memslot_metadata``: one counter per huge page; misaligned edges disallowed."""

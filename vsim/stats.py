@@ -84,8 +84,10 @@ class VcpuStat:
 
 # VM stats kept in an int64 array that compiled MMU operations update in place (``vsim.mmu.sp_pool``
 # takes it as ``counts``); ``VmStat`` reads and writes them as attributes like the others.
-ARRAY_STATS = ("pages_4k", "pages_2m", "pages_1g", "tdp_mmu_pages", "mmu_shadow_pages", "refaults")
-K_PAGES_4K, K_PAGES_2M, K_PAGES_1G, K_TDP_MMU_PAGES, K_MMU_SHADOW_PAGES, K_REFAULTS = range(len(ARRAY_STATS))
+ARRAY_STATS = ("pages_4k", "pages_2m", "pages_1g", "tdp_mmu_pages", "mmu_shadow_pages", "refaults", "mmu_cache_miss",
+               "max_mmu_page_hash_collisions", "max_mmu_rmap_size")  # fmt: skip
+(K_PAGES_4K, K_PAGES_2M, K_PAGES_1G, K_TDP_MMU_PAGES, K_MMU_SHADOW_PAGES, K_REFAULTS, K_MMU_CACHE_MISS,
+ K_MAX_HASH_COLLISIONS, K_MAX_RMAP_SIZE) = range(len(ARRAY_STATS))  # fmt: skip
 N_ARRAY_STATS = len(ARRAY_STATS)
 
 

@@ -21,30 +21,28 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import TYPE_CHECKING
 
-from vsim.dirty_log import mark_page_dirty_in_slot
+from vsim.dirty_log import dirty_bit
+from vsim.mmu.direct_map import (
+    MS_DROP,
+    MS_SCANNED,
+    MS_UNLINK,
+    PTE_PREFETCH_NUM,
+    direct_map,
+    direct_pte_prefetch,
+    mmu_set_spte,
+)
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.mmio import make_mmio_spte
 from vsim.mmu.mmu_page import KvmMmuPage
-from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
-from vsim.mmu.rmap import RMAP_RECYCLE_THRESHOLD
+from vsim.mmu.page_fault import RET_PF_FIXED, RET_PF_RETRY, KvmPageFault
 from vsim.mmu.rmap_walks import RmapRangeOps
 from vsim.mmu.shadow_page import KVM_REFILL_PAGES, ShadowMmu
 from vsim.mmu.spte import (
-    PFN_MASK,
-    PFN_SHIFT,
     PG_LEVEL_4K,
-    PT_WRITABLE,
-    SPTE_HOST_WRITABLE,
-    SPTE_MMU_PRESENT,
     TDP_ROOT_LEVEL,
-    is_last_spte,
-    is_shadow_present_pte,
-    make_spte,
     pages_per_level,
     spte_index,
-    spte_to_pfn,
 )
-from vsim.requests import kvm_flush_remote_tlbs
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
@@ -52,7 +50,6 @@ if TYPE_CHECKING:
     from vsim.vm import Vm
     from vsim.vmm import Vmm
 
-PTE_PREFETCH_NUM = 8
 BATCH_ZAP_PAGES = 10
 
 
@@ -142,7 +139,8 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         return ret
 
     def direct_map(self, v: Vcpu, root: KvmMmuPage, fault: KvmPageFault) -> int:
-        """``direct_map`` under the write lock; advances ``v.now`` by the work done."""
+        """``direct_map`` under the write lock (``vsim.mmu.direct_map``), then
+        ``direct_pte_prefetch``; advances ``v.now`` by the work done."""
         vm = self.vm
         vid = v.id
         t = v.now
@@ -150,118 +148,70 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         goal = fault.goal_level
         if vm.sink.all:
             vm.sink.emit("kvm_mmu_spte_requested", t, vid, gfn, fault.pfn, goal)
+        slot = fault.slot
+        mmio = make_mmio_spte(gfn, vm.memslots.generation) if slot is None else 0
+        rmap = self.rmap_args(slot)
+        bitmap, bit = dirty_bit(slot, gfn)
         work = self._c_map
-        table, level = root.table, TDP_ROOT_LEVEL
-        while level > goal:
-            idx = spte_index(gfn, level)
-            spte = self.spt.item(table, idx)
-            if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
-                table, level = (spte & PFN_MASK) >> PFN_SHIFT, level - 1
-                continue
-            if is_shadow_present_pte(spte):  # drop_large_spte: a huge leaf above the goal
-                self.drop_spte(table, idx, level, gfn & ~(pages_per_level(level) - 1), vid, t)
-                t = kvm_flush_remote_tlbs(vm, t, me=vid)
-            misses = vm.stat.mmu_cache_miss
-            sp = self.kvm_mmu_get_shadow_page(gfn & ~(pages_per_level(level) - 1), level - 1, True)
-            work += self._c_sp * (vm.stat.mmu_cache_miss - misses)
-            self.link_shadow_page(table, idx, sp, vid, t)
-            table, level = sp.table, level - 1
-        ret, t = self.mmu_set_spte(v, table, goal, fault, t)
+        scan = self.indirect  # a non-paging shadow guest: make_spte looks for pages to unsync
+        while True:
+            self.reserve(TDP_ROOT_LEVEL - goal, 1 + TDP_ROOT_LEVEL)
+            ret, status, dt, di, dl, dg, created, leaf = direct_map(
+                self.pool.p, self.pages.s, self.descs.d, rmap, root.table, gfn, goal, mmio, fault.pfn,
+                fault.map_writable, fault.write, bitmap, bit, scan, vid, t)  # fmt: skip
+            self.replay_changes()
+            work += self._c_sp * created
+            if status & MS_SCANNED:
+                scan = False
+            if not status & (MS_DROP | MS_UNLINK):
+                break
+            t = self.drop_or_unlink(status, dt, di, dl, dg, vid, t)
+        t = self.set_spte_done(v, status, slot, gfn & ~(pages_per_level(goal) - 1), goal, t)
         if ret == RET_PF_FIXED and goal == PG_LEVEL_4K:
-            work += self.direct_pte_prefetch(v, table, spte_index(gfn, goal), fault.slot, t)
+            work += self.direct_pte_prefetch(v, leaf, spte_index(gfn, goal), slot, t)
         v.now = t + work
-        return ret
-
-    def mmu_set_spte(self, v: Vcpu, table: int, level: int, fault: KvmPageFault, t: int) -> tuple[int, int]:
-        """``mmu_set_spte`` for the faulting gfn of a direct fault; returns ``(RET_PF_*, time)``."""
-        return self.set_spte_at(v, table, spte_index(fault.gfn, level), level, fault.gfn, fault.slot, fault.pfn,
-                                fault.map_writable, fault.write, t)  # fmt: skip
+        return int(ret)
 
     def set_spte_at(self, v: Vcpu, table: int, idx: int, level: int, gfn: int, slot: Memslot | None, pfn: int,
                     writable: bool, write_fault: bool, t: int) -> tuple[int, int]:  # fmt: skip
-        """``mmu_set_spte``: make the leaf at ``(table, idx)`` map ``gfn`` (an MMIO SPTE without a
-        slot). ``writable`` is what the host page and the guest's access allow; ``make_spte`` may
-        still withhold W (``make_spte_writable``), and a write fault then emulates. Returns
-        ``(RET_PF_*, time)``."""
+        """``mmu_set_spte`` (``vsim.mmu.direct_map``): make the leaf at ``(table, idx)`` map ``gfn``
+        (an MMIO SPTE without a slot). ``writable`` is what the host page and the guest's access
+        allow; ``make_spte`` may still withhold W (``make_spte_writable``), and a write fault then
+        emulates. Returns ``(RET_PF_*, time)``."""
         vm = self.vm
-        vid = v.id
-        base = gfn & ~(pages_per_level(level) - 1)
-        old = self.spt.item(table, idx)
-        if slot is None:  # mark_mmio_spte
-            new = make_mmio_spte(gfn, vm.memslots.generation)
-            if new != old:
-                self.set_spte(table, idx, level, base, old, new, vid, t)
-                self.note_mmio_gfn(table, idx, gfn)
-                v.stat.pf_mmio_spte_created += 1
-            return RET_PF_EMULATE, t
-        wrprot = writable and not self.make_spte_writable(v, gfn, level, old, t)
-        new = make_spte(pfn & ~(pages_per_level(level) - 1), level, writable and not wrprot)
-        if wrprot:  # the host page is writable; KVM may make the SPTE writable later
-            new |= SPTE_HOST_WRITABLE
-        was_rmapped = False
-        if is_shadow_present_pte(old):
-            if not is_last_spte(old, level):  # a page table replaced by a huge leaf
-                child = self.sp_of[(old & PFN_MASK) >> PFN_SHIFT]
-                child.parent_ptes.remove((table, idx))
-                self.set_spte(table, idx, level, base, old, 0, vid, t)
-                t = kvm_flush_remote_tlbs(vm, t, me=vid)
-                old = 0
-            elif spte_to_pfn(old) != spte_to_pfn(new) or self.sp_of[table].get_gfn(idx) != base:
-                self.drop_spte(table, idx, level, self.sp_of[table].get_gfn(idx), vid, t)
-                t = kvm_flush_remote_tlbs(vm, t, me=vid)
-                old = 0
-            else:
-                was_rmapped = True
-        ret = RET_PF_EMULATE if wrprot and write_fault else RET_PF_FIXED
-        if old == new:
-            return (ret if ret == RET_PF_EMULATE else RET_PF_SPURIOUS), t
-        if new & PT_WRITABLE:
-            mark_page_dirty_in_slot(slot, gfn)
-        if was_rmapped:
-            self.set_spte(table, idx, level, base, old, new, vid, t)
-            if old & PT_WRITABLE and not new & PT_WRITABLE:  # mmu_spte_update says flush
-                t = kvm_flush_remote_tlbs(vm, t, me=vid)
-        elif self.set_leaf(self.rmap_of(slot), table, idx, level, base, new, vid, t) > RMAP_RECYCLE_THRESHOLD:
-            t = self.rmap_recycle(slot, base, level, vid, t)
-        self.note_mapped(base, level)
-        return ret, t
+        mmio = make_mmio_spte(gfn, vm.memslots.generation) if slot is None else 0
+        wrprot = (
+            slot is not None and writable and not self.make_spte_writable(v, gfn, level, self.spt.item(table, idx), t)
+        )
+        rmap = self.rmap_args(slot)
+        bitmap, bit = dirty_bit(slot, gfn)
+        while True:
+            self.reserve(0, 1)
+            ret, status, dt, di, dl, dg = mmu_set_spte(
+                self.pool.p, self.pages.s, self.descs.d, rmap, table, idx, level, gfn, mmio, pfn, writable, wrprot,
+                write_fault, bitmap, bit, False, v.id, t)  # fmt: skip
+            self.replay_changes()
+            if not status & (MS_DROP | MS_UNLINK):
+                break
+            t = self.drop_or_unlink(status, dt, di, dl, dg, v.id, t)
+        return int(ret), self.set_spte_done(v, status, slot, gfn & ~(pages_per_level(level) - 1), level, t)
 
     def make_spte_writable(self, v: Vcpu, gfn: int, level: int, old: int, t: int) -> bool:
         """``make_spte``'s check before it sets W: a direct MMU never shadows guest page tables."""
         return True
 
-    def prefetch_writable(self, slot: Memslot, gfn: int) -> bool:
-        """``make_spte`` for a prefetched SPTE: the same check, without unsyncing anything."""
-        return True
-
-    def note_mmio_gfn(self, table: int, idx: int, gfn: int) -> None:
-        """Record the gfn of an MMIO SPTE in an indirect page (its entry index is by gva)."""
-        gfns = self.sp_of[table].gfns
-        if gfns is not None:
-            gfns[idx] = gfn
-
     def direct_pte_prefetch(self, v: Vcpu, table: int, idx: int, slot: Memslot | None, t: int) -> int:
-        """``direct_pte_prefetch``: map the non-present neighbours in the faulting SPTE's aligned
-        block of 8 whose host pages are resident (each run stops at the first that is not).
-        Not while an invalidation is in progress, nor in a dirty-logged slot. Returns the ns spent."""
+        """``direct_pte_prefetch`` (``vsim.mmu.direct_map``): map the non-present neighbours in the
+        faulting SPTE's aligned block of 8 whose host pages are resident. Not while an invalidation
+        is in progress, nor in a dirty-logged slot. Returns the ns spent."""
         vm = self.vm
         if slot is None or vm.mmu_invalidate_in_progress or slot.dirty_bitmap is not None:
             return 0
-        sp = self.sp_of[table]
-        rmap = self.rmap_of(slot)
-        done = 0
-        run_ok = True
-        first = idx & ~(PTE_PREFETCH_NUM - 1)
-        for i in range(first, first + PTE_PREFETCH_NUM):
-            if i == idx or self.spt.item(table, i) & SPTE_MMU_PRESENT:
-                run_ok = True  # a run of non-present entries ends here
-                continue
-            gfn = sp.gfn + i
-            if not run_ok or not slot.contains(gfn) or not slot.resident(gfn):
-                run_ok = False
-                continue
-            new = make_spte(slot.gfn_to_pfn(gfn), PG_LEVEL_4K, self.prefetch_writable(slot, gfn), prefetch=True)
-            self.set_leaf(rmap, table, i, PG_LEVEL_4K, gfn, new, v.id, t)
-            self.note_mapped(gfn, PG_LEVEL_4K)
-            done += 1
-        return done * self._c_prefetch
+        host = slot.host
+        self.reserve(0, PTE_PREFETCH_NUM)
+        done = direct_pte_prefetch(self.pool.p, self.pages.s, self.descs.d, self.rmap_args(slot), table, idx,
+                                   slot.base_gfn, slot.end_gfn, slot.host_offset, host.resident, host.new_base,
+                                   host.pfn_base, host.span_shift, slot.write_track, self.indirect, v.id,
+                                   t)  # fmt: skip
+        self.replay_changes()
+        return int(done) * self._c_prefetch

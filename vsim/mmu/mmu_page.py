@@ -20,9 +20,11 @@ from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+from numba.extending import register_jitable
 
 from vsim.mmu.pte_list import DescPool, iter_pte_list
 from vsim.mmu.spte import pages_per_level
+from vsim.stats import K_MAX_HASH_COLLISIONS
 
 if TYPE_CHECKING:
     from vsim.mmu.sp_pool import SpPool
@@ -37,13 +39,16 @@ ROLE_DIRECT, ROLE_ACCESS_SHIFT, ROLE_QUADRANT_SHIFT, ROLE_HAS_4_BYTE_GPTE = 1 <<
 # kvm->arch.mmu_valid_gen.
 S_ACT_OLDEST, S_ACT_NEWEST, S_N_USED, S_VALID_GEN = range(4)
 NIL = -1
+NO_ROLE = -1  # a packed role no page has
 
 Role = tuple[int, bool, int, int, bool]  # (level, direct, access, quadrant, has_4_byte_gpte)
 
 
+@register_jitable
 def kvm_page_table_hashfn(gfn: int) -> int:
-    """``hash_64(gfn, KVM_MMU_HASH_SHIFT)``."""
-    return ((gfn * GOLDEN_RATIO_64) & ((1 << 64) - 1)) >> (64 - KVM_MMU_HASH_SHIFT)
+    """``hash_64(gfn, KVM_MMU_HASH_SHIFT)``: the top 12 bits of the low 64 of ``gfn * GOLDEN_RATIO_64``
+    (the same with Python's exact product and compiled code's wrapping one)."""
+    return ((gfn * GOLDEN_RATIO_64) >> (64 - KVM_MMU_HASH_SHIFT)) & ((1 << KVM_MMU_HASH_SHIFT) - 1)
 
 
 def pack_role(role: Role) -> int:
@@ -73,6 +78,106 @@ class Sps(NamedTuple):
     act_next: np.ndarray  # towards the newest
     act_prev: np.ndarray  # towards the oldest
     hdr: np.ndarray
+
+
+@register_jitable
+def sp_active_push(s: Sps, table: int) -> None:
+    """Put a page at the newest end (``list_add`` at the head of ``active_mmu_pages``)."""
+    newest = s.hdr[S_ACT_NEWEST]
+    s.act_prev[table] = newest
+    s.act_next[table] = NIL
+    if newest == NIL:
+        s.hdr[S_ACT_OLDEST] = table
+    else:
+        s.act_next[newest] = table
+    s.hdr[S_ACT_NEWEST] = table
+    s.flags[table] |= SPF_ACTIVE
+
+
+@register_jitable
+def sp_active_pop(s: Sps, table: int) -> None:
+    """Take a page off ``active_mmu_pages``."""
+    prev, nxt = s.act_prev[table], s.act_next[table]
+    if prev == NIL:
+        s.hdr[S_ACT_OLDEST] = nxt
+    else:
+        s.act_next[prev] = nxt
+    if nxt == NIL:
+        s.hdr[S_ACT_NEWEST] = prev
+    else:
+        s.act_prev[nxt] = prev
+    s.flags[table] &= ~SPF_ACTIVE
+
+
+@register_jitable
+def sp_init(s: Sps, table: int, gfn: int, role: int, valid_gen: int) -> None:
+    """``kvm_mmu_alloc_shadow_page`` on a table fresh from the pool: the packed role, hashed at its
+    bucket's end, the newest on ``active_mmu_pages``, counted in ``n_used_mmu_pages``."""
+    s.role[table] = role
+    s.valid_gen[table] = valid_gen
+    s.root_count[table] = 0
+    s.flags[table] = SPF_LIVE
+    s.unsync_children[table] = 0
+    s.unsync_bits[table] = 0
+    s.flood[table] = 0
+    s.pae_index[table] = NIL
+    s.parents[table] = 0
+    if s.gfns.shape[0]:
+        s.gfns[table] = NIL
+    b = kvm_page_table_hashfn(gfn)
+    tail = s.hash_tail[b]
+    s.hash_prev[table] = tail
+    s.hash_next[table] = NIL
+    if tail == NIL:
+        s.hash_head[b] = table
+    else:
+        s.hash_next[tail] = table
+    s.hash_tail[b] = table
+    sp_active_push(s, table)
+    s.hdr[S_N_USED] += 1
+
+
+@register_jitable
+def sp_unhash(s: Sps, table: int, gfn: int) -> None:
+    """Off the hash and ``active_mmu_pages``, uncounted (``kvm_mmu_free_shadow_page``'s first half)."""
+    b = kvm_page_table_hashfn(gfn)
+    prev, nxt = s.hash_prev[table], s.hash_next[table]
+    if prev == NIL:
+        s.hash_head[b] = nxt
+    else:
+        s.hash_next[prev] = nxt
+    if nxt == NIL:
+        s.hash_tail[b] = prev
+    else:
+        s.hash_prev[nxt] = prev
+    sp_active_pop(s, table)
+    s.hdr[S_N_USED] -= 1
+
+
+@register_jitable
+def sp_is_obsolete(s: Sps, table: int) -> bool:
+    """``is_obsolete_sp`` (or ``role.invalid``): zapped, or from before the last fast zap."""
+    return bool(s.flags[table] & SPF_ROLE_INVALID) or s.valid_gen[table] != s.hdr[S_VALID_GEN]
+
+
+@register_jitable
+def find_valid_sp(s: Sps, sp_gfn: np.ndarray, counts: np.ndarray, gfn: int, role: int) -> int:
+    """``for_each_valid_sp`` over ``gfn``'s bucket: the valid page of ``gfn`` with this packed role
+    (-1 if none; ``role`` -1 matches none). Obsolete pages are skipped; every valid page of another
+    gfn is a collision (``max_mmu_page_hash_collisions``)."""
+    found = NIL
+    collisions = 0
+    t = s.hash_head[kvm_page_table_hashfn(gfn)]
+    while t != NIL:
+        if not sp_is_obsolete(s, t):
+            if sp_gfn[t] != gfn:
+                collisions += 1
+            elif found == NIL and s.role[t] == role:
+                found = t
+        t = s.hash_next[t]
+    if collisions > counts[K_MAX_HASH_COLLISIONS]:
+        counts[K_MAX_HASH_COLLISIONS] = collisions
+    return int(found)
 
 
 class ShadowPages:
@@ -121,47 +226,11 @@ class ShadowPages:
 
     # -- creating and unhashing ------------------------------------------------------------------
     def init_page(self, table: int, role: Role, valid_gen: int) -> None:
-        """A new page on ``table``: its role, hashed at its bucket's end, the newest on
-        ``active_mmu_pages``, counted in ``n_used_mmu_pages``."""
-        s = self.s
-        s.role[table] = pack_role(role)
-        s.valid_gen[table] = valid_gen
-        s.root_count[table] = 0
-        s.flags[table] = SPF_LIVE
-        s.unsync_children[table] = 0
-        s.unsync_bits[table] = 0
-        s.flood[table] = 0
-        s.pae_index[table] = NIL
-        s.parents[table] = 0
-        if s.gfns.shape[0]:
-            s.gfns[table] = NIL
-        b = kvm_page_table_hashfn(int(self.pool.p.sp_gfn[table]))
-        tail = int(s.hash_tail[b])
-        s.hash_prev[table] = tail
-        s.hash_next[table] = NIL
-        if tail == NIL:
-            s.hash_head[b] = table
-        else:
-            s.hash_next[tail] = table
-        s.hash_tail[b] = table
-        self.active_push(table)
-        s.hdr[S_N_USED] += 1
+        """``sp_init`` for a page of this role on ``table``."""
+        sp_init(self.s, table, int(self.pool.p.sp_gfn[table]), pack_role(role), valid_gen)
 
     def unhash(self, table: int) -> None:
-        """Off the hash and ``active_mmu_pages``, uncounted (``kvm_mmu_free_shadow_page``'s first half)."""
-        s = self.s
-        b = kvm_page_table_hashfn(int(self.pool.p.sp_gfn[table]))
-        prev, nxt = int(s.hash_prev[table]), int(s.hash_next[table])
-        if prev == NIL:
-            s.hash_head[b] = nxt
-        else:
-            s.hash_next[prev] = nxt
-        if nxt == NIL:
-            s.hash_tail[b] = prev
-        else:
-            s.hash_prev[nxt] = prev
-        self.active_pop(table)
-        s.hdr[S_N_USED] -= 1
+        sp_unhash(self.s, table, int(self.pool.p.sp_gfn[table]))
 
     def bucket(self, gfn: int) -> list[int]:
         """The pages in ``gfn``'s hash bucket, in order."""
@@ -175,30 +244,10 @@ class ShadowPages:
 
     # -- active_mmu_pages --------------------------------------------------------------------------
     def active_push(self, table: int) -> None:
-        """Put a page at the newest end (``list_add`` at the head of ``active_mmu_pages``)."""
-        s = self.s
-        newest = int(s.hdr[S_ACT_NEWEST])
-        s.act_prev[table] = newest
-        s.act_next[table] = NIL
-        if newest == NIL:
-            s.hdr[S_ACT_OLDEST] = table
-        else:
-            s.act_next[newest] = table
-        s.hdr[S_ACT_NEWEST] = table
-        s.flags[table] |= SPF_ACTIVE
+        sp_active_push(self.s, table)
 
     def active_pop(self, table: int) -> None:
-        s = self.s
-        prev, nxt = int(s.act_prev[table]), int(s.act_next[table])
-        if prev == NIL:
-            s.hdr[S_ACT_OLDEST] = nxt
-        else:
-            s.act_next[prev] = nxt
-        if nxt == NIL:
-            s.hdr[S_ACT_NEWEST] = prev
-        else:
-            s.act_prev[nxt] = prev
-        s.flags[table] &= ~SPF_ACTIVE
+        sp_active_pop(self.s, table)
 
     def active_tables(self) -> list[int]:
         """``active_mmu_pages`` from the oldest."""
@@ -282,8 +331,7 @@ class KvmMmuPage:
     @property
     def invalid(self) -> bool:
         """Obsolete (``is_obsolete_sp``): zapped, or from before the last fast zap."""
-        s = self._sp.s
-        return self.role_invalid or int(s.valid_gen[self.table]) != int(s.hdr[S_VALID_GEN])
+        return sp_is_obsolete(self._sp.s, self.table)
 
     @property
     def mmu_valid_gen(self) -> int:

@@ -45,7 +45,7 @@ class PageTrack:
         if slot is None:
             return t
         if sp.level > PG_LEVEL_4K:
-            slot.write_track[sp.gfn] = slot.write_track.get(sp.gfn, 0) + 1  # __kvm_write_track_add_gfn
+            slot.write_track[sp.gfn - slot.base_gfn] += 1  # __kvm_write_track_add_gfn
         slot.disallow_lpage_at(sp.gfn, 1)
         visited, flush = self.wrprot_range(sp.gfn, sp.gfn + 1, PG_LEVEL_4K, True, actor, t)
         t += visited * self.vm.costs.tdp_wrprot_spte
@@ -67,16 +67,12 @@ class PageTrack:
         if slot is None:
             return
         if sp.level > PG_LEVEL_4K:
-            n = slot.write_track[sp.gfn] - 1
-            if n:
-                slot.write_track[sp.gfn] = n
-            else:
-                del slot.write_track[sp.gfn]
+            slot.write_track[sp.gfn - slot.base_gfn] -= 1  # __kvm_write_track_remove_gfn
         slot.disallow_lpage_at(sp.gfn, -1)
 
     @staticmethod
     def kvm_gfn_is_write_tracked(slot: Memslot | None, gfn: int) -> bool:
-        return slot is not None and gfn in slot.write_track
+        return slot is not None and bool(slot.write_track[gfn - slot.base_gfn])
 
     # -- the emulated write ------------------------------------------------------------------------
     def kvm_mmu_track_write(self: ShadowPagingMmu, v: Vcpu, gfn: int, offset: int, nbytes: int,

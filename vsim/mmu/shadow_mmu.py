@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vsim.guest.paging import ACC_ALL, ACC_WRITE_MASK, PagingMode, gpte_access, gpte_to_gfn
+from vsim.mmu.direct_map import prefetch_may_be_writable
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.legacy_mmu import PTE_PREFETCH_NUM, LegacyMmu
 from vsim.mmu.mmu_page import KvmMmuPage
@@ -340,10 +341,7 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
         """``make_spte``: an SPTE that was writable stays so; else ``mmu_try_to_unsync_pages``."""
         if old & SPTE_MMU_PRESENT and old & PT_WRITABLE:
             return True
-        return self.mmu_try_to_unsync_pages(v.gfn_to_memslot(gfn), gfn, True, False)
-
-    def prefetch_writable(self, slot: Memslot, gfn: int) -> bool:
-        return self.mmu_try_to_unsync_pages(slot, gfn, True, True)
+        return self.mmu_try_to_unsync_pages(v.gfn_to_memslot(gfn), gfn, True)
 
     def pte_prefetch(self, v: Vcpu, table: int, idx: int) -> int:
         """``FNAME(pte_prefetch)``: map the empty neighbours in the leaf's group of 8 from their
@@ -368,7 +366,9 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
             slot = v.gfn_to_memslot(gfn)
             if slot is None or not slot.resident(gfn) or (access & ACC_WRITE_MASK and slot.dirty_bitmap is not None):
                 break
-            writable = bool(access & ACC_WRITE_MASK) and self.mmu_try_to_unsync_pages(slot, gfn, True, True)
+            writable = bool(access & ACC_WRITE_MASK) and prefetch_may_be_writable(
+                self.pages.s, self.pool.p, slot.write_track, slot.base_gfn, gfn
+            )  # mmu_try_to_unsync_pages
             new = make_spte(slot.gfn_to_pfn(gfn), 1, writable, prefetch=True)
             self.set_leaf(self.rmap_of(slot), table, i, PG_LEVEL_4K, gfn, new, v.id, v.now)
             self.note_mapped(gfn, PG_LEVEL_4K)

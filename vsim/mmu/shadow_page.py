@@ -17,7 +17,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vsim.mmu.mmu_page import NIL, S_N_USED, S_VALID_GEN, ActivePages, KvmMmuPage, Role, ShadowPages, SpViews
+from vsim.mmu.direct_map import MS_DROP, MS_FLUSH, MS_MMIO_CREATED, MS_RECYCLE
+from vsim.mmu.mmu_page import (
+    NIL,
+    NO_ROLE,
+    S_N_USED,
+    S_VALID_GEN,
+    ActivePages,
+    KvmMmuPage,
+    Role,
+    ShadowPages,
+    SpViews,
+    find_valid_sp,
+    pack_role,
+    sp_is_obsolete,
+)
 from vsim.mmu.page_tables import PageTables
 from vsim.mmu.pte_list import DescPool
 from vsim.mmu.rmap import rmap_entries
@@ -32,11 +46,14 @@ from vsim.mmu.spte import (
     pages_per_level,
 )
 from vsim.requests import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_flush_remote_tlbs, kvm_make_all_cpus_request
+from vsim.stats import K_MMU_CACHE_MISS
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
+    from vsim.vcpu.vcpu import Vcpu
     from vsim.vm import Vm
 
+NO_HEADS = np.zeros(0, dtype=np.int64)
 KVM_MIN_FREE_MMU_PAGES = 5
 KVM_REFILL_PAGES = 25
 KVM_MIN_ALLOC_MMU_PAGES = 64
@@ -91,31 +108,20 @@ class ShadowMmu(PageTables):
         role = (level, direct, access, 0, False)
         sp = self.find_valid_sp(gfn, role)
         if sp is None:
-            self.vm.stat.mmu_cache_miss += 1
+            self.vm.stat.counts[K_MMU_CACHE_MISS] += 1
             sp = self.kvm_mmu_alloc_shadow_page(gfn, role)
         return sp
 
     def valid_sps(self, gfn: int) -> list[KvmMmuPage]:
         """``for_each_valid_sp`` over the gfn's bucket: the valid pages of ``gfn``; notes collisions."""
-        found = []
-        collisions = 0
-        for table in self.pages.bucket(gfn):
-            sp = self.sp_of[table]
-            if sp.invalid:
-                continue  # obsolete pages are skipped
-            if sp.gfn != gfn:
-                collisions += 1
-                continue
-            found.append(sp)
-        st = self.vm.stat
-        st.max_mmu_page_hash_collisions = max(st.max_mmu_page_hash_collisions, collisions)
-        return found
+        s = self.pages.s
+        find_valid_sp(s, self.sp_gfn, self.vm.stat.counts, gfn, NO_ROLE)  # the collision count
+        sp_gfn = self.sp_gfn
+        return [self.sp_of[t] for t in self.pages.bucket(gfn) if not sp_is_obsolete(s, t) and sp_gfn[t] == gfn]
 
     def find_valid_sp(self, gfn: int, role: Role) -> KvmMmuPage | None:
-        for sp in self.valid_sps(gfn):
-            if sp.role() == role:
-                return sp
-        return None
+        table = find_valid_sp(self.pages.s, self.sp_gfn, self.vm.stat.counts, gfn, pack_role(role))
+        return None if table == NIL else self.sp_of[table]
 
     def kvm_mmu_alloc_shadow_page(self, gfn: int, role: Role) -> KvmMmuPage:
         """``kvm_mmu_alloc_shadow_page``: a new page at the head of ``active_mmu_pages``, hashed."""
@@ -140,6 +146,47 @@ class ShadowMmu(PageTables):
             k = self._rmap_number[key] = len(self.rmaps)
             self.rmaps.append((slot.rmap, slot.base_gfn))
         return k
+
+    def rmap_args(self, slot: Memslot | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """``slot``'s rmap as compiled code takes it: its three head arrays, its base gfn and its
+        number (no slot: empty heads, for an MMIO fault that enters no rmap)."""
+        if slot is None:
+            return NO_HEADS, NO_HEADS, NO_HEADS, 0, -1
+        k = self.rmap_of(slot)
+        heads, base = self.rmaps[k]
+        return heads[0], heads[1], heads[2], base, k
+
+    def reserve(self, tables: int, descs: int) -> None:
+        """Room for ``tables`` new shadow pages and ``descs`` pte_list descriptors (before a compiled
+        operation, which cannot grow the arrays)."""
+        self.pool.reserve(tables)
+        self.pages.fit_pool()
+        self.descs.reserve(descs)
+
+    def drop_or_unlink(self, status: int, table: int, idx: int, level: int, gfn: int, actor: int, t: int) -> int:
+        """What a compiled ``mmu_set_spte``/``direct_map`` left to do before it is called again: drop
+        a leaf (``drop_spte``, ``drop_large_spte``) or unlink a page table from the entry where a huge
+        leaf goes (``drop_parent_pte``), then flush remote TLBs. Returns the time after the flush."""
+        if status & MS_DROP:
+            self.drop_spte(table, idx, level, gfn, actor, t)
+        else:
+            old = self.spt.item(table, idx)
+            self.sp_of[(old & PFN_MASK) >> PFN_SHIFT].parent_ptes.remove((table, idx))
+            self.set_spte(table, idx, level, gfn, old, 0, actor, t)
+        return kvm_flush_remote_tlbs(self.vm, t, me=actor)
+
+    def set_spte_done(self, v: Vcpu, status: int, slot: Memslot | None, gfn: int, level: int, t: int) -> int:
+        """The end of ``mmu_set_spte``: count an MMIO SPTE, flush for an SPTE that lost W, recycle a
+        head past ``RMAP_RECYCLE_THRESHOLD`` (then note the mapping). Returns the time."""
+        if status & MS_MMIO_CREATED:
+            v.stat.pf_mmio_spte_created += 1
+        if status & MS_FLUSH:
+            t = kvm_flush_remote_tlbs(self.vm, t, me=v.id)
+        if status & MS_RECYCLE:
+            assert slot is not None
+            t = self.rmap_recycle(slot, gfn, level, v.id, t)
+            self.note_mapped(gfn, level)
+        return t
 
     def _head(self, k: int, gfn: int, level: int) -> tuple[np.ndarray, int]:
         heads, base = self.rmaps[k]

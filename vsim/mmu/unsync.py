@@ -49,11 +49,10 @@ KVM_PAGE_ARRAY_NR = 16
 class UnsyncOps:
     """Unsync and sync, mixed into ``ShadowPagingMmu``."""
 
-    def mmu_try_to_unsync_pages(self: ShadowPagingMmu, slot: Memslot | None, gfn: int, can_unsync: bool,
-                                prefetch: bool) -> bool:  # fmt: skip
+    def mmu_try_to_unsync_pages(self: ShadowPagingMmu, slot: Memslot | None, gfn: int, can_unsync: bool) -> bool:
         """``mmu_try_to_unsync_pages``: may an SPTE mapping ``gfn`` be writable? Unsyncs the 4K
-        shadow pages of ``gfn`` when it may; a write-tracked gfn, or a sync or prefetch in
-        progress, keeps it read-only."""
+        shadow pages of ``gfn`` when it may; a write-tracked gfn, or a sync in progress, keeps it
+        read-only. (A prefetch, which never unsyncs, asks ``prefetch_may_be_writable``.)"""
         if self.kvm_gfn_is_write_tracked(slot, gfn):
             return False
         for sp in self.valid_sps(gfn):
@@ -63,8 +62,6 @@ class UnsyncOps:
                 return False
             if sp.unsync:
                 continue
-            if prefetch:
-                return False
             self.kvm_unsync_page(sp)
         return True
 
@@ -205,7 +202,7 @@ class UnsyncOps:
             return True
         access = protect_clean_gpte(sp.access & gpte_access(gpte), gpte)
         slot = v.gfn_to_memslot(gfn)  # the memslot now (kvm_vcpu_gfn_to_memslot), not the one at install
-        writable = bool(access & ACC_WRITE_MASK) and self.mmu_try_to_unsync_pages(slot, gfn, False, False)
+        writable = bool(access & ACC_WRITE_MASK) and self.mmu_try_to_unsync_pages(slot, gfn, False)
         new = spte & ~(PT_WRITABLE | SPTE_MMU_WRITABLE)
         if writable:
             new |= PT_WRITABLE | SPTE_MMU_WRITABLE | SPTE_HOST_WRITABLE
