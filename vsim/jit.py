@@ -27,6 +27,7 @@ SOURCES = (
     "mmu/sp_pool.py",
     "mmu/tdp_mmu_map.py",
     "mmu/direct_map.py",
+    "mmu/arch_mmu.py",
     "mmu/mmu_page.py",
     "mmu/pte_list.py",
     "host_mm.py",

@@ -22,6 +22,7 @@ from numba import njit
 from numba.extending import register_jitable
 
 from vsim.host_mm import host_pfn
+from vsim.mmu.arch_mmu import ArchMmu
 from vsim.mmu.mmu_page import (
     NIL,
     ROLE_ACCESS_SHIFT,
@@ -65,6 +66,7 @@ MS_FLUSH = 4  # flush remote TLBs (an SPTE lost W)
 MS_RECYCLE = 8  # the leaf's rmap head passed RMAP_RECYCLE_THRESHOLD: rmap_recycle
 MS_MMIO_CREATED = 16  # an MMIO SPTE was installed (pf_mmio_spte_created)
 MS_SCANNED = 32  # the hash was scanned for shadow pages of the gfn (do not again when called again)
+MS_PREFETCHED = 64  # direct_map went on to direct_pte_prefetch
 
 
 # An rmap as compiled code takes it: ``(heads_4k, heads_2m, heads_1g, base_gfn, number)``, the head
@@ -132,8 +134,8 @@ def sp_entry_gfn(p: Pool, s: Sps, table: int, idx: int) -> int:
     return s.gfns[table, idx]  # type: ignore[no-any-return]
 
 
-@njit(cache=True)
-def mmu_set_spte(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level: int, gfn: int,  # type: ignore[type-arg]
+@register_jitable
+def _mmu_set_spte(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level: int, gfn: int,  # type: ignore[type-arg]
                  mmio_spte: int, pfn: int, writable: bool, wrprot: bool, write_fault: bool, bitmap: np.ndarray,
                  bit: int, scan: bool, actor: int, t: int) -> tuple[int, int, int, int, int, int]:  # fmt: skip
     """``mmu_set_spte``: make the leaf at ``(table, idx)`` map ``gfn`` (``mmio_spte``, an MMIO SPTE,
@@ -184,36 +186,6 @@ def mmu_set_spte(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, l
     return ret, scanned, 0, 0, 0, 0
 
 
-@njit(cache=True)
-def direct_map(p: Pool, s: Sps, d: Descs, rmap: tuple, root: int, gfn: int, goal: int, mmio_spte: int,  # type: ignore[type-arg]
-               pfn: int, writable: bool, write_fault: bool, bitmap: np.ndarray, bit: int, scan: bool, actor: int,
-               t: int) -> tuple[int, int, int, int, int, int, int, int]:  # fmt: skip
-    """``direct_map`` under the write lock: walk from ``root``, create and link the missing direct
-    pages, then ``mmu_set_spte`` at ``goal`` (the page is never shadowed: no ``wrprot``). Returns
-    ``mmu_set_spte``'s six values, the pages created and the leaf's table."""
-    table = root
-    level = TDP_ROOT_LEVEL
-    created = 0
-    while level > goal:
-        idx = spte_index(gfn, level)
-        spte = p.spt[table, idx]
-        if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
-            table = (spte & PFN_MASK) >> PFN_SHIFT
-            level -= 1
-            continue
-        if is_shadow_present_pte(spte):  # drop_large_spte: a huge leaf above the goal
-            return 0, MS_DROP, table, idx, level, gfn & ~(pages_per_level(level) - 1), created, table
-        child, new = get_direct_sp(p, s, gfn & ~(pages_per_level(level) - 1), level - 1, ACC_ALL)
-        created += new
-        link_shadow_page(p, s, d, table, idx, child, actor, t)
-        table = child
-        level -= 1
-    idx = spte_index(gfn, goal)
-    ret, status, dt, di, dl, dg = mmu_set_spte(p, s, d, rmap, table, idx, goal, gfn, mmio_spte, pfn, writable, False,
-                                               write_fault, bitmap, bit, scan, actor, t)  # fmt: skip
-    return ret, status, dt, di, dl, dg, created, table
-
-
 @register_jitable
 def prefetch_may_be_writable(s: Sps, p: Pool, write_track: np.ndarray, slot_base: int, gfn: int) -> bool:
     """``mmu_try_to_unsync_pages`` for a prefetch: ``gfn`` may be mapped writable unless it is
@@ -235,11 +207,11 @@ def prefetch_may_be_writable(s: Sps, p: Pool, write_track: np.ndarray, slot_base
     return found
 
 
-@njit(cache=True)
-def direct_pte_prefetch(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, slot_base: int,  # type: ignore[type-arg]
-                        slot_end: int, host_off: int, resident: np.ndarray, new_base: np.ndarray, pfn_base: int,
-                        span_shift: int, write_track: np.ndarray, shadowing: bool, actor: int,
-                        t: int) -> int:  # fmt: skip
+@register_jitable
+def _direct_pte_prefetch(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, slot_base: int,  # type: ignore[type-arg]
+                         slot_end: int, host_off: int, resident: np.ndarray, new_base: np.ndarray, pfn_base: int,
+                         span_shift: int, write_track: np.ndarray, shadowing: bool, actor: int,
+                         t: int) -> int:  # fmt: skip
     """``direct_pte_prefetch``: map the non-present neighbours in the faulting SPTE's aligned block
     of 8 whose host pages are resident (each run stops at the first that is not). Under shadow
     paging (``shadowing``) each is writable only if ``prefetch_may_be_writable``; a direct MMU
@@ -263,3 +235,65 @@ def direct_pte_prefetch(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx:
         note_mapped(p, gfn, PG_LEVEL_4K)
         done += 1
     return done
+
+
+# -- entry points (``h`` is the MMU's ``ArchMmu`` handle) ----------------------------------------------
+
+
+@njit(cache=True)
+def mmu_set_spte(h: ArchMmu, rmap: tuple, table: int, idx: int, level: int, gfn: int, mmio_spte: int, pfn: int,  # type: ignore[type-arg]
+                 writable: bool, wrprot: bool, write_fault: bool, bitmap: np.ndarray, bit: int, actor: int,
+                 t: int) -> tuple[int, int, int, int, int, int]:  # fmt: skip
+    """``mmu_set_spte`` (``_mmu_set_spte``) for shadow paging's ``FNAME(fetch)``."""
+    return _mmu_set_spte(h.p, h.s, h.d, rmap, table, idx, level, gfn, mmio_spte, pfn, writable, wrprot,  # type: ignore[no-any-return]
+                         write_fault, bitmap, bit, False, actor, t)  # fmt: skip
+
+
+@njit(cache=True)
+def direct_pte_prefetch(h: ArchMmu, rmap: tuple, table: int, idx: int, slot_base: int, slot_end: int,  # type: ignore[type-arg]
+                        host_off: int, resident: np.ndarray, new_base: np.ndarray, pfn_base: int, span_shift: int,
+                        write_track: np.ndarray, shadowing: bool, actor: int, t: int) -> int:  # fmt: skip
+    """``direct_pte_prefetch`` (``_direct_pte_prefetch``) on its own."""
+    return _direct_pte_prefetch(h.p, h.s, h.d, rmap, table, idx, slot_base, slot_end, host_off, resident,  # type: ignore[no-any-return]
+                                new_base, pfn_base, span_shift, write_track, shadowing, actor, t)  # fmt: skip
+
+
+@njit(cache=True)
+def direct_map(h: ArchMmu, rmap: tuple, root: int, gfn: int, goal: int, mmio_spte: int, pfn: int, writable: bool,  # type: ignore[type-arg]
+               write_fault: bool, bitmap: np.ndarray, bit: int, scan: bool, prefetch: bool, slot_base: int,
+               slot_end: int, host_off: int, resident: np.ndarray, new_base: np.ndarray, pfn_base: int,
+               span_shift: int, write_track: np.ndarray, actor: int,
+               t: int) -> tuple[int, int, int, int, int, int, int, int, int]:  # fmt: skip
+    """``direct_map`` under the write lock: walk from ``root``, create and link the missing direct
+    pages, then ``mmu_set_spte`` at ``goal`` (the page is never shadowed: no ``wrprot``), then, if
+    that mapped a 4K page and needs no flush first, ``direct_pte_prefetch`` (with ``prefetch``: a
+    slot that is not dirty-logged, no invalidation in progress). Returns ``mmu_set_spte``'s six
+    values (``MS_PREFETCHED`` in the status when it prefetched), the pages created, the leaf's
+    table and the SPTEs prefetched."""
+    p, s, d = h.p, h.s, h.d
+    table = root
+    level = TDP_ROOT_LEVEL
+    created = 0
+    while level > goal:
+        idx = spte_index(gfn, level)
+        spte = p.spt[table, idx]
+        if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+            table = (spte & PFN_MASK) >> PFN_SHIFT
+            level -= 1
+            continue
+        if is_shadow_present_pte(spte):  # drop_large_spte: a huge leaf above the goal
+            return 0, MS_DROP, table, idx, level, gfn & ~(pages_per_level(level) - 1), created, table, 0
+        child, new = get_direct_sp(p, s, gfn & ~(pages_per_level(level) - 1), level - 1, ACC_ALL)
+        created += new
+        link_shadow_page(p, s, d, table, idx, child, actor, t)
+        table = child
+        level -= 1
+    idx = spte_index(gfn, goal)
+    ret, status, dt, di, dl, dg = _mmu_set_spte(p, s, d, rmap, table, idx, goal, gfn, mmio_spte, pfn, writable,
+                                                False, write_fault, bitmap, bit, scan, actor, t)  # fmt: skip
+    done = 0
+    if ret == RET_PF_FIXED and goal == PG_LEVEL_4K and prefetch and not status & (MS_FLUSH | MS_RECYCLE):
+        done = _direct_pte_prefetch(p, s, d, rmap, table, idx, slot_base, slot_end, host_off, resident, new_base,
+                                    pfn_base, span_shift, write_track, scan, actor, t)  # fmt: skip
+        status |= MS_PREFETCHED
+    return ret, status, dt, di, dl, dg, created, table, done

@@ -21,9 +21,12 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from vsim.dirty_log import dirty_bit
 from vsim.mmu.direct_map import (
     MS_DROP,
+    MS_PREFETCHED,
     MS_SCANNED,
     MS_UNLINK,
     PTE_PREFETCH_NUM,
@@ -51,6 +54,9 @@ if TYPE_CHECKING:
     from vsim.vmm import Vmm
 
 BATCH_ZAP_PAGES = 10
+NO_U8 = np.zeros(0, dtype=np.uint8)
+NO_I64 = np.zeros(0, dtype=np.int64)
+NO_I32 = np.zeros(0, dtype=np.int32)
 
 
 class LegacyMmu(RmapRangeOps, ShadowMmu):
@@ -139,8 +145,8 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         return ret
 
     def direct_map(self, v: Vcpu, root: KvmMmuPage, fault: KvmPageFault) -> int:
-        """``direct_map`` under the write lock (``vsim.mmu.direct_map``), then
-        ``direct_pte_prefetch``; advances ``v.now`` by the work done."""
+        """``direct_map`` under the write lock, then ``direct_pte_prefetch`` (``vsim.mmu.direct_map``);
+        advances ``v.now`` by the work done."""
         vm = self.vm
         vid = v.id
         t = v.now
@@ -152,13 +158,14 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         mmio = make_mmio_spte(gfn, vm.memslots.generation) if slot is None else 0
         rmap = self.rmap_args(slot)
         bitmap, bit = dirty_bit(slot, gfn)
+        pf = self._prefetch_args(slot)
         work = self._c_map
         scan = self.indirect  # a non-paging shadow guest: make_spte looks for pages to unsync
         while True:
-            self.reserve(TDP_ROOT_LEVEL - goal, 1 + TDP_ROOT_LEVEL)
-            ret, status, dt, di, dl, dg, created, leaf = direct_map(
-                self.pool.p, self.pages.s, self.descs.d, rmap, root.table, gfn, goal, mmio, fault.pfn,
-                fault.map_writable, fault.write, bitmap, bit, scan, vid, t)  # fmt: skip
+            self.reserve(TDP_ROOT_LEVEL - goal, 1 + TDP_ROOT_LEVEL + PTE_PREFETCH_NUM)
+            ret, status, dt, di, dl, dg, created, leaf, done = direct_map(
+                self.arch.sync(), rmap, root.table, gfn, goal, mmio, fault.pfn, fault.map_writable, fault.write,
+                bitmap, bit, scan, *pf, vid, t)  # fmt: skip
             self.replay_changes()
             work += self._c_sp * created
             if status & MS_SCANNED:
@@ -167,10 +174,22 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
                 break
             t = self.drop_or_unlink(status, dt, di, dl, dg, vid, t)
         t = self.set_spte_done(v, status, slot, gfn & ~(pages_per_level(goal) - 1), goal, t)
-        if ret == RET_PF_FIXED and goal == PG_LEVEL_4K:
+        if status & MS_PREFETCHED:
+            work += done * self._c_prefetch
+        elif ret == RET_PF_FIXED and goal == PG_LEVEL_4K:  # after the flush or recycle it needed
             work += self.direct_pte_prefetch(v, leaf, spte_index(gfn, goal), slot, t)
         v.now = t + work
         return int(ret)
+
+    def _prefetch_args(self, slot: Memslot | None) -> tuple[object, ...]:
+        """What ``direct_pte_prefetch`` reads of the faulting slot, and whether it may run at all:
+        not without a slot, while an invalidation is in progress, or in a dirty-logged slot."""
+        if slot is None:
+            return False, 0, 0, 0, NO_U8, NO_I64, 0, 0, NO_I32
+        host = slot.host
+        ok = not self.vm.mmu_invalidate_in_progress and slot.dirty_bitmap is None
+        return (ok, slot.base_gfn, slot.end_gfn, slot.host_offset, host.resident, host.new_base, host.pfn_base,
+                host.span_shift, slot.write_track)  # fmt: skip
 
     def set_spte_at(self, v: Vcpu, table: int, idx: int, level: int, gfn: int, slot: Memslot | None, pfn: int,
                     writable: bool, write_fault: bool, t: int) -> tuple[int, int]:  # fmt: skip
@@ -180,16 +199,14 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         emulates. Returns ``(RET_PF_*, time)``."""
         vm = self.vm
         mmio = make_mmio_spte(gfn, vm.memslots.generation) if slot is None else 0
-        wrprot = (
-            slot is not None and writable and not self.make_spte_writable(v, gfn, level, self.spt.item(table, idx), t)
-        )
+        old = self.spt.item(table, idx)
+        wrprot = slot is not None and writable and not self.make_spte_writable(v, gfn, level, old, t)
         rmap = self.rmap_args(slot)
         bitmap, bit = dirty_bit(slot, gfn)
         while True:
             self.reserve(0, 1)
-            ret, status, dt, di, dl, dg = mmu_set_spte(
-                self.pool.p, self.pages.s, self.descs.d, rmap, table, idx, level, gfn, mmio, pfn, writable, wrprot,
-                write_fault, bitmap, bit, False, v.id, t)  # fmt: skip
+            ret, status, dt, di, dl, dg = mmu_set_spte(self.arch.sync(), rmap, table, idx, level, gfn, mmio, pfn,
+                                                       writable, wrprot, write_fault, bitmap, bit, v.id, t)  # fmt: skip
             self.replay_changes()
             if not status & (MS_DROP | MS_UNLINK):
                 break
@@ -201,17 +218,14 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         return True
 
     def direct_pte_prefetch(self, v: Vcpu, table: int, idx: int, slot: Memslot | None, t: int) -> int:
-        """``direct_pte_prefetch`` (``vsim.mmu.direct_map``): map the non-present neighbours in the
-        faulting SPTE's aligned block of 8 whose host pages are resident. Not while an invalidation
-        is in progress, nor in a dirty-logged slot. Returns the ns spent."""
-        vm = self.vm
-        if slot is None or vm.mmu_invalidate_in_progress or slot.dirty_bitmap is not None:
+        """``direct_pte_prefetch`` (``vsim.mmu.direct_map``) on its own: map the non-present
+        neighbours in the faulting SPTE's aligned block of 8 whose host pages are resident.
+        Returns the ns spent."""
+        pf = self._prefetch_args(slot)
+        if not pf[0]:
             return 0
-        host = slot.host
         self.reserve(0, PTE_PREFETCH_NUM)
-        done = direct_pte_prefetch(self.pool.p, self.pages.s, self.descs.d, self.rmap_args(slot), table, idx,
-                                   slot.base_gfn, slot.end_gfn, slot.host_offset, host.resident, host.new_base,
-                                   host.pfn_base, host.span_shift, slot.write_track, self.indirect, v.id,
+        done = direct_pte_prefetch(self.arch.sync(), self.rmap_args(slot), table, idx, *pf[1:], self.indirect, v.id,
                                    t)  # fmt: skip
         self.replay_changes()
         return int(done) * self._c_prefetch

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vsim.mmu.arch_mmu import ArchMmuHandle
 from vsim.mmu.direct_map import MS_DROP, MS_FLUSH, MS_MMIO_CREATED, MS_RECYCLE
 from vsim.mmu.mmu_page import (
     NIL,
@@ -74,6 +75,7 @@ class ShadowMmu(PageTables):
         self.pages = ShadowPages(self.pool, self.descs, self.indirect)
         self.sp_of = SpViews(self.pages)  # page table -> its shadow page (sptep_to_sp)
         self.active = ActivePages(self.pages, self.sp_of)  # active_mmu_pages, oldest first
+        self.arch = ArchMmuHandle(self)  # the arrays above as one handle for compiled code
         # The rmaps leaves are entered in: each memslot's head arrays (shared by its FLAGS_ONLY and
         # INVALID copies) with its base gfn, numbered as leaves record them (Sps.leaf_rmap).
         self.rmaps: list[tuple[list[np.ndarray], int]] = []
