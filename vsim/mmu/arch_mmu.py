@@ -1,6 +1,6 @@
 """``kvm->arch``'s MMU state as one handle for compiled code.
 
-The page-table pool (``Pool``), the shadow pages (``Sps``) and the pte_list descriptors (``Descs``)
+The page-table pool (its ``PoolRef``), the shadow pages (``Sps``) and the pte_list descriptors (``Descs``)
 are bundles of arrays that their owners replace when they grow. Passing them to a compiled
 function costs the dispatcher a type check per array on every call (about 8 µs for the three);
 ``ArchMmu`` is a numba StructRef that holds the three bundles and unboxes as one object (about
@@ -17,7 +17,7 @@ from numba.experimental import structref
 
 from vsim.mmu.mmu_page import Sps
 from vsim.mmu.pte_list import Descs
-from vsim.mmu.sp_pool import Pool
+from vsim.mmu.sp_pool import PoolRef
 
 
 @structref.register
@@ -29,7 +29,7 @@ class ArchMmuType(types.StructRef):
 class ArchMmu(structref.StructRefProxy):
     """The handle: fields ``p`` (``Pool``), ``s`` (``Sps``) and ``d`` (``Descs``)."""
 
-    def __new__(cls, p: Pool, s: Sps, d: Descs) -> ArchMmu:
+    def __new__(cls, p: PoolRef, s: Sps, d: Descs) -> ArchMmu:
         return structref.StructRefProxy.__new__(cls, p, s, d)  # type: ignore[no-any-return]
 
 
@@ -37,7 +37,7 @@ structref.define_proxy(ArchMmu, ArchMmuType, ["p", "s", "d"])
 
 
 @njit(cache=True)
-def _set(h: ArchMmu, p: Pool, s: Sps, d: Descs) -> None:
+def _set(h: ArchMmu, p: PoolRef, s: Sps, d: Descs) -> None:
     h.p = p
     h.s = s
     h.d = d
@@ -51,9 +51,9 @@ class ArchMmuHandle:
         self._seen = self._bundles()
         self.h = ArchMmu(*self._seen)
 
-    def _bundles(self) -> tuple[Pool, Sps, Descs]:
+    def _bundles(self) -> tuple[PoolRef, Sps, Descs]:
         o = self._owner
-        return o.pool.p, o.pages.s, o.descs.d
+        return o.pool.ref, o.pages.s, o.descs.d
 
     def sync(self) -> ArchMmu:
         """The handle, pointed at the bundles again if any of them was replaced."""

@@ -116,8 +116,8 @@ class TdpMmu(TdpRangeOps, PageTables):
 
     def _zap_table(self, table: int, vid: int, t: int, free: bool = True) -> int:
         if self.logging:
-            self.pool.reserve_changes(count_entries(self.pool.p, table))
-        visited = tdp_zap_table(self.pool.p, table, self._stat, free, vid, t)
+            self.pool.reserve_changes(count_entries(self.pool.ref, table))
+        visited = tdp_zap_table(self.pool.ref, table, self._stat, free, vid, t)
         self.replay_changes()
         return int(visited)
 
@@ -185,9 +185,9 @@ class TdpMmu(TdpRangeOps, PageTables):
         self.pool.reserve(level - goal)
         if self.logging:
             collapsing = level == goal and is_shadow_present_pte(old) and not is_last_spte(old, goal)
-            removed = count_entries(self.pool.p, spte_to_pfn(old)) if collapsing else 0
+            removed = count_entries(self.pool.ref, spte_to_pfn(old)) if collapsing else 0
             self.pool.reserve_changes(level - goal + 1 + removed)
-        ret, leaves = tdp_mmu_map_install(self.pool.p, self._stat, table, idx, level, old, gfn, goal, new,
+        ret, leaves = tdp_mmu_map_install(self.pool.ref, self._stat, table, idx, level, old, gfn, goal, new,
                                           slot is None, bitmap, bit, vid, t)  # fmt: skip
         self.replay_changes()
         if leaves:  # kvm_flush_remote_tlbs_gfn for the translations it held (x86 flushes everything)
@@ -199,7 +199,7 @@ class TdpMmu(TdpRangeOps, PageTables):
     def handle_removed_pt(self, table: int, gfn: int, vid: int, t: int) -> int:
         """``handle_removed_pt`` (``vsim.mmu.tdp_mmu_map``): the present leaves the table held."""
         if self.logging:
-            self.pool.reserve_changes(count_entries(self.pool.p, table))
-        leaves = handle_removed_pt(self.pool.p, table, gfn, self._stat, vid, t)
+            self.pool.reserve_changes(count_entries(self.pool.ref, table))
+        leaves = handle_removed_pt(self.pool.ref, table, gfn, self._stat, vid, t)
         self.replay_changes()
         return int(leaves)

@@ -186,7 +186,7 @@ class TdpRangeOps:
         """Split one huge leaf; then its children that overlap ``[start, end)`` above the target."""
         start, end, target = goal
         self.pool.reserve(1)
-        child = int(tdp_split_huge_page(self.pool.p, spte, level, gfn, self._stat))
+        child = int(tdp_split_huge_page(self.pool.ref, spte, level, gfn, self._stat))
         self.set_spte(table, i, level, gfn, spte, make_nonleaf_spte(child), actor, t)
         created = SPTE_ENT_PER_PAGE
         if level - 1 > target:

@@ -242,7 +242,7 @@ class VcpuGroup(GroupTransfer):
         while True:
             mmu = vm.mmu
             run_group(self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags, self.wr,
-                      self.sets, self.ways, self.count, self.counters, mmu.pool.p, g, self.c, self._slots,
+                      self.sets, self.ways, self.count, self.counters, mmu.pool.ref, g, self.c, self._slots,
                       self._host.resident, self._host.moved, self._bitmap, self.evbuf, self.srvbuf,  # type: ignore[union-attr]
                       self.srcubuf, self._empty8, self._empty64, self._empty64, self._pml_n)  # fmt: skip
             self._drain()
