@@ -38,3 +38,26 @@ def test_a_changed_source_drops_the_cached_objects(tmp_path: Path, monkeypatch) 
     (pkg / "vcpu" / "group_state.py").write_text("# columns moved\n")
     jit.drop_stale_caches()
     assert not cached.exists()
+
+
+def test_compile_clock_times_compilation_and_says_so_once() -> None:
+    """A run that compiles reports it once and times it (rates leave it out); one that does not,
+    reports nothing."""
+    from numba import njit
+
+    from vsim.jit import compile_clock
+
+    calls: list[int] = []
+
+    def fresh(x: int) -> int:  # a new function each time: it must compile
+        return x + 1
+
+    with compile_clock(lambda: calls.append(1)) as clock:
+        f = njit(fresh)
+        assert f(1) == 2 and f(2) == 3  # the second call reuses the first compilation
+        g = njit(fresh)
+        assert g(3) == 4
+    assert calls == [1] and clock.seconds > 0
+    with compile_clock(lambda: calls.append(2)) as again:
+        assert f(5) == 6
+    assert calls == [1] and again.seconds == 0

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _say_compiling() -> None:
+    print("vsim: compiling kernels (first run only; they are cached)", file=sys.stderr, flush=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     sets = list(args.sets)
     if args.seed is not None:
@@ -77,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vsim: error: --out {out}: exists and is not a directory", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = run_scenario(cfg, out)
+        result = run_scenario(cfg, out, on_compile=_say_compiling)
     except OSError as e:
         print(f"vsim: error: {out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE

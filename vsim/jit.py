@@ -7,13 +7,20 @@ Editing one of those files alone would load a stale function with wrong array of
 ``drop_stale_caches`` hashes every source file compiled code depends on and, when the hash differs
 from the one the caches were built with, removes the cached objects before anything is compiled.
 (Caches that ``NUMBA_CACHE_DIR`` moves elsewhere are not managed: clear that directory by hand.)
+
+``compile_clock`` measures the compilation a run does (the first run after an install, or after
+a source change), so that rates can leave it out and the CLI can say what is happening.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from numba.core import event
 
 PACKAGE = Path(__file__).resolve().parent
 SOURCES = (
@@ -58,3 +65,35 @@ def drop_stale_caches() -> None:
     with contextlib.suppress(OSError):  # a read-only install: numba cannot cache there either
         STAMP.parent.mkdir(exist_ok=True)
         STAMP.write_text(digest)
+
+
+class CompileClock(event.Listener):  # type: ignore[misc]
+    """Wall time spent compiling (numba's ``numba:compile`` events; nested ones count once), and a
+    callback at the first compilation, so a caller can say that it is happening."""
+
+    def __init__(self, on_first: Callable[[], None] | None = None) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+        self._t0 = 0.0
+        self._on_first = on_first
+
+    def on_start(self, ev: event.Event) -> None:
+        if self._depth == 0:
+            if self._on_first is not None:
+                self._on_first()
+                self._on_first = None
+            self._t0 = time.perf_counter()
+        self._depth += 1
+
+    def on_end(self, ev: event.Event) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._t0
+
+
+@contextlib.contextmanager
+def compile_clock(on_first: Callable[[], None] | None = None) -> Iterator[CompileClock]:
+    """Measure the compilation done inside the block."""
+    clock = CompileClock(on_first)
+    with event.install_listener("numba:compile", clock):
+        yield clock

@@ -35,7 +35,11 @@ def summary_table(stats: dict[str, Any], timing: dict[str, Any], title: str) -> 
             for mode, w in lat["mmu_lock_wait"].items()
             if w["count"]
         ),
-        ("wall time", f"{timing['wall_s']:.2f} s"),
+        (
+            "wall time",
+            f"{timing['wall_s']:.2f} s"
+            + (f" ({timing['compile_s']:.2f} s compiling)" if timing.get("compile_s", 0) >= 0.01 else ""),
+        ),
         ("accesses / faults per wall s", f"{timing['accesses_per_wall_s']:,} / {timing['faults_per_wall_s']:,}"),
     ]
     if vm["remote_tlb_flush_requests"]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from numba import njit, types
+import numpy as np
+from numba import njit, typeof, types
 from numba.experimental import structref
 
 from vsim.mmu.mmu_page import Sps
 from vsim.mmu.pte_list import Descs
-from vsim.mmu.sp_pool import PoolRef
+from vsim.mmu.sp_pool import POOL_REF_TYPE, PoolRef
 
 
 @structref.register
@@ -26,14 +27,32 @@ class ArchMmuType(types.StructRef):
         return tuple((name, types.unliteral(t)) for name, t in fields)
 
 
-class ArchMmu(structref.StructRefProxy):
-    """The handle: fields ``p`` (``Pool``), ``s`` (``Sps``) and ``d`` (``Descs``)."""
-
-    def __new__(cls, p: PoolRef, s: Sps, d: Descs) -> ArchMmu:
-        return structref.StructRefProxy.__new__(cls, p, s, d)  # type: ignore[no-any-return]
+class ArchMmu(structref.StructRefProxy):  # type: ignore[misc]
+    """The handle: fields ``p`` (``PoolRef``), ``s`` (``Sps``) and ``d`` (``Descs``), made by
+    ``new_arch_mmu`` (cached, unlike numba's generated constructor)."""
 
 
-structref.define_proxy(ArchMmu, ArchMmuType, ["p", "s", "d"])
+structref.define_boxing(ArchMmuType, ArchMmu)
+
+
+def _bundle_type(cls: Any, shapes: dict[str, tuple[Any, int]]) -> Any:
+    """The numba type of a NamedTuple of arrays with the given dtypes and dimensions."""
+    return typeof(cls(**{f: np.zeros((1,) * nd, dtype=dt) for f, (dt, nd) in shapes.items()}))
+
+
+_SPS_TYPE = _bundle_type(Sps, {f: (np.uint64, 2) if f == "unsync_bits" else (np.int32, 2) if f == "leaf_rmap"
+                               else (np.int64, 2) if f == "gfns" else (np.int64, 1) for f in Sps._fields})  # fmt: skip
+_DESCS_TYPE = _bundle_type(Descs, {f: (np.int64, 2) if f == "sptes" else (np.int64, 1) for f in Descs._fields})
+ARCH_MMU_TYPE = ArchMmuType([("p", POOL_REF_TYPE), ("s", _SPS_TYPE), ("d", _DESCS_TYPE)])
+
+
+@njit(cache=True)
+def new_arch_mmu(p: PoolRef, s: Sps, d: Descs) -> ArchMmu:
+    h = structref.new(ARCH_MMU_TYPE)
+    h.p = p
+    h.s = s
+    h.d = d
+    return h
 
 
 @njit(cache=True)
@@ -49,7 +68,7 @@ class ArchMmuHandle:
     def __init__(self, owner: Any) -> None:
         self._owner = owner
         self._seen = self._bundles()
-        self.h = ArchMmu(*self._seen)
+        self.h = new_arch_mmu(*self._seen)
 
     def _bundles(self) -> tuple[PoolRef, Sps, Descs]:
         o = self._owner

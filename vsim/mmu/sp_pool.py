@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import njit, types
+from numba import njit, typeof, types
 from numba.experimental import structref
 from numba.extending import register_jitable
 
@@ -58,25 +58,40 @@ class Pool(NamedTuple):
     zapped: np.ndarray  # (region pages,) bool: test-region gfns a zap unmapped
 
 
-POOL_FIELDS = ("spt", "sp_level", "sp_gfn", "sp_gen", "free", "hdr", "counts", "chg", "zapped")
-
-
 @structref.register
 class PoolRefType(types.StructRef):
     def preprocess_fields(self, fields: Any) -> tuple[tuple[str, Any], ...]:
         return tuple((name, types.unliteral(t)) for name, t in fields)
 
 
-class PoolRef(structref.StructRefProxy):
+class PoolRef(structref.StructRefProxy):  # type: ignore[misc]
     """``Pool``'s arrays as one object for compiled entry points: it unboxes as one pointer, and
     compiled code that takes it compiles several times faster than with the 9-array tuple. The
-    helpers here read ``p.spt`` etc. either way, so they serve both."""
-
-    def __new__(cls, *arrays: np.ndarray) -> PoolRef:
-        return structref.StructRefProxy.__new__(cls, *arrays)  # type: ignore[no-any-return]
+    helpers here read ``p.spt`` etc. either way, so they serve both. Made by ``new_pool_ref``
+    (a cached compiled constructor: numba's generated one would compile in every process)."""
 
 
-structref.define_proxy(PoolRef, PoolRefType, list(POOL_FIELDS))
+structref.define_boxing(PoolRefType, PoolRef)
+_DTYPES = (("spt", np.int64, 2), ("sp_level", np.int8, 1), ("sp_gfn", np.int64, 1), ("sp_gen", np.int64, 1),
+           ("free", np.int64, 1), ("hdr", np.int64, 1), ("counts", np.int64, 1), ("chg", np.int64, 2),
+           ("zapped", np.bool_, 1))  # fmt: skip
+POOL_REF_TYPE = PoolRefType([(name, typeof(np.zeros((1,) * nd, dtype=dt))) for name, dt, nd in _DTYPES])
+
+
+@njit(cache=True)
+def new_pool_ref(spt: np.ndarray, sp_level: np.ndarray, sp_gfn: np.ndarray, sp_gen: np.ndarray, free: np.ndarray,
+                 hdr: np.ndarray, counts: np.ndarray, chg: np.ndarray, zapped: np.ndarray) -> PoolRef:  # fmt: skip
+    r = structref.new(POOL_REF_TYPE)
+    r.spt = spt
+    r.sp_level = sp_level
+    r.sp_gfn = sp_gfn
+    r.sp_gen = sp_gen
+    r.free = free
+    r.hdr = hdr
+    r.counts = counts
+    r.chg = chg
+    r.zapped = zapped
+    return r
 
 
 @njit(cache=True)
@@ -199,7 +214,7 @@ class SpPool:
             chg=np.zeros((64, CHG_COLS), dtype=np.int64),
             zapped=np.zeros(region_pages, dtype=np.bool_),
         )
-        self.ref = PoolRef(*self.p)  # the same arrays, for compiled entry points
+        self.ref = new_pool_ref(*self.p)  # the same arrays, for compiled entry points
 
     def _replaced(self, p: Pool) -> None:
         self.p = p
