@@ -94,17 +94,6 @@ def new_pool_ref(spt: np.ndarray, sp_level: np.ndarray, sp_gfn: np.ndarray, sp_g
     return r
 
 
-@njit(cache=True)
-def _repoint(r: PoolRef, spt: np.ndarray, sp_level: np.ndarray, sp_gfn: np.ndarray, sp_gen: np.ndarray,
-             free: np.ndarray, chg: np.ndarray) -> None:  # fmt: skip
-    r.spt = spt
-    r.sp_level = sp_level
-    r.sp_gfn = sp_gfn
-    r.sp_gen = sp_gen
-    r.free = free
-    r.chg = chg
-
-
 @register_jitable
 def sp_alloc(p: Pool, level: int, gfn: int, stat: int) -> int:
     """A zeroed page table for ``level`` mapping from ``gfn``: a freed one first, else the next
@@ -218,7 +207,7 @@ class SpPool:
 
     def _replaced(self, p: Pool) -> None:
         self.p = p
-        _repoint(self.ref, p.spt, p.sp_level, p.sp_gfn, p.sp_gen, p.free, p.chg)
+        self.ref = new_pool_ref(*p)
 
     @property
     def n_tables(self) -> int:
