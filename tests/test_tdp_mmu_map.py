@@ -264,3 +264,28 @@ def test_the_checker_sees_the_compiled_installs_of_a_run() -> None:
     vm.run()
     leaves = {gfn for gfn, new, level in seen if level == 1 and new & SPTE_MMU_PRESENT}
     assert len(leaves) == 2 * 512 == vm.stat.pages_4k
+
+
+def test_fast_page_fault_fixes_only_what_it_may_without_the_lock() -> None:
+    """``fast_page_fault``'s decision (``fast_pf_fix``): W back on a write-protected, MMU-writable
+    leaf; R and X back on an access-tracked one; a huge leaf in a dirty-logged slot, a leaf that
+    is not MMU-writable, or no leaf at all goes to the slow path; an allowed access is spurious."""
+    from vsim.mmu.fast_page_fault import fast_pf_fix
+    from vsim.mmu.page_fault import RET_PF_INVALID
+    from vsim.mmu.spte import PT_EXEC, PT_PRESENT_R, mark_spte_for_access_track
+
+    w = make_spte(0x1234, 1, True)
+    wp = w & ~PT_WRITABLE  # dirty logging's write protection keeps MMU-writable
+    assert fast_pf_fix(wp, 1, True, True) == (RET_PF_FIXED, w)
+    assert fast_pf_fix(wp, 1, False, True) == (RET_PF_SPURIOUS, wp)
+    assert fast_pf_fix(w, 1, True, False) == (RET_PF_SPURIOUS, w)
+    ro = make_spte(0x1234, 1, False)
+    assert fast_pf_fix(ro, 1, True, False)[0] == RET_PF_INVALID  # not MMU-writable: the slow path
+    huge = make_spte(0x40000, 2, True) & ~PT_WRITABLE
+    assert fast_pf_fix(huge, 2, True, True)[0] == RET_PF_INVALID  # must be remapped at 4K
+    assert fast_pf_fix(huge, 2, True, False) == (RET_PF_FIXED, huge | PT_WRITABLE)
+    aged = mark_spte_for_access_track(ro)
+    assert not aged & (PT_PRESENT_R | PT_EXEC)
+    assert fast_pf_fix(aged, 1, False, False) == (RET_PF_FIXED, ro)
+    assert fast_pf_fix(0, 1, True, False) == (RET_PF_INVALID, 0)
+    assert fast_pf_fix(make_nonleaf_spte(3), 2, True, False)[0] == RET_PF_INVALID

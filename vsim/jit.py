@@ -35,6 +35,7 @@ SOURCES = (
     "mmu/tdp_mmu_map.py",
     "mmu/direct_map.py",
     "mmu/arch_mmu.py",
+    "mmu/fast_page_fault.py",
     "mmu/mmu_page.py",
     "mmu/pte_list.py",
     "host_mm.py",

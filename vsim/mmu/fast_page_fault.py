@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from numba.extending import register_jitable
+
 from vsim.dirty_log import mark_page_dirty_in_slot
 from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES
 from vsim.mmu.page_fault import (
@@ -44,11 +46,35 @@ def page_fault_can_be_fast(fault: KvmPageFault, ad_enabled: bool = True) -> bool
     return fault.write
 
 
-def is_access_allowed(fault: KvmPageFault, spte: int) -> bool:
+@register_jitable
+def is_access_allowed(write: bool, spte: int) -> bool:
     """``is_access_allowed``: the SPTE already permits the faulting access."""
-    if fault.write:
+    if write:
         return bool(spte & PT_WRITABLE)
     return bool(spte & PT_PRESENT_R)
+
+
+@register_jitable
+def fast_pf_fix(old: int, level: int, write: bool, logged: bool) -> tuple[int, int]:
+    """What ``fast_page_fault`` makes of the last SPTE ``old`` on the walk, at ``level``, for a
+    write or a read, in a dirty-logged slot or not: ``(RET_PF_FIXED, new)`` to cmpxchg,
+    ``(RET_PF_SPURIOUS, old)`` if the access is already allowed, ``(RET_PF_INVALID, old)`` for
+    the slow path (with the SPTE it got as far as building, which the tracepoint shows)."""
+    if not is_shadow_present_pte(old) or not is_last_spte(old, level):
+        return RET_PF_INVALID, old
+    if is_access_allowed(write, old):
+        return RET_PF_SPURIOUS, old
+    new = old
+    if is_access_track_spte(new):  # aged without A/D bits: give R and X back
+        new = restore_acc_track_spte(new)
+    if write and is_mmu_writable_spte(old):
+        new |= PT_WRITABLE
+        # A huge leaf in a dirty-logged slot must be remapped at 4K by the slow path.
+        if level > PG_LEVEL_4K and logged:
+            return RET_PF_INVALID, new
+    if not is_access_allowed(write, new):
+        return RET_PF_INVALID, new
+    return RET_PF_FIXED, new
 
 
 def fast_page_fault(mmu: TdpMmu, vcpu: Vcpu, fault: KvmPageFault) -> int:
@@ -60,22 +86,12 @@ def fast_page_fault(mmu: TdpMmu, vcpu: Vcpu, fault: KvmPageFault) -> int:
     old = new = 0
     retries = 0
     slot = vcpu.gfn_to_memslot(fault.gfn)
+    logged = slot is not None and bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES)
     while True:
         table, idx, level, old = mmu.fast_pf_get_last_sptep(root, fault.gfn)
-        new = old
-        if not is_shadow_present_pte(old) or not is_last_spte(old, level):
-            break
-        if is_access_allowed(fault, old):
-            ret = RET_PF_SPURIOUS
-            break
-        if is_access_track_spte(new):  # aged without A/D bits: give R and X back
-            new = restore_acc_track_spte(new)
-        if fault.write and is_mmu_writable_spte(old):
-            new |= PT_WRITABLE
-            # A huge leaf in a dirty-logged slot must be remapped at 4K by the slow path.
-            if level > PG_LEVEL_4K and slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-                break
-        if not is_access_allowed(fault, new):
+        fix, new = fast_pf_fix(old, level, fault.write, logged)
+        if fix != RET_PF_FIXED:
+            ret = fix
             break
         base = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
         if mmu.try_cmpxchg(table, idx, level, base, old, new, vid, t):

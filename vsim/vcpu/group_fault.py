@@ -124,14 +124,14 @@ def fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, write, refs, present):  # 
 
 
 @njit(cache=True)
-def fast_fault(m, ms, ss, counters, pool, g, c, evbuf, bitmap, gfn, refs, table, idx, old, bit):  # type: ignore[no-untyped-def]
-    """A write to a write-protected, MMU-writable 4K SPTE (dirty logging): ``fast_page_fault``
-    gives W back with a lockless cmpxchg and marks the page dirty (``bitmap[bit]``, or no bitmap
-    when ``bit`` < 0); the caller checked that it can."""
+def fast_fault(m, ms, ss, counters, pool, g, c, evbuf, bitmap, gfn, refs, table, idx, level, old, new, bit):  # type: ignore[no-untyped-def]
+    """``fast_page_fault`` when ``fast_pf_fix`` said it fixes the fault with ``new`` (a write to a
+    write-protected, MMU-writable leaf: dirty logging): the lockless cmpxchg, and the page marked
+    dirty (``bitmap[bit]``, or no bitmap when ``bit`` < 0)."""
     fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, True, refs, True)
-    change_spte(pool, table, idx, 1, gfn, old, old | PT_WRITABLE, m, ms[m, M_NOW])
+    change_spte(pool, table, idx, level, gfn & ~((1 << (9 * (level - 1))) - 1), old, new, m, ms[m, M_NOW])
     ss[m, S_PF_FAST] += 1
-    if bit >= 0:
+    if bit >= 0 and new & PT_WRITABLE and not old & PT_WRITABLE:
         bitmap[bit] = 1  # mark_page_dirty_in_slot
     ms[m, M_NOW] += c[C_FAST]
     fault_end(m, ms, ss, g, evbuf, RET_PF_FIXED)

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 from numba import njit
 
+from vsim.mmu.fast_page_fault import fast_pf_fix
 from vsim.mmu.sp_pool import H_NFREE, H_NTABLES
-from vsim.mmu.spte import PT_WRITABLE, REMOVED_SPTE, SPTE_MMU_PRESENT, SPTE_MMU_WRITABLE
+from vsim.mmu.spte import REMOVED_SPTE
 from vsim.mmu.tdp_mmu_map import tdp_walk_to
 from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, STOP_HORIZON, STOP_SET_ACCESSED, run_accesses
 from vsim.vcpu.group_exits import entry, guest_sync, irq_exit, service_flush
@@ -91,6 +92,7 @@ from vsim.vcpu.group_state import (
     PH_NEXT,
     PH_OUT,
     PH_RUN,
+    RET_PF_FIXED,
     SL_BASE,
     SL_FAST,
     SL_FAULTIN,
@@ -280,7 +282,8 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, pool, 
             if not writes[m, j] or s < 0 or not slots[s, SL_FAST]:
                 return _leave(ms, m, LEAVE_PYFAULT)
             table, idx, level, old = tdp_walk_to(pool.spt, ms[m, M_ROOT], gfn, 1)
-            if level != 1 or not old & SPTE_MMU_PRESENT or old & PT_WRITABLE or not old & SPTE_MMU_WRITABLE:
+            fix, new = fast_pf_fix(old, level, True, slots[s, SL_FAST] == FAST_BITMAP)
+            if fix != RET_PF_FIXED:  # spurious, or the slow path: Python takes it
                 return _leave(ms, m, LEAVE_PYFAULT)
         elif s < 0 or not slots[s, SL_FAULTIN]:
             return _leave(ms, m, LEAVE_PYFAULT)
@@ -294,7 +297,7 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, pool, 
             return GS_FLUSH
         if present:
             bit = gfn - slots[s, SL_BASE] if slots[s, SL_FAST] == FAST_BITMAP else -1
-            fast_fault(m, ms, ss, counters, pool, g, c, evbuf, bitmap, gfn, refs, table, idx, old, bit)
+            fast_fault(m, ms, ss, counters, pool, g, c, evbuf, bitmap, gfn, refs, table, idx, level, old, new, bit)
             continue
         fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, writes[m, j], refs, hidx)
         if ms[m, M_PHASE] == PH_LOCK:
