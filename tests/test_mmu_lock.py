@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import simpy
 
 from vsim.events.sink import EventSink
@@ -56,3 +57,46 @@ def test_writers_exclude_each_other_fifo() -> None:
     got, lock = _drive([(0, 0, "write", 10), (1, 1, "write", 10), (2, 2, "write", 10)])
     assert got == {0: 0, 1: 10, 2: 20}
     assert lock.waits("write") == [0, 9, 18]
+
+
+def test_lockdep_asserts_the_mode_kvm_asserts_while_the_checker_is_on() -> None:
+    """``__kvm_mmu_prepare_zap_page`` needs ``mmu_lock`` for write and ``tdp_mmu_set_spte_atomic``
+    for read (``lockdep_assert_held_write/_read``): without it, a checked run stops."""
+    lock = MmuLock(simpy.Environment(), EventSink("off"))
+    lock.lockdep = True
+    with pytest.raises(AssertionError):
+        lock.lockdep_assert_held(3, write=True)
+    assert lock.read_lock(3, 0) is None
+    lock.lockdep_assert_held(3, write=False)
+    with pytest.raises(AssertionError):
+        lock.lockdep_assert_held(4, write=False)  # another reader does not count
+    with pytest.raises(AssertionError):
+        lock.lockdep_assert_held(3, write=True)
+    lock.read_unlock(3, 1)
+    with pytest.raises(AssertionError):
+        lock.lockdep_assert_held(3, write=False)
+    assert lock.write_lock(-1, 2) is None
+    lock.lockdep_assert_held(-1, write=True)
+    lock.lockdep = False
+    lock.lockdep_assert_held(5, write=True)  # unchecked runs assert nothing
+
+
+def test_the_shadow_zap_and_the_tdp_install_check_their_lock() -> None:
+    """The call sites: zapping a shadow page, and a TDP install, without ``mmu_lock``."""
+    from conftest import make_config
+
+    from vsim.mmu.page_fault import KvmPageFault
+    from vsim.vm import Vm
+
+    legacy = Vm(make_config("mmu.mode=legacy_tdp", "vm.vcpus=1", "workload.per_vcpu_memory=2MiB",
+                            "sim.invariants=true"))  # fmt: skip
+    legacy.run()
+    sp = next(iter(legacy.mmu.active))  # type: ignore[union-attr]
+    with pytest.raises(AssertionError, match="for write"):
+        legacy.mmu.kvm_mmu_prepare_zap_page(sp, [], -1, legacy.env.now)  # type: ignore[union-attr]
+    tdp = Vm(make_config("vm.vcpus=1", "workload.per_vcpu_memory=2MiB", "sim.invariants=true"))
+    tdp.run()
+    v = tdp.vcpus[0]
+    fault = KvmPageFault(addr=0, gfn=tdp.region_base_gfn, error_code=0, id=0, write=False, present=False)
+    with pytest.raises(AssertionError, match="for read"):
+        tdp.mmu._map_install(v, fault, tdp.mmu.walk_to(v.root, fault.gfn, 1))  # type: ignore[union-attr, arg-type]

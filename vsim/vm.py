@@ -86,6 +86,7 @@ class Vm:
         self.mmu_invalidate_range_start = 0
         self.mmu_invalidate_range_end = 0
         self.mmu_lock = MmuLock(self.env, self.sink)
+        self.mmu_lock.lockdep = self.checker is not None
         shadow = cfg.mmu.mode == "shadow"
         # Shadow paging: the guest's paging mode, and its kernel (none for a non-paging guest).
         self.guest_mode: PagingMode | None = shadow_mmu_init_context(*REGISTERS[cfg.guest.paging]) if shadow else None

@@ -41,6 +41,28 @@ class MmuLock:
         self.zero_waits: dict[str, int] = {READ: 0, WRITE: 0}
         self.wait_by_actor: dict[int, int] = {}
         self.contended = 0
+        # lockdep: which actors hold the lock for read (kept only while the checker is on; the
+        # vCPU group, which counts readers itself, is off then).
+        self.lockdep = False
+        self._read_holders: dict[int, int] = {}
+
+    def lockdep_assert_held(self, actor: int, write: bool) -> None:
+        """``lockdep_assert_held_write`` / ``lockdep_assert_held_read``: ``actor`` holds the lock in
+        that mode (checked while the invariant checker is on)."""
+        if not self.lockdep:
+            return
+        if write:
+            assert self.writer == actor, f"actor {actor} needs mmu_lock for write (held by {self.writer})"
+        else:
+            assert self._read_holders.get(actor), f"actor {actor} needs mmu_lock for read"
+
+    def _note_reader(self, actor: int, delta: int) -> None:
+        if self.lockdep:
+            n = self._read_holders.get(actor, 0) + delta
+            if n:
+                self._read_holders[actor] = n
+            else:
+                del self._read_holders[actor]
 
     # -- acquire ---------------------------------------------------------------------------------
     def read_lock(self, actor: int, t: int) -> Event | None:
@@ -48,6 +70,7 @@ class MmuLock:
         self._next_id += 1
         if self.writer is None and not self._queue:
             self.readers += 1
+            self._note_reader(actor, 1)
             self._acquired(READ, actor, t, 0, self._next_id)
             return None
         return self._enqueue(READ, actor, t)
@@ -84,6 +107,7 @@ class MmuLock:
         """``read_unlock``; the last reader out hands the lock to the queue head."""
         assert self.readers > 0, "read_unlock without a reader"
         self.readers -= 1
+        self._note_reader(actor, -1)
         self._released(READ, actor, t)
         if self.readers == 0 and self._queue:
             self._grant(t)
@@ -118,6 +142,7 @@ class MmuLock:
                 if self.writer is not None:
                     return
                 self.readers += 1
+                self._note_reader(actor, 1)
             q.popleft()
             self._acquired(mode, actor, t, t - t_req, lock_id)
             ev._ok = True  # noqa: SLF001 - trigger at (t, GRANT_PRIO) rather than (now, NORMAL)

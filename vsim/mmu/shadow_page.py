@@ -244,6 +244,7 @@ class ShadowMmu(PageTables):
         """``__kvm_mmu_prepare_zap_page``: clear ``sp``'s SPTEs, unlink it from its parents, and
         move it to ``invalid_list`` (a root in use stays, marked invalid). Returns entries visited."""
         vm = self.vm
+        vm.mmu_lock.lockdep_assert_held(actor, write=True)
         vm.stat.mmu_shadow_zapped += 1
         visited = self.mmu_zap_unsync_children(sp, invalid_list, actor, t)
         for i in np.flatnonzero(self.spt[sp.table]).tolist():

@@ -172,6 +172,7 @@ class TdpMmu(TdpRangeOps, PageTables):
         if old == REMOVED_SPTE:
             return RET_PF_RETRY
         vm = self.vm
+        vm.mmu_lock.lockdep_assert_held(vid, write=False)  # tdp_mmu_set_spte_atomic
         if vm.sink.all:
             vm.sink.emit("kvm_mmu_spte_requested", t, vid, gfn, fault.pfn, goal)
         slot = fault.slot
