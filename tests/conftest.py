@@ -9,7 +9,8 @@ import pytest
 
 from vsim.config import ScenarioConfig, load_config
 from vsim.events.sink import EventSink
-from vsim.mmu.mmu_page import KvmMmuPage, ShadowPages
+from vsim.mmu.mmu_page import ShadowPages
+from vsim.mmu.mmu_page_view import KvmMmuPage
 from vsim.mmu.pte_list import DescPool
 from vsim.mmu.sp_pool import NO_STAT, SpPool
 from vsim.runner import collect_stats

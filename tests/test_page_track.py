@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import make_shadow_page
 
-from vsim.mmu.mmu_page import KvmMmuPage
+from vsim.mmu.mmu_page_view import KvmMmuPage
 from vsim.mmu.page_track import PageTrack
 
 

@@ -36,7 +36,7 @@ from vsim.mmu.direct_map import (
 )
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.mmio import make_mmio_spte
-from vsim.mmu.mmu_page import KvmMmuPage
+from vsim.mmu.mmu_page_view import KvmMmuPage
 from vsim.mmu.page_fault import RET_PF_FIXED, RET_PF_RETRY, KvmPageFault
 from vsim.mmu.rmap_walks import RmapRangeOps
 from vsim.mmu.shadow_page import KVM_REFILL_PAGES, ShadowMmu

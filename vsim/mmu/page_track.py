@@ -22,7 +22,7 @@ from vsim.mmu.spte import PG_LEVEL_4K, SPTE_MMU_PRESENT, is_last_spte
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
-    from vsim.mmu.mmu_page import KvmMmuPage
+    from vsim.mmu.mmu_page_view import KvmMmuPage
     from vsim.mmu.shadow_mmu import ShadowPagingMmu
     from vsim.vcpu.vcpu import Vcpu
 

@@ -31,7 +31,7 @@ from vsim.mmu.page_fault import PFERR_PRESENT_MASK, PFERR_USER_MASK, PFERR_WRITE
 
 if TYPE_CHECKING:
     from vsim.guest.memory import GuestMemory
-    from vsim.mmu.mmu_page import KvmMmuPage
+    from vsim.mmu.mmu_page_view import KvmMmuPage
 
 
 @dataclass

@@ -40,7 +40,7 @@ from vsim.mmu.spte import (
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
-    from vsim.mmu.mmu_page import KvmMmuPage
+    from vsim.mmu.mmu_page_view import KvmMmuPage
     from vsim.vm import Vm
 
 RmapSpte = tuple[int, int, int, int]  # (table, index, level, gfn)

@@ -28,7 +28,7 @@ from vsim.guest.paging import ACC_ALL, ACC_WRITE_MASK, PagingMode, gpte_access, 
 from vsim.mmu.direct_map import prefetch_may_be_writable
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.legacy_mmu import PTE_PREFETCH_NUM, LegacyMmu
-from vsim.mmu.mmu_page import KvmMmuPage
+from vsim.mmu.mmu_page_view import KvmMmuPage
 from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_RETRY, KvmPageFault
 from vsim.mmu.page_track import PageTrack
 from vsim.mmu.paging_tmpl import (

@@ -24,15 +24,13 @@ from vsim.mmu.mmu_page import (
     NO_ROLE,
     S_N_USED,
     S_VALID_GEN,
-    ActivePages,
-    KvmMmuPage,
     Role,
     ShadowPages,
-    SpViews,
     find_valid_sp,
     pack_role,
     sp_is_obsolete,
 )
+from vsim.mmu.mmu_page_view import ActivePages, KvmMmuPage, SpViews
 from vsim.mmu.page_tables import PageTables
 from vsim.mmu.pte_list import DescPool
 from vsim.mmu.rmap import rmap_entries

@@ -39,7 +39,7 @@ from vsim.requests import KVM_REQ_MMU_SYNC
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
-    from vsim.mmu.mmu_page import KvmMmuPage
+    from vsim.mmu.mmu_page_view import KvmMmuPage
     from vsim.mmu.shadow_mmu import ShadowPagingMmu
     from vsim.vcpu.vcpu import Vcpu
 
