@@ -38,6 +38,7 @@ SOURCES = (
     "mmu/fast_page_fault.py",
     "mmu/mmu_page.py",
     "mmu/pte_list.py",
+    "mmu/rmap.py",
     "host_mm.py",
     "mmu/page_fault.py",
     "stats.py",

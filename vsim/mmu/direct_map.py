@@ -37,6 +37,7 @@ from vsim.mmu.mmu_page import (
 )
 from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS
 from vsim.mmu.pte_list import Descs, pte_list_add
+from vsim.mmu.rmap import rmap_head_index
 from vsim.mmu.sp_pool import Pool, change_spte, note_mapped, sp_alloc
 from vsim.mmu.spte import (
     ACC_ALL,
@@ -86,8 +87,7 @@ def _heads(rmap: tuple, level: int) -> np.ndarray:  # type: ignore[type-arg]
 def rmap_add(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level: int, gfn: int) -> int:  # type: ignore[type-arg]
     """``rmap_add``: enter the leaf at ``(table, idx)`` on ``gfn``'s head, noting which rmap holds it;
     the head's count before the add (``max_mmu_rmap_size``)."""
-    shift = 9 * (level - 1)
-    n = pte_list_add(d, _heads(rmap, level), (gfn >> shift) - (rmap[3] >> shift), table * 512 + idx)
+    n = pte_list_add(d, _heads(rmap, level), rmap_head_index(rmap[3], gfn, level), table * 512 + idx)
     s.leaf_rmap[table, idx] = rmap[4] + 1
     if n > p.counts[K_MAX_RMAP_SIZE]:
         p.counts[K_MAX_RMAP_SIZE] = n

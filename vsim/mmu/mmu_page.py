@@ -79,31 +79,46 @@ class Sps(NamedTuple):
 
 
 @register_jitable
+def _list_append(nxt: np.ndarray, prev: np.ndarray, first: np.ndarray, fi: int, last: np.ndarray, li: int,
+                 t: int) -> None:  # fmt: skip
+    """Append ``t`` to a doubly linked list threaded through ``nxt``/``prev`` whose ends are
+    ``first[fi]`` and ``last[li]`` (an ``hlist`` bucket, or ``active_mmu_pages``)."""
+    tail = last[li]
+    prev[t] = tail
+    nxt[t] = NIL
+    if tail == NIL:
+        first[fi] = t
+    else:
+        nxt[tail] = t
+    last[li] = t
+
+
+@register_jitable
+def _list_del(nxt: np.ndarray, prev: np.ndarray, first: np.ndarray, fi: int, last: np.ndarray, li: int,
+              t: int) -> None:  # fmt: skip
+    """Unlink ``t`` from that list."""
+    p, n = prev[t], nxt[t]
+    if p == NIL:
+        first[fi] = n
+    else:
+        nxt[p] = n
+    if n == NIL:
+        last[li] = p
+    else:
+        prev[n] = p
+
+
+@register_jitable
 def sp_active_push(s: Sps, table: int) -> None:
     """Put a page at the newest end (``list_add`` at the head of ``active_mmu_pages``)."""
-    newest = s.hdr[S_ACT_NEWEST]
-    s.act_prev[table] = newest
-    s.act_next[table] = NIL
-    if newest == NIL:
-        s.hdr[S_ACT_OLDEST] = table
-    else:
-        s.act_next[newest] = table
-    s.hdr[S_ACT_NEWEST] = table
+    _list_append(s.act_next, s.act_prev, s.hdr, S_ACT_OLDEST, s.hdr, S_ACT_NEWEST, table)
     s.flags[table] |= SPF_ACTIVE
 
 
 @register_jitable
 def sp_active_pop(s: Sps, table: int) -> None:
     """Take a page off ``active_mmu_pages``."""
-    prev, nxt = s.act_prev[table], s.act_next[table]
-    if prev == NIL:
-        s.hdr[S_ACT_OLDEST] = nxt
-    else:
-        s.act_next[prev] = nxt
-    if nxt == NIL:
-        s.hdr[S_ACT_NEWEST] = prev
-    else:
-        s.act_prev[nxt] = prev
+    _list_del(s.act_next, s.act_prev, s.hdr, S_ACT_OLDEST, s.hdr, S_ACT_NEWEST, table)
     s.flags[table] &= ~SPF_ACTIVE
 
 
@@ -123,14 +138,7 @@ def sp_init(s: Sps, table: int, gfn: int, role: int, valid_gen: int) -> None:
     if s.gfns.shape[0]:
         s.gfns[table] = NIL
     b = kvm_page_table_hashfn(gfn)
-    tail = s.hash_tail[b]
-    s.hash_prev[table] = tail
-    s.hash_next[table] = NIL
-    if tail == NIL:
-        s.hash_head[b] = table
-    else:
-        s.hash_next[tail] = table
-    s.hash_tail[b] = table
+    _list_append(s.hash_next, s.hash_prev, s.hash_head, b, s.hash_tail, b, table)
     sp_active_push(s, table)
     s.hdr[S_N_USED] += 1
 
@@ -139,15 +147,7 @@ def sp_init(s: Sps, table: int, gfn: int, role: int, valid_gen: int) -> None:
 def sp_unhash(s: Sps, table: int, gfn: int) -> None:
     """Off the hash and ``active_mmu_pages``, uncounted (``kvm_mmu_free_shadow_page``'s first half)."""
     b = kvm_page_table_hashfn(gfn)
-    prev, nxt = s.hash_prev[table], s.hash_next[table]
-    if prev == NIL:
-        s.hash_head[b] = nxt
-    else:
-        s.hash_next[prev] = nxt
-    if nxt == NIL:
-        s.hash_tail[b] = prev
-    else:
-        s.hash_prev[nxt] = prev
+    _list_del(s.hash_next, s.hash_prev, s.hash_head, b, s.hash_tail, b, table)
     sp_active_pop(s, table)
     s.hdr[S_N_USED] -= 1
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numba.extending import register_jitable
 
 from vsim.mmu.pte_list import DescPool
 from vsim.mmu.spte import PG_LEVEL_1G
@@ -35,20 +36,16 @@ def alloc_rmap(base_gfn: int, npages: int) -> list[np.ndarray]:
     return heads
 
 
-def gfn_to_rmap_index(slot: Memslot, gfn: int, level: int) -> int:
-    """``gfn_to_index``: the head for ``gfn`` at ``level`` within the slot."""
+@register_jitable
+def rmap_head_index(base_gfn: int, gfn: int, level: int) -> int:
+    """``gfn_to_index``: the head for ``gfn`` at ``level`` in a slot starting at ``base_gfn``."""
     shift = 9 * (level - 1)
-    return (gfn >> shift) - (slot.base_gfn >> shift)
+    return (gfn >> shift) - (base_gfn >> shift)
 
 
-def rmap_add(descs: DescPool, slot: Memslot, gfn: int, level: int, loc: Loc) -> int:
-    """``rmap_add`` → ``pte_list_add``: the number of SPTEs the head held before this one."""
-    return descs.add(slot.rmap[level - 1], gfn_to_rmap_index(slot, gfn, level), *loc)
-
-
-def rmap_remove(descs: DescPool, slot: Memslot, gfn: int, level: int, loc: Loc) -> None:
-    """``rmap_remove`` / ``pte_list_remove``."""
-    descs.remove(slot.rmap[level - 1], gfn_to_rmap_index(slot, gfn, level), *loc)
+def gfn_to_rmap_index(slot: Memslot, gfn: int, level: int) -> int:
+    """``gfn_to_index`` within ``slot``."""
+    return int(rmap_head_index(slot.base_gfn, gfn, level))
 
 
 def rmap_entries(descs: DescPool, slot: Memslot, gfn: int, level: int) -> list[Loc]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from vsim.mmu.arch_mmu import ArchMmuHandle
 from vsim.mmu.direct_map import MS_DROP, MS_FLUSH, MS_MMIO_CREATED, MS_RECYCLE
+from vsim.mmu.direct_map import set_leaf as dm_set_leaf
 from vsim.mmu.mmu_page import (
     NIL,
     NO_ROLE,
@@ -33,7 +34,7 @@ from vsim.mmu.mmu_page import (
 from vsim.mmu.mmu_page_view import ActivePages, KvmMmuPage, SpViews
 from vsim.mmu.page_tables import PageTables
 from vsim.mmu.pte_list import DescPool
-from vsim.mmu.rmap import rmap_entries
+from vsim.mmu.rmap import rmap_entries, rmap_head_index
 from vsim.mmu.spte import (
     ACC_ALL,
     PFN_MASK,
@@ -152,7 +153,9 @@ class ShadowMmu(PageTables):
         number (no slot: empty heads, for an MMIO fault that enters no rmap)."""
         if slot is None:
             return NO_HEADS, NO_HEADS, NO_HEADS, 0, -1
-        k = self.rmap_of(slot)
+        return self._rmap_tuple(self.rmap_of(slot))
+
+    def _rmap_tuple(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
         heads, base = self.rmaps[k]
         return heads[0], heads[1], heads[2], base, k
 
@@ -190,29 +193,20 @@ class ShadowMmu(PageTables):
 
     def _head(self, k: int, gfn: int, level: int) -> tuple[np.ndarray, int]:
         heads, base = self.rmaps[k]
-        shift = 9 * (level - 1)
-        return heads[level - 1], (gfn >> shift) - (base >> shift)
-
-    def rmap_add(self, rmap: int, gfn: int, level: int, table: int, idx: int) -> int:
-        """``rmap_add``: enter the leaf on ``gfn``'s head; the head's count before."""
-        return self.descs.add(*self._head(rmap, gfn, level), table, idx)
+        return heads[level - 1], int(rmap_head_index(base, gfn, level))
 
     def rmap_remove(self, rmap: int, gfn: int, level: int, table: int, idx: int) -> None:
         """``rmap_remove``: take the leaf off ``gfn``'s head."""
         self.descs.remove(*self._head(rmap, gfn, level), table, idx)
 
     def set_leaf(self, rmap: int, table: int, idx: int, level: int, gfn: int, new: int, actor: int, t: int) -> int:
-        """Install a leaf where none was and enter it in rmap number ``rmap`` (``mmu_set_spte`` +
-        ``rmap_add``). Returns the head's length before the add."""
-        old = self.spt.item(table, idx)
-        self.set_spte(table, idx, level, gfn, old, new, actor, t)
-        s = self.pages.s
-        s.leaf_rmap[table, idx] = rmap + 1
-        if s.gfns.shape[0] and not self.sp_of[table].direct:
-            s.gfns[table, idx] = gfn
-        n = self.rmap_add(rmap, gfn, level, table, idx)
-        self.vm.stat.max_mmu_rmap_size = max(self.vm.stat.max_mmu_rmap_size, n)
-        return n
+        """Install a leaf where none was and enter it in rmap number ``rmap`` (``set_leaf`` of
+        ``vsim.mmu.direct_map``, run here as Python). Returns the head's length before the add."""
+        self.descs.reserve(1)
+        n = dm_set_leaf(self.pool.p, self.pages.s, self.descs.d, self._rmap_tuple(rmap), table, idx, level, gfn, new,
+                        actor, t)  # fmt: skip
+        self.replay_changes()
+        return int(n)
 
     def drop_spte(self, table: int, idx: int, level: int, gfn: int, actor: int, t: int) -> None:
         """``drop_spte``: clear a leaf and take it off its rmap."""
