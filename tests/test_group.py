@@ -88,7 +88,7 @@ def test_racing_members_fix_retry_and_see_spurious_faults_as_python_does() -> No
 
 
 def test_group_is_off_where_compiled_code_cannot_follow() -> None:
-    for extra in (["sim.invariants=true"], ["mmu.mode=legacy_tdp"], ["sim.mode=reference"], ["mmu.ept_ad=false"],
+    for extra in (["sim.invariants=true"], ["mmu.mode=shadow"], ["sim.mode=reference"], ["mmu.ept_ad=false"],
                   ["sim.fault_kernel=false"]):  # fmt: skip
         assert Vm(make_config("sim.invariants=false", *extra)).group is None, extra
     assert Vm(make_config("sim.invariants=false"), EventSink("all")).group is None  # records at every SPTE change
@@ -153,3 +153,51 @@ def test_write_protection_faults_of_dirty_logging_are_fast_in_the_loop(tmp_path:
     stats_r, events_r = _outputs(sets, "reference", tmp_path / "r")
     assert stats_g == stats_r
     assert events_g == events_r
+
+
+def _legacy(*sets: str) -> list[str]:
+    # (n_max_mmu_pages high enough that no fault may zap: else the vCPUs run in lockstep, without the group)
+    return ["mmu.mode=legacy_tdp", "mmu.nr_mmu_pages=1000", "sim.invariants=false", "workload.kind=memstress", *sets]
+
+
+def test_legacy_faults_queue_for_the_write_lock_in_the_loop_in_fifo_order() -> None:
+    """Eight vCPUs fault their first page (eight neighbouring gfns) at the same instant on the legacy
+    MMU: every fault runs in compiled code, and they take ``mmu_lock`` for write one after another
+    in vCPU order. Each had its host page faulted in before it queued, so the first holder creates
+    the three direct pages below the root, maps its leaf and prefetches the other seven (without
+    the Accessed bit); each later holder finds its prefetched SPTE, sets A on it (``mmu_set_spte``:
+    a changed SPTE of the same pfn, ``RET_PF_FIXED``) and takes ``legacy_direct_map``. So vCPU k
+    waits ``H0 + (k - 1) * legacy_direct_map`` (a FIFO queue, worked by hand)."""
+    vm = Vm(make_config(*_legacy("vm.vcpus=8", "workload.per_vcpu_memory=4KiB", "workload.passes=1")))
+    vm.run()
+    c = vm.costs
+    assert vm.group is not None and vm.group.faults == 8 == sum(v.stat.pf_taken for v in vm.vcpus)
+    h0 = c.legacy_direct_map + 3 * c.sp_alloc + 7 * c.prefetch_spte
+    assert vm.mmu_lock.waits("write") == [0] + [h0 + (i - 1) * c.legacy_direct_map for i in range(1, 8)]
+    assert [(v.stat.pf_fixed, v.stat.pf_spurious) for v in vm.vcpus] == [(1, 0)] * 8
+    assert vm.stat.pages_4k == 8
+    assert vm.mmu_lock.contended == 7 and vm.stat.mmu_shadow_pages == 4  # the root and three below it
+
+
+@pytest.mark.parametrize("poke", [False, True])
+def test_legacy_faults_in_the_loop_equal_python(poke: bool) -> None:
+    """Many vCPUs populating on the legacy MMU, with prefetch: the same stats, lock waits, service
+    times and page tables as without the group. ``poke`` makes every locked section go on in
+    Python, holding the lock (``LEAVE_LOCKED``, as a zap or an SPTE drop would)."""
+    sets = _legacy("vm.vcpus=12", "workload.per_vcpu_memory=1MiB", "workload.passes=2", "workload.overlap=true",
+                   "workload.access=random")  # fmt: skip
+    vm = Vm(make_config(*sets))
+    assert vm.group is not None
+    if poke:
+        vm.group.g[k.G_N_MAX] = 0  # the loop thinks make_mmu_pages_available would zap
+    vm.run()
+    off = Vm(make_config(*sets, "sim.fault_kernel=false"))
+    off.run()
+    assert off.group is None and vm.group.faults > 0
+    assert (vm.group.leaves[k.LEAVE_LOCKED] > 0) == poke
+    for a, b in zip(vm.vcpus, off.vcpus, strict=True):
+        assert a.stat.as_dict() == b.stat.as_dict()
+        assert list(a.stat.fault_service_ns) == list(b.stat.fault_service_ns)
+    assert vm.stat.as_dict() == off.stat.as_dict()
+    assert vm.mmu_lock.waits("write") == off.mmu_lock.waits("write") and vm.mmu_lock.contended > 0
+    assert np.array_equal(vm.mmu.spt[: vm.mmu.n_tables], off.mmu.spt[: off.mmu.n_tables])

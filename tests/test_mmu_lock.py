@@ -100,3 +100,32 @@ def test_the_shadow_zap_and_the_tdp_install_check_their_lock() -> None:
     fault = KvmPageFault(addr=0, gfn=tdp.region_base_gfn, error_code=0, id=0, write=False, present=False)
     with pytest.raises(AssertionError, match="for read"):
         tdp.mmu._map_install(v, fault, tdp.mmu.walk_to(v.root, fault.gfn, 1))  # type: ignore[union-attr, arg-type]
+
+
+def test_a_hand_over_to_a_waiter_queued_from_compiled_code_goes_to_the_grantee() -> None:
+    """The vCPU group queues its members on the lock's own arrays (``lock_acquire`` with
+    ``group``): a Python release hands them the lock through ``LockGrantee``, in FIFO order with
+    the Python waiters, and a group-only hand-over stops at a Python waiter."""
+    from vsim.mmu.mmu_lock import GRANT_PYTHON, lock_acquire, lock_grant_next, lock_release
+
+    env = simpy.Environment()
+    lock = MmuLock(env, EventSink("off"), max_waiters=4)
+    granted: list[tuple[int, int]] = []
+
+    class Group:
+        def lock_granted(self, actor: int, t: int) -> None:
+            granted.append((actor, t))
+
+    lock.grantee = Group()
+    assert lock.write_lock(-1, 0) is None  # the VMM holds it
+    assert not lock_acquire(lock.lk, lock.q, True, 3, 5, True)  # member 3 queues in the loop
+    ev = lock.write_lock(-2, 6)  # then a Python actor
+    assert ev is not None and lock.waiters == 2
+    lock.write_unlock(-1, 10)
+    assert granted == [(3, 10)] and lock.writer == 3 and not ev.triggered
+    # Member 3 releases in compiled code: the head waits in Python, so the loop leaves it queued.
+    assert lock_release(lock.lk, True)
+    assert lock_grant_next(lock.lk, lock.q, 20, True) == GRANT_PYTHON and lock.waiters == 1
+    lock.grant(20)  # the driver's hand-over
+    assert lock.writer == -2 and ev.triggered and ev.value == 20
+    assert lock.waits("write") == [0, 5, 14] and lock.wait_by_actor == {3: 5, -2: 14}

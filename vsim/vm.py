@@ -85,7 +85,7 @@ class Vm:
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = 0
         self.mmu_invalidate_range_end = 0
-        self.mmu_lock = MmuLock(self.env, self.sink)
+        self.mmu_lock = MmuLock(self.env, self.sink, max_waiters=nv + 16)  # every actor waits at most once
         self.mmu_lock.lockdep = self.checker is not None
         shadow = cfg.mmu.mode == "shadow"
         # Shadow paging: the guest's paging mode, and its kernel (none for a non-paging guest).

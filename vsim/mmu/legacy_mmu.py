@@ -125,23 +125,30 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
     # -- the fault -------------------------------------------------------------------------------
     def page_fault(self, v: Vcpu, fault: KvmPageFault) -> Generator[object, object, int]:
         """``direct_page_fault``, as a SimPy generator returning ``RET_PF_*``."""
-        vm = self.vm
         r = self.fast_path_and_faultin(v, fault)
         if r is not None:
             return r
         if not (yield from self.lock_for_fault(v, fault, write=True)):
             return RET_PF_RETRY
-        lock = vm.mmu_lock
+        return (yield from self.page_fault_held(v, fault))
+
+    def page_fault_held(self, v: Vcpu, fault: KvmPageFault) -> Generator[object, object, int]:
+        """The fault from just after ``write_lock(mmu_lock)`` (where a vCPU group member holding
+        the lock goes on in Python when the compiled loop cannot finish it): ``is_page_fault_stale``,
+        ``make_mmu_pages_available``, ``direct_map``, ``write_unlock``."""
+        vm = self.vm
+        if self.fault_is_stale(v, fault, write=True):
+            return RET_PF_RETRY
         root = v.root
         v.now = self.make_mmu_pages_available(v.id, v.now)
         kvm_mmu_hugepage_adjust(fault)
-        if vm.checker is not None and root.invalid:
+        if vm.checker is not None and root.invalid:  # type: ignore[union-attr]
             vm.checker.on_obsolete_install(v, fault.gfn)
         ret = self.direct_map(v, root, fault)  # type: ignore[arg-type]
         ev = v.sync()
         if ev is not None:
             yield ev
-        lock.write_unlock(v.id, v.now)
+        vm.mmu_lock.write_unlock(v.id, v.now)
         return ret
 
     def direct_map(self, v: Vcpu, root: KvmMmuPage, fault: KvmPageFault) -> int:

@@ -37,6 +37,10 @@ ROLE_DIRECT, ROLE_ACCESS_SHIFT, ROLE_QUADRANT_SHIFT, ROLE_HAS_4_BYTE_GPTE = 1 <<
 # kvm->arch.mmu_valid_gen.
 S_ACT_OLDEST, S_ACT_NEWEST, S_N_USED, S_VALID_GEN = range(4)
 NIL = -1
+# make_mmu_pages_available: below this many free pages (of n_max_mmu_pages) a fault zaps the oldest
+# until KVM_REFILL_PAGES are free.
+KVM_MIN_FREE_MMU_PAGES = 5
+KVM_REFILL_PAGES = 25
 NO_ROLE = -1  # a packed role no page has
 
 Role = tuple[int, bool, int, int, bool]  # (level, direct, access, quadrant, has_4_byte_gpte)

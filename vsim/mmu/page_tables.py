@@ -10,15 +10,19 @@ bookkeeping of every SPTE change (page stats, the tracepoint, and the invariant 
 from __future__ import annotations
 
 from collections.abc import Generator
+from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from vsim.memslots import KVM_MEMSLOT_INVALID
+from vsim.mmu.arch_mmu import NO_DESCS, NO_SPS, ArchMmuHandle
 from vsim.mmu.fast_page_fault import fast_page_fault, page_fault_can_be_fast
 from vsim.mmu.mmio import vcpu_cache_mmio_info
+from vsim.mmu.mmu_page import Sps
 from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmPageFault
-from vsim.mmu.sp_pool import H_LOG, NO_STAT, SpPool, account_spte_change, note_mapped, note_zapped, sp_free
+from vsim.mmu.pte_list import Descs
+from vsim.mmu.sp_pool import H_LOG, NO_STAT, PoolRef, SpPool, account_spte_change, note_mapped, note_zapped, sp_free
 from vsim.mmu.spte import (
     PG_LEVEL_4K,
     SPTE_MMU_PRESENT,
@@ -65,6 +69,15 @@ class PageTables:
         self.logging = vm.sink.all or vm.checker is not None
         self.pool.p.hdr[H_LOG] = self.logging
         self._stat = ARRAY_STATS.index(self.pages_stat)
+
+    @cached_property
+    def arch(self) -> ArchMmuHandle:
+        """The MMU's arrays as one handle for compiled code (made on first use)."""
+        return ArchMmuHandle(self)
+
+    def arch_bundles(self) -> tuple[PoolRef, Sps, Descs]:
+        """What ``arch`` holds: the pool, and no shadow pages (the TDP MMU)."""
+        return self.pool.ref, NO_SPS, NO_DESCS
 
     # -- the pool's arrays (replaced when the pool grows: read them each time) --------------------
     @property
@@ -214,8 +227,8 @@ class PageTables:
 
     def lock_for_fault(self, v: Vcpu, fault: KvmPageFault, write: bool) -> Generator[object, object, bool]:
         """Take ``mmu_lock`` (read for the TDP MMU, write for shadow pages) at the vCPU's instant,
-        then ``is_page_fault_stale``: an obsolete root, or an invalidation of the gfn since the
-        snapshot. Returns False, with the lock dropped again, when the fault must retry."""
+        then ``is_page_fault_stale`` (``fault_is_stale``). Returns False, with the lock dropped
+        again, when the fault must retry."""
         vm = self.vm
         ev = v.sync()
         if ev is not None:
@@ -224,12 +237,19 @@ class PageTables:
         ev = (lock.write_lock if write else lock.read_lock)(v.id, v.now)
         if ev is not None:
             v.now = yield ev  # type: ignore[assignment]
+        return not self.fault_is_stale(v, fault, write)
+
+    def fault_is_stale(self, v: Vcpu, fault: KvmPageFault, write: bool) -> bool:
+        """``is_page_fault_stale`` just after ``mmu_lock`` was taken: an obsolete root, or an
+        invalidation of the gfn since the snapshot. A stale fault drops the lock again."""
+        vm = self.vm
         stale = self._root_check and v.root.invalid  # type: ignore[union-attr]
         if stale or (fault.slot is not None and self._locked_check
                      and vm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn)):  # fmt: skip
+            lock = vm.mmu_lock
             (lock.write_unlock if write else lock.read_unlock)(v.id, v.now)
-            return False
-        return True
+            return True
+        return False
 
     # -- inspection --------------------------------------------------------------------------------
     def count_leaves(self) -> dict[int, int]:

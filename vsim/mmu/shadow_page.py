@@ -17,24 +17,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vsim.mmu.arch_mmu import ArchMmuHandle
 from vsim.mmu.direct_map import MS_DROP, MS_FLUSH, MS_MMIO_CREATED, MS_RECYCLE
 from vsim.mmu.direct_map import set_leaf as dm_set_leaf
 from vsim.mmu.mmu_page import (
+    KVM_MIN_FREE_MMU_PAGES,
+    KVM_REFILL_PAGES,
     NIL,
     NO_ROLE,
     S_N_USED,
     S_VALID_GEN,
     Role,
     ShadowPages,
+    Sps,
     find_valid_sp,
     pack_role,
     sp_is_obsolete,
 )
 from vsim.mmu.mmu_page_view import ActivePages, KvmMmuPage, SpViews
 from vsim.mmu.page_tables import PageTables
-from vsim.mmu.pte_list import DescPool
+from vsim.mmu.pte_list import DescPool, Descs
 from vsim.mmu.rmap import rmap_entries, rmap_head_index
+from vsim.mmu.sp_pool import PoolRef
 from vsim.mmu.spte import (
     ACC_ALL,
     PFN_MASK,
@@ -54,8 +57,6 @@ if TYPE_CHECKING:
     from vsim.vm import Vm
 
 NO_HEADS = np.zeros(0, dtype=np.int64)
-KVM_MIN_FREE_MMU_PAGES = 5
-KVM_REFILL_PAGES = 25
 KVM_MIN_ALLOC_MMU_PAGES = 64
 KVM_PERMILLE_MMU_PAGES = 20
 
@@ -74,7 +75,6 @@ class ShadowMmu(PageTables):
         self.pages = ShadowPages(self.pool, self.descs, self.indirect)
         self.sp_of = SpViews(self.pages)  # page table -> its shadow page (sptep_to_sp)
         self.active = ActivePages(self.pages, self.sp_of)  # active_mmu_pages, oldest first
-        self.arch = ArchMmuHandle(self)  # the arrays above as one handle for compiled code
         # The rmaps leaves are entered in: each memslot's head arrays (shared by its FLAGS_ONLY and
         # INVALID copies) with its base gfn, numbered as leaves record them (Sps.leaf_rmap).
         self.rmaps: list[tuple[list[np.ndarray], int]] = []
@@ -83,6 +83,10 @@ class ShadowMmu(PageTables):
         # kvm_mmu_calculate_default_mmu_pages, unless the VMM set it (KVM_SET_NR_MMU_PAGES).
         default = max(pages * KVM_PERMILLE_MMU_PAGES // 1000, KVM_MIN_ALLOC_MMU_PAGES)
         self.n_max_mmu_pages = vm.cfg.mmu.nr_mmu_pages or default
+
+    def arch_bundles(self) -> tuple[PoolRef, Sps, Descs]:
+        """The pool, the shadow pages and the descriptors, as ``ArchMmu`` holds them."""
+        return self.pool.ref, self.pages.s, self.descs.d
 
     @property
     def n_used_mmu_pages(self) -> int:

@@ -25,7 +25,7 @@ from vsim.mmu.page_fault import (
     ept_violation_error_code,
 )
 from vsim.requests import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
-from vsim.vcpu.group_state import LEAVE_LOCK
+from vsim.vcpu.group_state import LEAVE_LOCK, LEAVE_LOCKED
 
 if TYPE_CHECKING:
     from vsim.vcpu.vcpu import Vcpu
@@ -117,18 +117,21 @@ class VcpuExits:
     def resume_group_fault(self: Vcpu, why: int, f: dict) -> Generator[object, object, None]:  # type: ignore[type-arg]
         """Go on with an exit that a vCPU group member began in compiled code (a not-present EPT
         violation, or an IPI's): from ``read_lock(mmu_lock)`` when the lock was contended
-        (``LEAVE_LOCK``), or from entry when requests or an SRCU grace period need Python
+        (``LEAVE_LOCK``), from just after ``write_lock`` when the legacy MMU's locked section needs
+        Python (``LEAVE_LOCKED``), or from entry when requests or an SRCU grace period need Python
         (``LEAVE_ENTRY``; a fault's outcome is already counted)."""
         if f["irq"]:  # the IPI's exit: only entry is left
             yield from self._reenter(f["exit_id"], f["token"])
             return
         r = f["ret"]
-        if why == LEAVE_LOCK:
+        if why in (LEAVE_LOCK, LEAVE_LOCKED):
             gfn, write = f["gfn"], f["write"]
             fault = KvmPageFault(addr=gfn << 12, gfn=gfn, error_code=ept_violation_error_code(write, False),
                                  id=f["id"], write=write, present=False, slot=f["slot"], pfn=f["pfn"],
                                  map_writable=True, mmu_seq=f["mmu_seq"])  # fmt: skip
-            r = yield from self.vm.mmu.page_fault_locked(self, fault)  # type: ignore[union-attr]
+            mmu = self.vm.mmu
+            resume = mmu.page_fault_locked if why == LEAVE_LOCK else mmu.page_fault_held  # type: ignore[union-attr]
+            r = yield from resume(self, fault)
             self._page_fault_ret(fault, r)
         yield from self._ept_violation_done(r, f["gfn"], f["write"], f["exit_id"], f["t_exit"], f["token"])
 

@@ -27,9 +27,11 @@ from simpy.events import Event
 
 from vsim.events.rows import KIND_ID, ROW_COLS
 from vsim.memslots import KVM_MEMSLOT_INVALID
+from vsim.mmu.legacy_mmu import LegacyMmu
 from vsim.mmu.page_fault import RET_PF_NAMES
-from vsim.sched import At
+from vsim.sched import GRANT_PRIO, At
 from vsim.vcpu import group_state as k
+from vsim.vcpu.group_direct import DIRECT_MAP_DESCS, DIRECT_MAP_TABLES
 from vsim.vcpu.group_kernel import run_group
 from vsim.vcpu.group_transfer import NOT_SIMPLE, GroupTransfer
 
@@ -41,12 +43,13 @@ NEVER = k.NEVER
 
 
 def group_enabled(vm: Vm) -> bool:
-    """The group serves this VM: TDP MMU, batched, no checker, events at most at ``faults``."""
+    """The group serves this VM: a direct MMU (TDP or legacy), batched, no checker, events at most
+    at ``faults``."""
     cfg = vm.cfg
     return (
         cfg.sim.fault_kernel
         and cfg.sim.mode == "batched"
-        and cfg.mmu.mode == "tdp_mmu"
+        and cfg.mmu.mode in ("tdp_mmu", "legacy_tdp")
         and cfg.mmu.ept_ad
         and vm.checker is None
         and not vm.sink.all
@@ -64,6 +67,7 @@ class VcpuGroup(GroupTransfer):
         nv = len(vcpus)
         self.ms = np.zeros((nv, k.M_COLS), dtype=np.int64)
         self.ms[:, k.M_PRIO] = [v.prio for v in vcpus]
+        self.ms[:, k.M_KEYP] = self.ms[:, k.M_PRIO]
         self.ss = np.zeros((nv, k.S_COLS), dtype=np.int64)
         self.touched = np.zeros(nv, dtype=np.int64)  # members the loop ran since the last write-out
         self.left = np.zeros(nv, dtype=np.int64)  # members that left, in key order
@@ -94,10 +98,14 @@ class VcpuGroup(GroupTransfer):
         g[k.G_MAX_CLASS] = vcpus[0].max_class
         g[k.G_REGION_BASE] = vm.region_base_gfn
         g[k.G_PROGRAM] = vm.program is not None
+        mmu = vm.mmu
+        self.legacy = isinstance(mmu, LegacyMmu)
+        g[k.G_LEGACY] = self.legacy
+        g[k.G_N_MAX] = mmu.n_max_mmu_pages if isinstance(mmu, LegacyMmu) else 0
         c = vm.costs
         costs = (c.guest_access, c.tlb_hit, c.walk_ref, c.vmexit, c.vmentry, c.faultin_present, c.host_fault,
                  c.zero_4k, c.tdp_mmu_map, c.sp_alloc, c.tdp_split_spte, c.tlb_flush, c.userspace_exit,
-                 c.fast_page_fault)  # fmt: skip
+                 c.fast_page_fault, c.legacy_direct_map, c.prefetch_spte)  # fmt: skip
         self.c = np.array(costs, dtype=np.int64)  # in the order of group_state's C_* indices
         # Event rows (group_state.EV_*): a fault and its outcome, as kvm_mmu_do_page_fault logs them.
         self.evbuf = np.zeros((max(8192, 4 * nv), ROW_COLS), dtype=np.int64)
@@ -107,6 +115,8 @@ class VcpuGroup(GroupTransfer):
             g[k.G_RET_NAME + code] = vm.sink.codec.intern(name)
         self.srvbuf = np.zeros((max(8192, 2 * nv), 2), dtype=np.int64)
         self.srcubuf = np.zeros((max(1024, 2 * nv), 3), dtype=np.int64)
+        self.lwbuf = np.zeros((max(1024, 2 * nv), 3), dtype=np.int64)  # mmu_lock waits (write, actor, ns)
+        vm.mmu_lock.grantee = self  # hand-overs from Python to members queued in the loop
         self._empty8 = np.zeros(0, dtype=np.uint8)
         self._empty64 = np.zeros(0, dtype=np.int64)
         self._pml_n = np.zeros(1, dtype=np.int64)
@@ -125,7 +135,7 @@ class VcpuGroup(GroupTransfer):
         self._gain = [0] * nv  # faults each member took in compiled code since it joined
         self._skip = [0] * nv  # stops at which a vCPU does not join (after useless stays)
         self._backoff = [0] * nv
-        self.leaves = dict.fromkeys((k.LEAVE_RUN, k.LEAVE_PYFAULT, k.LEAVE_LOCK, k.LEAVE_ENTRY), 0)
+        self.leaves = dict.fromkeys((k.LEAVE_RUN, k.LEAVE_PYFAULT, k.LEAVE_LOCK, k.LEAVE_ENTRY, k.LEAVE_LOCKED), 0)
 
     # -- joining and leaving -----------------------------------------------------------------------
     def _can_join(self, v: Vcpu) -> bool:
@@ -182,6 +192,7 @@ class VcpuGroup(GroupTransfer):
         ms[k.M_EXIT_SEQ] = v._exit_seq  # noqa: SLF001
         ms[k.M_FAULT_SEQ] = v._fault_seq  # noqa: SLF001
         ms[k.M_LEAVE] = 0
+        ms[k.M_KEYP] = v.prio
         ms[k.M_FLAGS] = 0
         ms[k.M_MODE] = v.mode
         ms[k.M_REQ] = v.requests
@@ -239,16 +250,22 @@ class VcpuGroup(GroupTransfer):
         self._read_in()
         g = self.g
         vm = self.vm
+        lock = vm.mmu_lock
         while True:
             mmu = vm.mmu
+            host = self._host
             run_group(self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags, self.wr,
-                      self.sets, self.ways, self.count, self.counters, mmu.pool.ref, g, self.c, self._slots,
-                      self._host.resident, self._host.moved, self._bitmap, self.evbuf, self.srvbuf,  # type: ignore[union-attr]
-                      self.srcubuf, self._empty8, self._empty64, self._empty64, self._pml_n)  # fmt: skip
+                      self.sets, self.ways, self.count, self.counters, mmu.arch.sync(), lock.lk, lock.q, g, self.c,
+                      self._slots, self._rmaps, self._wtracks, host.resident, host.moved, host.new_base,
+                      self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self.lwbuf, self._empty8, self._empty64,
+                      self._empty64, self._pml_n)  # fmt: skip
             self._drain()
             stop = int(g[k.G_STOP])
             if stop == k.GS_GROW:
-                mmu.pool.grow()
+                if isinstance(mmu, LegacyMmu):
+                    mmu.reserve(DIRECT_MAP_TABLES, DIRECT_MAP_DESCS)
+                else:
+                    mmu.pool.grow()
             elif stop == k.GS_CHUNK:
                 self._next_chunk(int(g[k.G_STOP_M]))
             elif stop != k.GS_FLUSH:
@@ -258,9 +275,19 @@ class VcpuGroup(GroupTransfer):
             self._leave(m)
         g[k.G_NLEFT] = 0
         if stop == k.GS_GRANT:
-            vm.mmu_lock._grant(int(g[k.G_GRANT_T]))  # noqa: SLF001 - the hand-over read_unlock makes
+            lock.grant(int(g[k.G_GRANT_T]))  # the hand-over the release left to Python
         if self.members:
             self._wake_at(int(g[k.G_NEXT_T]), int(g[k.G_NEXT_P]))
+
+    def lock_granted(self, actor: int, t: int) -> None:
+        """``MmuLock.grant`` handed the lock to member ``actor``, queued in the loop: its locked
+        section runs at ``(t, GRANT_PRIO)``, where a Python waiter's event would fire."""
+        ms = self.ms[actor]
+        assert ms[k.M_PHASE] == k.PH_LOCKWAIT
+        ms[k.M_NOW] = t
+        ms[k.M_KEYP] = GRANT_PRIO
+        ms[k.M_PHASE] = k.PH_LOCKED
+        self._wake_at(t, GRANT_PRIO)
 
     def notify(self, v: Vcpu) -> None:
         """Another actor set requests on ``v``, changed its mode or sent it an IPI. A member takes
@@ -289,7 +316,7 @@ class VcpuGroup(GroupTransfer):
         else:
             self._backoff[m] = 0
         fault = None
-        if why in (k.LEAVE_LOCK, k.LEAVE_ENTRY):
+        if why in (k.LEAVE_LOCK, k.LEAVE_ENTRY, k.LEAVE_LOCKED):
             fault = {
                 "irq": not ms[k.M_IN_FAULT],
                 "gfn": int(ms[k.M_GFN]), "write": bool(ms[k.M_WRITE]), "pfn": int(ms[k.M_PFN]),
@@ -304,4 +331,5 @@ class VcpuGroup(GroupTransfer):
         ev._ok = True  # type: ignore[union-attr]  # noqa: SLF001 - fires at the member's own key
         chunk = (self._chunk_of[m], self._chunk_writes[m], bool(ms[k.M_PASS_END]))
         ev._value = (why, chunk, int(ms[k.M_I]), int(ms[k.M_SYNCED]), fault)  # type: ignore[union-attr]  # noqa: SLF001
-        self.env.schedule(ev, v.prio, v.now - self.env.now)  # type: ignore[arg-type]
+        # At the member's key: a hand-over of mmu_lock resumes it at GRANT_PRIO, as in Python.
+        self.env.schedule(ev, int(ms[k.M_KEYP]), v.now - self.env.now)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from numba import njit
 
+from vsim.mmu.mmu_lock import GRANT_PYTHON, Q_ACTOR, Q_T, Q_WRITE, lock_acquire, lock_grant_next, lock_release
 from vsim.mmu.sp_pool import change_spte
 from vsim.mmu.spte import (
     PT_WRITABLE,
@@ -22,6 +23,7 @@ from vsim.mmu.spte import (
     make_spte,
 )
 from vsim.mmu.tdp_mmu_map import tdp_mmu_map_install, tdp_walk_to
+from vsim.sched import GRANT_PRIO
 from vsim.stats import K_TDP_MMU_PAGES
 from vsim.vcpu.group_exits import vm_exit
 from vsim.vcpu.group_state import (
@@ -42,23 +44,22 @@ from vsim.vcpu.group_state import (
     G_INV_END,
     G_INV_IN_PROGRESS,
     G_INV_START,
-    G_LOCK_NEXT_ID,
-    G_LOCK_WAITERS,
     G_LOCKED_CHECK,
     G_MMU_SEQ,
     G_NEV,
+    G_NLW,
     G_PFN_BASE,
     G_POPULATED,
     G_PRE_LOCK,
-    G_READERS,
     G_RET_NAME,
     G_ROOT_CHECK,
-    G_ZERO_WAITS,
     GS_GRANT,
+    HANDED,
     M_FAULT_SEQ,
     M_FLAGS,
     M_GFN,
     M_IDX,
+    M_KEYP,
     M_LEVEL,
     M_MMU_SEQ,
     M_NOW,
@@ -76,6 +77,7 @@ from vsim.vcpu.group_state import (
     PH_ENTRY,
     PH_INSTALL,
     PH_LOCK,
+    PH_LOCKED,
     RET_PF_FIXED,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
@@ -163,16 +165,14 @@ def fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, write, refs, hi
 
 
 @njit(cache=True)
-def fault_lock(m, ms, ss, pool, g, c, evbuf):  # type: ignore[no-untyped-def]
-    """``read_lock(mmu_lock)`` (uncontended), ``is_page_fault_stale``, then ``kvm_tdp_mmu_map``'s
-    walk and map work, up to the install."""
-    g[G_LOCK_NEXT_ID] += 1
-    g[G_READERS] += 1
-    g[G_ZERO_WAITS] += 1
+def fault_lock(m, ms, ss, pool, lk, q, g, c, evbuf):  # type: ignore[no-untyped-def]
+    """``read_lock(mmu_lock)`` (uncontended: the caller checked), ``is_page_fault_stale``, then
+    ``kvm_tdp_mmu_map``'s walk and map work, up to the install."""
+    lock_acquire(lk, q, False, m, ms[m, M_NOW], True)
     gfn = ms[m, M_GFN]
     stale = g[G_ROOT_CHECK] and ms[m, M_FLAGS] & F_ROOT_INVALID
     if stale or (g[G_LOCKED_CHECK] and retry_gfn(g, ms[m, M_MMU_SEQ], gfn)):
-        g[G_READERS] -= 1  # no writer waits (G_LOCK_BUSY): no hand-over
+        lock_release(lk, False)  # nobody waits (the lock was not busy): no hand-over
         fault_end(m, ms, ss, g, evbuf, RET_PF_RETRY)
         return
     table, idx, level, old = tdp_walk_to(pool.spt, ms[m, M_ROOT], gfn, 1)
@@ -189,8 +189,9 @@ def fault_lock(m, ms, ss, pool, g, c, evbuf):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def fault_install(m, ms, ss, pool, g, bitmap, evbuf):  # type: ignore[no-untyped-def]
-    """The cmpxchg half of ``kvm_tdp_mmu_map`` (``tdp_mmu_map_install``), then ``read_unlock``."""
+def fault_install(m, ms, ss, pool, lk, q, lwbuf, g, bitmap, evbuf):  # type: ignore[no-untyped-def]
+    """The cmpxchg half of ``kvm_tdp_mmu_map`` (``tdp_mmu_map_install``), then ``read_unlock``;
+    returns ``hand_over``'s code."""
     table = ms[m, M_TABLE]
     now = ms[m, M_NOW]
     if pool.sp_gen[table] != ms[m, M_TABLE_GEN]:
@@ -199,12 +200,39 @@ def fault_install(m, ms, ss, pool, g, bitmap, evbuf):  # type: ignore[no-untyped
         new = make_spte(ms[m, M_PFN], 1, True)
         ret, _ = tdp_mmu_map_install(pool, K_TDP_MMU_PAGES, table, ms[m, M_IDX], ms[m, M_LEVEL], ms[m, M_OLD],
                                      ms[m, M_GFN], 1, new, False, bitmap, -1, m, now)  # fmt: skip
-    g[G_READERS] -= 1
+    r = hand_over(ms, lk, q, lwbuf, g, now) if lock_release(lk, False) else 0
     fault_end(m, ms, ss, g, evbuf, ret)
-    if g[G_READERS] == 0 and g[G_LOCK_WAITERS]:
-        g[G_GRANT_T] = now
-        return GS_GRANT
-    return 0
+    return r
+
+
+@njit(cache=True)
+def hand_over(ms, lk, q, lwbuf, g, t):  # type: ignore[no-untyped-def]
+    """``mmu_lock`` was released at ``t`` with waiters: hand it to the members queued at the head
+    (each resumes at ``(t, GRANT_PRIO)``, holding it). Returns ``HANDED`` if a member got it (an
+    action now comes before the releaser's key), ``GS_GRANT`` if a Python waiter is next (the
+    driver hands it over, ``MmuLock.grant``), else 0."""
+    r = 0
+    while True:
+        k = lock_grant_next(lk, q, t, True)
+        if k == GRANT_PYTHON:
+            g[G_GRANT_T] = t
+            return GS_GRANT
+        if k < 0:
+            return r
+        m = q[k, Q_ACTOR]
+        waited = t - q[k, Q_T]
+        if waited:
+            n = g[G_NLW]
+            lwbuf[n, 0] = q[k, Q_WRITE]
+            lwbuf[n, 1] = m
+            lwbuf[n, 2] = waited
+            g[G_NLW] = n + 1
+        ms[m, M_NOW] = t
+        ms[m, M_KEYP] = GRANT_PRIO
+        ms[m, M_PHASE] = PH_LOCKED  # (only the legacy MMU's writers queue in the loop)
+        r = HANDED
+        if q[k, Q_WRITE]:
+            return r
 
 
 @njit(cache=True)

@@ -28,10 +28,12 @@ from __future__ import annotations
 from numba import njit
 
 from vsim.mmu.fast_page_fault import fast_pf_fix
+from vsim.mmu.mmu_lock import L_QLEN, L_WRITER, NO_WRITER
 from vsim.mmu.sp_pool import H_NFREE, H_NTABLES
 from vsim.mmu.spte import REMOVED_SPTE
 from vsim.mmu.tdp_mmu_map import tdp_walk_to
 from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, STOP_HORIZON, STOP_SET_ACCESSED, run_accesses
+from vsim.vcpu.group_direct import direct_lock, direct_locked, direct_unlock
 from vsim.vcpu.group_exits import entry, guest_sync, irq_exit, service_flush
 from vsim.vcpu.group_fault import fast_fault, fault_begin, fault_install, fault_lock, find_slot
 from vsim.vcpu.group_state import (
@@ -45,7 +47,7 @@ from vsim.vcpu.group_state import (
     G_EXT_WAITING,
     G_GUEST_REFS,
     G_HZ,
-    G_LOCK_BUSY,
+    G_LEGACY,
     G_MAX_CLASS,
     G_NEV,
     G_NEXT_P,
@@ -64,12 +66,15 @@ from vsim.vcpu.group_state import (
     GS_FLUSH,
     GS_GROW,
     GS_LEAVE,
+    HANDED,
     LEAVE_ENTRY,
     LEAVE_LOCK,
+    LEAVE_LOCKED,
     LEAVE_PYFAULT,
     LEAVE_RUN,
     M_FLAGS,
     M_I,
+    M_KEYP,
     M_KICK,
     M_LEAVE,
     M_LEVEL,
@@ -89,9 +94,12 @@ from vsim.vcpu.group_state import (
     PH_IRQ,
     PH_LEFT,
     PH_LOCK,
+    PH_LOCKED,
+    PH_LOCKWAIT,
     PH_NEXT,
     PH_OUT,
     PH_RUN,
+    PH_UNLOCK,
     RET_PF_FIXED,
     SL_BASE,
     SL_FAST,
@@ -115,14 +123,16 @@ def _horizon(ms, g, m):  # type: ignore[no-untyped-def]
         t = g[G_EXT_T] + (1 if p < g[G_EXT_P] else 0)
         h = min(h, t)
         for k in range(ms.shape[0]):
-            if k != m and ms[k, M_PHASE] != PH_OUT:
-                h = min(h, ms[k, M_NOW] + (1 if p < ms[k, M_PRIO] else 0))
+            ph = ms[k, M_PHASE]
+            if k != m and ph != PH_OUT and ph != PH_LOCKWAIT:  # (a lock waiter is woken by a release)
+                h = min(h, ms[k, M_NOW] + (1 if p < ms[k, M_KEYP] else 0))
     return h
 
 
 @njit(cache=True)
-def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, counters, pool, g, c, slots,
-              resident, moved, bitmap, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, counters, h, lk, q, g, c, slots,
+              rmaps, wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap,
+              pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Run the members in key order until one leaves or the next key reaches the queue head.
 
     ``slots`` rows are ``(base_gfn, npages, host_offset, simple)``: ``simple`` when the compiled
@@ -135,12 +145,13 @@ def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, 
         if m < 0 or not _before(g[G_NEXT_T], g[G_NEXT_P], g[G_EXT_T], g[G_EXT_P]):
             g[G_STOP] = GS_LEAVE if g[G_NLEFT] else GS_EXTERNAL
             return
-        if g[G_NLEFT] and not _leaves_now(ms, g, m):
+        if g[G_NLEFT] and not _leaves_now(ms, g, lk, m):
             g[G_STOP] = GS_LEAVE  # the members that left act in Python first
             return
         touched[m] = 1
-        r = _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, pool, g, c, slots, resident,
-                  moved, bitmap, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n)  # fmt: skip
+        r = _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, h, lk, q, g, c, slots, rmaps,
+                  wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, pml_buf,
+                  pml_n)  # fmt: skip
         if r == GS_LEAVE:
             ms[m, M_PHASE] = PH_LEFT
             left[g[G_NLEFT]] = m
@@ -160,17 +171,22 @@ def _next_member(ms, g):  # type: ignore[no-untyped-def]
     bp = 0
     for k in range(ms.shape[0]):
         ph = ms[k, M_PHASE]
-        if ph != PH_OUT and ph != PH_LEFT and (m < 0 or _before(ms[k, M_NOW], ms[k, M_PRIO], bt, bp)):
+        if (
+            ph != PH_OUT
+            and ph != PH_LEFT
+            and ph != PH_LOCKWAIT
+            and (m < 0 or _before(ms[k, M_NOW], ms[k, M_KEYP], bt, bp))
+        ):
             m = k
             bt = ms[k, M_NOW]
-            bp = ms[k, M_PRIO]
+            bp = ms[k, M_KEYP]
     g[G_NEXT_T] = bt
     g[G_NEXT_P] = bp
     return m
 
 
 @njit(cache=True)
-def _leaves_now(ms, g, m):  # type: ignore[no-untyped-def]
+def _leaves_now(ms, g, lk, m):  # type: ignore[no-untyped-def]
     """Member ``m``'s next action is to leave, touching nothing (``_step``'s first checks)."""
     ph = ms[m, M_PHASE]
     if ph == PH_DONE:
@@ -178,8 +194,14 @@ def _leaves_now(ms, g, m):  # type: ignore[no-untyped-def]
     if ph == PH_RUN and ms[m, M_FLAGS] & F_LEAVE:
         return True
     if ph == PH_LOCK:
-        return g[G_LOCK_BUSY] != 0
+        return not g[G_LEGACY] and _lock_busy(lk)
     return ph == PH_ENTRY and (ms[m, M_FLAGS] & F_LEAVE or g[G_SRCU_WAITS] != 0)
+
+
+@njit(cache=True, inline="always")
+def _lock_busy(lk):  # type: ignore[no-untyped-def]
+    """A writer holds ``mmu_lock`` or someone waits for it: a reader would queue."""
+    return lk[L_WRITER] != NO_WRITER or lk[L_QLEN] > 0
 
 
 @njit(cache=True)
@@ -196,11 +218,13 @@ def _leave(ms, m, why):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, pool, g, c, slots, resident, moved,
-          bitmap, evbuf, srvbuf, srcubuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, h, lk, q, g, c, slots, rmaps, wtracks,
+          resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Member ``m``'s action at its key, and what follows it up to its next sync (``t_key``: while
-    the member's clock is still there, nothing can have acted first)."""
+    the member's clock is still there, nothing can have acted first; -1 once a hand-over of
+    ``mmu_lock`` queued another member's action before it)."""
     t_key = ms[m, M_NOW]
+    pool = h.p
     while True:
         phase = ms[m, M_PHASE]
         if phase == PH_DONE:  # Vcpu.run: GUEST_SYNC at a pass end, then the next chunk
@@ -216,18 +240,43 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, pool, 
         if phase == PH_NEXT:
             return GS_CHUNK if ms[m, M_NOW] == t_key else 0  # after Vcpu.run's sync
         if phase == PH_LOCK:
-            if g[G_LOCK_BUSY]:  # a writer holds or waits for mmu_lock: the member waits in Python
+            if g[G_LEGACY]:  # write_lock: taken, or queued until a release hands it over
+                if direct_lock(m, ms, lk, q):
+                    continue
+                return 0
+            if _lock_busy(lk):  # a writer holds or waits for mmu_lock: the member waits in Python
                 return _leave(ms, m, LEAVE_LOCK)
-            fault_lock(m, ms, ss, pool, g, c, evbuf)
+            fault_lock(m, ms, ss, pool, lk, q, g, c, evbuf)
             if ms[m, M_PHASE] == PH_INSTALL:
                 return 0  # the install waits for its key
+            continue
+        if phase == PH_LOCKED:
+            r = direct_locked(m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap,
+                              evbuf)  # fmt: skip
+            if r == GS_LEAVE:
+                return _leave(ms, m, LEAVE_LOCKED)
+            if r == HANDED:
+                t_key = -1
+            elif r:
+                return r
+            if ms[m, M_PHASE] == PH_UNLOCK:
+                return 0  # write_unlock waits for its key
+            continue
+        if phase == PH_UNLOCK:
+            r = direct_unlock(m, ms, ss, lk, q, lwbuf, g, evbuf)
+            if r == HANDED:
+                t_key = -1
+            elif r:
+                return r
             continue
         if phase == PH_INSTALL:
             need = ms[m, M_LEVEL] - 1 if ms[m, M_OLD] != REMOVED_SPTE else 0
             if need > pool.hdr[H_NFREE] + pool.spt.shape[0] - pool.hdr[H_NTABLES]:
                 return GS_GROW
-            r = fault_install(m, ms, ss, pool, g, bitmap, evbuf)
-            if r:
+            r = fault_install(m, ms, ss, pool, lk, q, lwbuf, g, bitmap, evbuf)
+            if r == HANDED:
+                t_key = -1
+            elif r:
                 return r
             continue
         if phase == PH_IRQ:

@@ -1,10 +1,10 @@
 """A vCPU group's state transfer: the model's Python objects to its arrays and back.
 
 Before each run of the compiled loop (``vsim.vcpu.group_kernel``) the driver reads what other actors
-may have changed (``mmu_lock``, SRCU, the MMU-notifier sequence, memslots, obsolete roots,
-lockstep); after it, it writes back what the rest of the model reads (the members'
-clocks, modes, requests, IPIs and stats, the lock's readers, SRCU readers) and
-hands the loop's event rows, service times and SRCU readers on. Mixed into ``VcpuGroup``.
+may have changed (SRCU, the MMU-notifier sequence, memslots, obsolete roots, lockstep); after
+it, it writes back what the rest of the model reads (the members' clocks, modes, requests, IPIs
+and stats, SRCU readers) and hands the loop's event rows, service times, SRCU readers and lock
+waits on. (``mmu_lock`` is not copied: the loop works on the lock's own arrays.) Mixed into ``VcpuGroup``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numba.typed import List
 
 from vsim.host_mm import HostMapping
 from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID
+from vsim.mmu.shadow_page import NO_HEADS, ShadowMmu
 from vsim.mmu.spte import PG_LEVEL_4K
 from vsim.vcpu import group_state as k
 
@@ -22,6 +24,11 @@ if TYPE_CHECKING:
     from vsim.vcpu.group import VcpuGroup
 
 NOT_SIMPLE = KVM_MEMSLOT_INVALID | KVM_MEM_LOG_DIRTY_PAGES
+# Phases in which a member is inside a fault's exit, under kvm->srcu.
+MID_FAULT = (k.PH_LOCK, k.PH_INSTALL, k.PH_ENTRY, k.PH_LOCKWAIT, k.PH_LOCKED, k.PH_UNLOCK)
+LEFT_MID_FAULT = (k.LEAVE_LOCK, k.LEAVE_ENTRY, k.LEAVE_LOCKED)  # left, to go on with a fault in Python
+NO_RMAP = (NO_HEADS, NO_HEADS, NO_HEADS, 0, -1)  # a slot's rmap where the MMU has none (the TDP MMU)
+NO_TRACK = np.zeros(0, dtype=np.int32)
 
 
 class GroupTransfer:
@@ -40,12 +47,6 @@ class GroupTransfer:
                 else:
                     waiting = True
         g[k.G_HZ], g[k.G_EXT_WAITING] = hz, waiting
-        lock = vm.mmu_lock
-        g[k.G_READERS] = lock.readers
-        g[k.G_LOCK_BUSY] = lock.writer is not None or bool(lock._queue)  # noqa: SLF001
-        g[k.G_LOCK_WAITERS] = bool(lock._queue)  # noqa: SLF001
-        g[k.G_LOCK_NEXT_ID] = lock._next_id  # noqa: SLF001
-        g[k.G_ZERO_WAITS] = lock.zero_waits["read"]
         srcu = vm.srcu
         g[k.G_SRCU_NEXT] = srcu._next  # noqa: SLF001
         g[k.G_SRCU_WAITS] = bool(srcu._waits)  # noqa: SLF001
@@ -59,7 +60,7 @@ class GroupTransfer:
         if vm.lockstep:  # dirty logging began on a huge-page slot or with PML: everyone goes back
             live = self.ms[:, k.M_PHASE] != k.PH_OUT
             self.ms[live, k.M_FLAGS] |= k.F_LEAVE
-        if any(r.invalid for r in mmu.roots):  # type: ignore[union-attr]  # a fast zap: is_page_fault_stale
+        if not self.legacy and any(r.invalid for r in mmu.roots):  # type: ignore[union-attr]  # is_page_fault_stale
             ms = self.ms
             for m in np.flatnonzero(ms[:, k.M_PHASE] != k.PH_OUT).tolist():
                 root = vm.vcpus[m].root
@@ -68,7 +69,9 @@ class GroupTransfer:
 
     def _load_slots(self: VcpuGroup) -> None:
         """The current memslots as rows (``group_state.SL_*``), and the dirty bitmap of the first
-        dirty-logged one (the loop marks pages dirty there; other logged slots go to Python)."""
+        dirty-logged one (the loop marks pages dirty there; other logged slots go to Python). For
+        the legacy MMU, each row's rmap (as ``ShadowMmu.rmap_args`` gives it) and write-track
+        counts, in typed lists."""
         memslots = self.vm.memslots
         key = (id(memslots), memslots.generation)
         if key == self._slots_key:
@@ -77,6 +80,8 @@ class GroupTransfer:
         slots = memslots.slots
         host = self._host if isinstance(self._host, HostMapping) else None
         rows = []
+        rmaps, wtracks = List(), List()
+        mmu = self.vm.mmu
         self._bitmap_slot = None
         self._bitmap = np.zeros(0, dtype=np.uint8)
         for s in slots:
@@ -92,9 +97,16 @@ class GroupTransfer:
             ):
                 self._bitmap_slot, self._bitmap, fast = s, s.dirty_bitmap, k.FAST_BITMAP
             rows.append((s.base_gfn, s.npages, s.host_offset, int(unlogged and s.host is host), fast))
+            rmaps.append(mmu.rmap_args(s) if isinstance(mmu, ShadowMmu) else NO_RMAP)
+            wtracks.append(s.write_track)
+        if not rows:  # (a typed list needs an item to have a type)
+            rmaps.append(NO_RMAP)
+            wtracks.append(NO_TRACK)
         self._host = host if host is not None else NoHost()  # a stand-in that no row names
         self.g[k.G_PFN_BASE] = self._host.pfn_base
+        self.g[k.G_SPAN_SHIFT] = self._host.span_shift
         self._slots = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        self._rmaps, self._wtracks = rmaps, wtracks
 
     def _drain(self: VcpuGroup) -> None:
         """Hand the loop's records to the sink, the service times to the vCPUs, and the SRCU
@@ -126,6 +138,12 @@ class GroupTransfer:
                 else:
                     readers[token] = [start, end]
             g[k.G_NSRCU] = 0
+        n = int(g[k.G_NLW])
+        if n:
+            lock = vm.mmu_lock
+            for write, actor, waited in self.lwbuf[:n].tolist():
+                lock.note_wait(bool(write), actor, waited)
+            g[k.G_NLW] = 0
 
     def _write_out(self: VcpuGroup) -> None:
         vm = self.vm
@@ -150,8 +168,8 @@ class GroupTransfer:
             if taken:
                 del v.ipis[:taken]
                 ms[m, k.M_IPI_TAKEN] = 0
-            mid_fault = phase in (k.PH_LOCK, k.PH_INSTALL, k.PH_ENTRY) or (
-                phase == k.PH_LEFT and why in (k.LEAVE_LOCK, k.LEAVE_ENTRY)
+            mid_fault = phase in MID_FAULT or (
+                phase == k.PH_LEFT and why in (k.LEAVE_LOCK, k.LEAVE_ENTRY, k.LEAVE_LOCKED)
             )
             if mid_fault and not reg:
                 # Mid-fault: its SRCU reader is visible to a synchronize, and its slot is kept.
@@ -176,10 +194,6 @@ class GroupTransfer:
             st.pf_fast += d[k.S_PF_FAST]
             ss[m] = 0
         touched[:] = 0
-        lock = vm.mmu_lock
-        lock.readers = int(g[k.G_READERS])
-        lock._next_id = int(g[k.G_LOCK_NEXT_ID])  # noqa: SLF001
-        lock.zero_waits["read"] = int(g[k.G_ZERO_WAITS])
         vm.srcu._next = int(g[k.G_SRCU_NEXT])  # noqa: SLF001
         self._host.populated_pages += int(g[k.G_POPULATED])  # type: ignore[union-attr]
         g[k.G_POPULATED] = 0
@@ -190,5 +204,7 @@ class NoHost:
 
     resident = np.zeros(0, dtype=np.uint8)
     moved = np.zeros(0, dtype=np.uint8)
+    new_base = np.zeros(0, dtype=np.int64)
     populated_pages = 0
     pfn_base = 0
+    span_shift = 0
