@@ -19,9 +19,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+from numba import njit, typeof
+from numba.experimental import structref
 from numba.extending import register_jitable
 
 from vsim.mmu.pte_list import DescPool
+from vsim.mmu.sp_pool import BundleRefType
 from vsim.stats import K_MAX_HASH_COLLISIONS
 
 if TYPE_CHECKING:
@@ -80,6 +83,54 @@ class Sps(NamedTuple):
     act_next: np.ndarray  # towards the newest
     act_prev: np.ndarray  # towards the oldest
     hdr: np.ndarray
+
+
+# The dtype and dimensions of each array of ``Sps``.
+SPS_DTYPES = {f: (np.uint64, 2) if f == "unsync_bits" else (np.int32, 2) if f == "leaf_rmap"
+              else (np.int64, 2) if f == "gfns" else (np.int64, 1) for f in Sps._fields}  # fmt: skip
+
+
+@structref.register
+class SpsRefType(BundleRefType):
+    pass
+
+
+class SpsRef(structref.StructRefProxy):  # type: ignore[misc]
+    """``Sps``'s arrays as one object for compiled code (``ArchMmu.s``): passing the NamedTuple
+    from one compiled function to another reference-counts each of its 18 arrays, this one
+    pointer. The helpers here read ``s.role`` etc. either way. Made by ``new_sps_ref``."""
+
+
+structref.define_boxing(SpsRefType, SpsRef)
+SPS_REF_TYPE = SpsRefType([(f, typeof(np.zeros((1,) * nd, dtype=dt))) for f, (dt, nd) in SPS_DTYPES.items()])
+
+
+@njit(cache=True)
+def new_sps_ref(role: np.ndarray, valid_gen: np.ndarray, root_count: np.ndarray, flags: np.ndarray,
+                unsync_children: np.ndarray, unsync_bits: np.ndarray, flood: np.ndarray, pae_index: np.ndarray,
+                parents: np.ndarray, gfns: np.ndarray, leaf_rmap: np.ndarray, hash_head: np.ndarray,
+                hash_tail: np.ndarray, hash_next: np.ndarray, hash_prev: np.ndarray, act_next: np.ndarray,
+                act_prev: np.ndarray, hdr: np.ndarray) -> SpsRef:  # fmt: skip
+    r = structref.new(SPS_REF_TYPE)
+    r.role = role
+    r.valid_gen = valid_gen
+    r.root_count = root_count
+    r.flags = flags
+    r.unsync_children = unsync_children
+    r.unsync_bits = unsync_bits
+    r.flood = flood
+    r.pae_index = pae_index
+    r.parents = parents
+    r.gfns = gfns
+    r.leaf_rmap = leaf_rmap
+    r.hash_head = hash_head
+    r.hash_tail = hash_tail
+    r.hash_next = hash_next
+    r.hash_prev = hash_prev
+    r.act_next = act_next
+    r.act_prev = act_prev
+    r.hdr = hdr
+    return r
 
 
 @register_jitable
@@ -193,7 +244,7 @@ class ShadowPages:
         buckets = 1 << KVM_MMU_HASH_SHIFT
         hdr = np.zeros(4, dtype=np.int64)
         hdr[S_ACT_OLDEST] = hdr[S_ACT_NEWEST] = NIL
-        self.s = Sps(
+        self._set(Sps(
             role=np.zeros(n, dtype=np.int64), valid_gen=np.zeros(n, dtype=np.int64),
             root_count=np.zeros(n, dtype=np.int64), flags=np.zeros(n, dtype=np.int64),
             unsync_children=np.zeros(n, dtype=np.int64), unsync_bits=np.zeros((n, 8), dtype=np.uint64),
@@ -203,7 +254,7 @@ class ShadowPages:
             hash_head=np.full(buckets, NIL, dtype=np.int64), hash_tail=np.full(buckets, NIL, dtype=np.int64),
             hash_next=np.full(n, NIL, dtype=np.int64), hash_prev=np.full(n, NIL, dtype=np.int64),
             act_next=np.full(n, NIL, dtype=np.int64), act_prev=np.full(n, NIL, dtype=np.int64), hdr=hdr,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def fit_pool(self) -> None:
         """Grow the arrays to the pool's capacity (after the pool grew)."""
@@ -217,14 +268,18 @@ class ShadowPages:
                 return a
             return np.concatenate([a, np.full((add,) + a.shape[1:], fill, dtype=a.dtype)])
 
-        self.s = s._replace(
+        self._set(s._replace(
             role=more(s.role), valid_gen=more(s.valid_gen), root_count=more(s.root_count), flags=more(s.flags),
             unsync_children=more(s.unsync_children), unsync_bits=more(s.unsync_bits), flood=more(s.flood),
             pae_index=more(s.pae_index, NIL), parents=more(s.parents), gfns=more(s.gfns, NIL),
             leaf_rmap=more(s.leaf_rmap),
             hash_next=more(s.hash_next, NIL), hash_prev=more(s.hash_prev, NIL), act_next=more(s.act_next, NIL),
             act_prev=more(s.act_prev, NIL),
-        )  # fmt: skip
+        ))  # fmt: skip
+
+    def _set(self, s: Sps) -> None:
+        self.s = s
+        self.ref = new_sps_ref(*s)  # the same arrays, for compiled code
 
     # -- creating and unhashing ------------------------------------------------------------------
     def init_page(self, table: int, role: Role, valid_gen: int) -> None:

@@ -19,9 +19,9 @@ from vsim.memslots import KVM_MEMSLOT_INVALID
 from vsim.mmu.arch_mmu import NO_DESCS, NO_SPS, ArchMmuHandle
 from vsim.mmu.fast_page_fault import fast_page_fault, page_fault_can_be_fast
 from vsim.mmu.mmio import vcpu_cache_mmio_info
-from vsim.mmu.mmu_page import Sps
+from vsim.mmu.mmu_page import SpsRef
 from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmPageFault
-from vsim.mmu.pte_list import Descs
+from vsim.mmu.pte_list import DescsRef
 from vsim.mmu.sp_pool import H_LOG, NO_STAT, PoolRef, SpPool, account_spte_change, note_mapped, note_zapped, sp_free
 from vsim.mmu.spte import (
     PG_LEVEL_4K,
@@ -75,7 +75,7 @@ class PageTables:
         """The MMU's arrays as one handle for compiled code (made on first use)."""
         return ArchMmuHandle(self)
 
-    def arch_bundles(self) -> tuple[PoolRef, Sps, Descs]:
+    def arch_bundles(self) -> tuple[PoolRef, SpsRef, DescsRef]:
         """What ``arch`` holds: the pool, and no shadow pages (the TDP MMU)."""
         return self.pool.ref, NO_SPS, NO_DESCS
 

@@ -21,7 +21,11 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit, typeof
+from numba.experimental import structref
 from numba.extending import register_jitable
+
+from vsim.mmu.sp_pool import BundleRefType
 
 PTE_LIST_EXT = 14
 D_NDESC, D_NFREE = 0, 1  # the pool's header: descriptors handed out, entries on the free stack
@@ -36,6 +40,33 @@ class Descs(NamedTuple):
     more: np.ndarray  # (descs,) int64
     free: np.ndarray  # (descs,) int64: freed descriptors, reused first
     hdr: np.ndarray  # (2,) int64
+
+
+@structref.register
+class DescsRefType(BundleRefType):
+    pass
+
+
+class DescsRef(structref.StructRefProxy):  # type: ignore[misc]
+    """``Descs``'s arrays as one object for compiled code (``ArchMmu.d``), as ``SpsRef`` is for
+    ``Sps``. Made by ``new_descs_ref``."""
+
+
+structref.define_boxing(DescsRefType, DescsRef)
+DESCS_DTYPES = {f: (np.int64, 2) if f == "sptes" else (np.int64, 1) for f in Descs._fields}
+DESCS_REF_TYPE = DescsRefType([(f, typeof(np.zeros((1,) * nd, dtype=dt))) for f, (dt, nd) in DESCS_DTYPES.items()])
+
+
+@njit(cache=True)
+def new_descs_ref(sptes: np.ndarray, count: np.ndarray, more: np.ndarray, free: np.ndarray,
+                  hdr: np.ndarray) -> DescsRef:  # fmt: skip
+    r = structref.new(DESCS_REF_TYPE)
+    r.sptes = sptes
+    r.count = count
+    r.more = more
+    r.free = free
+    r.hdr = hdr
+    return r
 
 
 @register_jitable
@@ -159,13 +190,19 @@ class DescPool:
     them through ``d`` each time."""
 
     def __init__(self, descs: int = 256) -> None:
-        self.d = Descs(
-            sptes=np.zeros((descs, PTE_LIST_EXT), dtype=np.int64),
-            count=np.zeros(descs, dtype=np.int64),
-            more=np.full(descs, -1, dtype=np.int64),
-            free=np.zeros(descs, dtype=np.int64),
-            hdr=np.zeros(2, dtype=np.int64),
+        self._set(
+            Descs(
+                sptes=np.zeros((descs, PTE_LIST_EXT), dtype=np.int64),
+                count=np.zeros(descs, dtype=np.int64),
+                more=np.full(descs, -1, dtype=np.int64),
+                free=np.zeros(descs, dtype=np.int64),
+                hdr=np.zeros(2, dtype=np.int64),
+            )
         )
+
+    def _set(self, d: Descs) -> None:
+        self.d = d
+        self.ref = new_descs_ref(*d)  # the same arrays, for compiled code
 
     def reserve(self, descs: int) -> None:
         """Room for ``descs`` more descriptors (before a compiled operation, which cannot grow)."""
@@ -178,7 +215,7 @@ class DescPool:
         def more(a: np.ndarray, fill: int = 0) -> np.ndarray:
             return np.concatenate([a, np.full((add,) + a.shape[1:], fill, dtype=a.dtype)])
 
-        self.d = d._replace(sptes=more(d.sptes), count=more(d.count), more=more(d.more, -1), free=more(d.free))
+        self._set(d._replace(sptes=more(d.sptes), count=more(d.count), more=more(d.more, -1), free=more(d.free)))
 
     def add(self, heads: np.ndarray, i: int, table: int, idx: int) -> int:
         """``pte_list_add`` of ``(table, idx)``; the count before."""

@@ -28,14 +28,14 @@ from vsim.mmu.mmu_page import (
     S_VALID_GEN,
     Role,
     ShadowPages,
-    Sps,
+    SpsRef,
     find_valid_sp,
     pack_role,
     sp_is_obsolete,
 )
 from vsim.mmu.mmu_page_view import ActivePages, KvmMmuPage, SpViews
 from vsim.mmu.page_tables import PageTables
-from vsim.mmu.pte_list import DescPool, Descs
+from vsim.mmu.pte_list import DescPool, DescsRef
 from vsim.mmu.rmap import rmap_entries, rmap_head_index
 from vsim.mmu.sp_pool import PoolRef
 from vsim.mmu.spte import (
@@ -84,9 +84,9 @@ class ShadowMmu(PageTables):
         default = max(pages * KVM_PERMILLE_MMU_PAGES // 1000, KVM_MIN_ALLOC_MMU_PAGES)
         self.n_max_mmu_pages = vm.cfg.mmu.nr_mmu_pages or default
 
-    def arch_bundles(self) -> tuple[PoolRef, Sps, Descs]:
+    def arch_bundles(self) -> tuple[PoolRef, SpsRef, DescsRef]:
         """The pool, the shadow pages and the descriptors, as ``ArchMmu`` holds them."""
-        return self.pool.ref, self.pages.s, self.descs.d
+        return self.pool.ref, self.pages.ref, self.descs.ref
 
     @property
     def n_used_mmu_pages(self) -> int:

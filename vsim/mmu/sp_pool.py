@@ -58,10 +58,16 @@ class Pool(NamedTuple):
     zapped: np.ndarray  # (region pages,) bool: test-region gfns a zap unmapped
 
 
-@structref.register
-class PoolRefType(types.StructRef):
+class BundleRefType(types.StructRef):
+    """The numba type of a StructRef that holds a bundle of arrays (``PoolRef``, ``SpsRef``, ...)."""
+
     def preprocess_fields(self, fields: Any) -> tuple[tuple[str, Any], ...]:
         return tuple((name, types.unliteral(t)) for name, t in fields)
+
+
+@structref.register
+class PoolRefType(BundleRefType):
+    pass
 
 
 class PoolRef(structref.StructRefProxy):  # type: ignore[misc]

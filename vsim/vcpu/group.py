@@ -13,9 +13,11 @@ objects and reads back what others may have changed (``vsim.vcpu.group_transfer`
 IPIs that other actors send to members reach the loop through ``notify``. It hands members their
 next chunks of accesses, and resumes a member's process only where Python must go on.
 
-The group serves the TDP MMU in batched mode, with the invariant checker off and events at most at
-the ``faults`` level (``sim.fault_kernel`` turns it off). The checker's hooks and ``all``-level
-records are Python calls at each SPTE change, which compiled code cannot make.
+The group serves the TDP MMU and the legacy direct MMU in batched mode, with the invariant checker
+off and events at most at the ``faults`` level (``sim.fault_kernel`` turns it off). The checker's
+hooks and ``all``-level records are Python calls at each SPTE change, which compiled code cannot
+make. Members queue for ``mmu_lock`` on the lock's own arrays (``MmuLock.lk``/``q``); a release in
+Python that reaches one hands it over through ``lock_granted``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class VcpuGroup(GroupTransfer):
         self._chunk_writes: list[object] = [None] * nv
         # The TLBs and access counters become rows of VM-wide arrays (the vCPUs keep views).
         t0 = vcpus[0].tlb
-        self.sets, self.ways = t0.sets, t0.ways  # type: ignore[union-attr]
+        self.geo = np.stack([t0.sets, t0.ways])  # type: ignore[union-attr]  # the TLBs' sets and ways per size class
         self.tags = np.stack([v.tlb.tags for v in vcpus])  # type: ignore[union-attr]
         self.wr = np.stack([v.tlb.wr for v in vcpus])  # type: ignore[union-attr]
         self.count = np.stack([v.tlb.count for v in vcpus])  # type: ignore[union-attr]
@@ -255,7 +257,7 @@ class VcpuGroup(GroupTransfer):
             mmu = vm.mmu
             host = self._host
             run_group(self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags, self.wr,
-                      self.sets, self.ways, self.count, self.counters, mmu.arch.sync(), lock.lk, lock.q, g, self.c,
+                      self.geo, self.count, self.counters, mmu.arch.sync(), lock.lk, lock.q, g, self.c,
                       self._slots, self._rmaps, self._wtracks, host.resident, host.moved, host.new_base,
                       self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self.lwbuf, self._empty8, self._empty64,
                       self._empty64, self._pml_n)  # fmt: skip

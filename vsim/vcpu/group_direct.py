@@ -19,7 +19,8 @@ path (a huge leaf, a leaf of another pfn) goes on in Python, holding the lock (`
 
 from __future__ import annotations
 
-from numba import njit
+from numba import njit, types
+from numba.typed import List
 
 from vsim.mmu.direct_map import (
     MS_DROP,
@@ -165,3 +166,21 @@ def direct_unlock(m, ms, ss, lk, q, lwbuf, g, evbuf):  # type: ignore[no-untyped
     r = hand_over(ms, lk, q, lwbuf, g, ms[m, M_NOW]) if lock_release(lk, True) else 0
     fault_end(m, ms, ss, g, evbuf, ms[m, M_RET])
     return r
+
+
+# The memslots' rmaps and write-track counts as the loop takes them (``GroupTransfer._load_slots``):
+# typed lists made and filled in cached compiled code (numba's own list code, called from Python,
+# would compile in every process).
+_RMAP_TYPE = types.Tuple((types.int64[::1], types.int64[::1], types.int64[::1], types.int64, types.int64))
+
+
+@njit(cache=True)
+def new_slot_lists():  # type: ignore[no-untyped-def]
+    """Empty lists of rmaps (``ShadowMmu.rmap_args``) and write-track arrays, one item per slot row."""
+    return List.empty_list(_RMAP_TYPE), List.empty_list(types.int32[::1])
+
+
+@njit(cache=True)
+def slot_lists_append(rmaps, wtracks, h4k, h2m, h1g, base, number, wtrack):  # type: ignore[no-untyped-def]
+    rmaps.append((h4k, h2m, h1g, base, number))
+    wtracks.append(wtrack)

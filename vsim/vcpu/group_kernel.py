@@ -12,15 +12,18 @@ Members run their stretches of accesses with ``run_accesses`` and take the commo
 compiled code: an EPT violation on a not-present SPTE of a memslot backed by 4K host pages,
 ``kvm_tdp_mmu_page_fault`` under ``read_lock(mmu_lock)`` (``kvm_faultin_pfn``,
 ``is_page_fault_stale``, ``kvm_tdp_mmu_map`` with its cmpxchg races, ``RET_PF_RETRY``/``SPURIOUS``),
-then VM entry; and a write to a write-protected 4K SPTE (``fast_page_fault``, dirty logging). They
-also take a kick's IPI (``handle_external_interrupt``) with its TLB-flush request at entry, and a
-pass end's ``GUEST_SYNC`` when no selftest program waits for it; the driver hands them their next
-chunk of accesses. The code mirrors ``Vcpu.run``/``_run_batched``,
-``VcpuExits``, ``VcpuRequests`` and ``TdpMmu.page_fault`` step for step; the equivalence tests hold
-the two equal. Everything else makes the member leave the group at a point where its Python code
-can go on: before the access (``LEAVE_RUN``), to handle that one fault in Python
-(``LEAVE_PYFAULT``), waiting for a contended ``mmu_lock`` (``LEAVE_LOCK``), or at entry with other
-requests to service or an SRCU grace period to end (``LEAVE_ENTRY``).
+then VM entry; the legacy MMU's ``direct_page_fault`` under ``write_lock(mmu_lock)``, queueing
+behind the holder (``vsim.vcpu.group_direct``); and a write to a write-protected 4K SPTE
+(``fast_page_fault``, dirty logging). They also take a kick's IPI (``handle_external_interrupt``)
+with its TLB-flush request at entry, and a pass end's ``GUEST_SYNC`` when no selftest program waits
+for it; the driver hands them their next chunk of accesses. The code mirrors
+``Vcpu.run``/``_run_batched``, ``VcpuExits``, ``VcpuRequests``, ``TdpMmu.page_fault`` and
+``LegacyMmu.page_fault`` step for step; the equivalence tests hold the two equal. Everything else
+makes the member leave the group at a point where its Python code can go on: before the access
+(``LEAVE_RUN``), to handle that one fault in Python (``LEAVE_PYFAULT``), waiting for a contended
+``read_lock`` (``LEAVE_LOCK``), holding the write lock with a locked section only Python can
+finish (``LEAVE_LOCKED``), or at entry with other requests to service or an SRCU grace period to
+end (``LEAVE_ENTRY``).
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def _horizon(ms, g, m):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, counters, h, lk, q, g, c, slots,
+def run_group(ms, ss, touched, left, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots,
               rmaps, wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap,
               pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Run the members in key order until one leaves or the next key reaches the queue head.
@@ -149,7 +152,7 @@ def run_group(ms, ss, touched, left, gfns, writes, tags, wr, sets, ways, count, 
             g[G_STOP] = GS_LEAVE  # the members that left act in Python first
             return
         touched[m] = 1
-        r = _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, h, lk, q, g, c, slots, rmaps,
+        r = _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots, rmaps,
                   wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, pml_buf,
                   pml_n)  # fmt: skip
         if r == GS_LEAVE:
@@ -217,8 +220,8 @@ def _leave(ms, m, why):  # type: ignore[no-untyped-def]
     return GS_LEAVE
 
 
-@njit(cache=True)
-def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, h, lk, q, g, c, slots, rmaps, wtracks,
+@njit(cache=True, inline="always")
+def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots, rmaps, wtracks,
           resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Member ``m``'s action at its key, and what follows it up to its next sync (``t_key``: while
     the member's clock is still there, nothing can have acted first; -1 once a hand-over of
@@ -303,7 +306,7 @@ def _step(m, ms, ss, gfns, writes, tags, wr, sets, ways, count, counters, h, lk,
         limit = min(_horizon(ms, g, m), ms[m, M_KICK]) - now0
         j, dt, status, refs, present = run_accesses(
             gfns[m], writes[m], i0, ms[m, M_N], limit, pool.spt, ms[m, M_ROOT], g[G_GUEST_REFS], g[G_MAX_CLASS],
-            tags[m], wr[m], sets, ways, count[m], c[C_GUEST], c[C_HIT], c[C_REF], counters[m], written,
+            tags[m], wr[m], geo[0], geo[1], count[m], c[C_GUEST], c[C_HIT], c[C_REF], counters[m], written,
             g[G_REGION_BASE], wmap, pml_buf, pml_n, ms[m, M_SYNCED],
         )  # fmt: skip
         now = now0 + dt

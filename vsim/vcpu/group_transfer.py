@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numba.typed import List
 
 from vsim.host_mm import HostMapping
 from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID
 from vsim.mmu.shadow_page import NO_HEADS, ShadowMmu
 from vsim.mmu.spte import PG_LEVEL_4K
 from vsim.vcpu import group_state as k
+from vsim.vcpu.group_direct import new_slot_lists, slot_lists_append
 
 if TYPE_CHECKING:
     from vsim.vcpu.group import VcpuGroup
@@ -28,7 +28,6 @@ NOT_SIMPLE = KVM_MEMSLOT_INVALID | KVM_MEM_LOG_DIRTY_PAGES
 MID_FAULT = (k.PH_LOCK, k.PH_INSTALL, k.PH_ENTRY, k.PH_LOCKWAIT, k.PH_LOCKED, k.PH_UNLOCK)
 LEFT_MID_FAULT = (k.LEAVE_LOCK, k.LEAVE_ENTRY, k.LEAVE_LOCKED)  # left, to go on with a fault in Python
 NO_RMAP = (NO_HEADS, NO_HEADS, NO_HEADS, 0, -1)  # a slot's rmap where the MMU has none (the TDP MMU)
-NO_TRACK = np.zeros(0, dtype=np.int32)
 
 
 class GroupTransfer:
@@ -80,7 +79,7 @@ class GroupTransfer:
         slots = memslots.slots
         host = self._host if isinstance(self._host, HostMapping) else None
         rows = []
-        rmaps, wtracks = List(), List()
+        rmaps, wtracks = new_slot_lists()
         mmu = self.vm.mmu
         self._bitmap_slot = None
         self._bitmap = np.zeros(0, dtype=np.uint8)
@@ -97,11 +96,8 @@ class GroupTransfer:
             ):
                 self._bitmap_slot, self._bitmap, fast = s, s.dirty_bitmap, k.FAST_BITMAP
             rows.append((s.base_gfn, s.npages, s.host_offset, int(unlogged and s.host is host), fast))
-            rmaps.append(mmu.rmap_args(s) if isinstance(mmu, ShadowMmu) else NO_RMAP)
-            wtracks.append(s.write_track)
-        if not rows:  # (a typed list needs an item to have a type)
-            rmaps.append(NO_RMAP)
-            wtracks.append(NO_TRACK)
+            slot_lists_append(rmaps, wtracks, *(mmu.rmap_args(s) if isinstance(mmu, ShadowMmu) else NO_RMAP),
+                              s.write_track)  # fmt: skip
         self._host = host if host is not None else NoHost()  # a stand-in that no row names
         self.g[k.G_PFN_BASE] = self._host.pfn_base
         self.g[k.G_SPAN_SHIFT] = self._host.span_shift
