@@ -17,23 +17,29 @@ from vsim.vcpu import group_state as k
 from vsim.vm import Vm
 
 
-def _group_sets(seed: int, backing_4k: bool) -> list[str]:
-    """A random equivalence config with the group on: events at ``faults``, no checker."""
+def _group_sets(seed: int, backing_4k: bool, checker: bool = False) -> list[str]:
+    """A random equivalence config with the group on: events at ``faults``, the checker on or off."""
     sets = [s for s in _random_config(seed) if s not in ("events.level=all", "sim.invariants=true")]
-    return [*sets, "events.level=faults", *(["vm.backing_page_size=4K"] if backing_4k else [])]
+    return [*sets, "events.level=faults", f"sim.invariants={str(checker).lower()}",
+            *(["vm.backing_page_size=4K"] if backing_4k else [])]  # fmt: skip
 
 
 def _outputs(sets: list[str], mode: str, out: Path) -> tuple[str, bytes]:
-    res = run_scenario(load_config(None, [*sets, f"sim.mode={mode}"]), out)
+    cfg = load_config(None, [*sets, f"sim.mode={mode}"])
+    res = run_scenario(cfg, out)
+    if cfg.sim.invariants and cfg.memslots.generation_scheme != "single_increment":  # (that one is R1)
+        assert res.stats["invariant_violations"] == []
     return json.dumps(res.stats), (out / "events.jsonl").read_bytes()
 
 
 @pytest.mark.parametrize(("seed", "backing_4k"), [(s, True) for s in range(16)] + [(s, False) for s in (0, 6, 26, 29)])
 def test_group_equals_reference(tmp_path: Path, seed: int, backing_4k: bool) -> None:
-    """Memslot churn, host-MM invalidations, dirty logging and the selftests under the group:
-    byte-identical stats and fault logs to one SimPy event per access. With 2M backing, dirty
-    logging makes vCPUs split huge pages (``Vm.lockstep``) and the members leave the group."""
-    sets = _group_sets(seed, backing_4k)
+    """Memslot churn, host-MM invalidations, dirty logging and the selftests under the group, with
+    the invariant checker on for half the seeds (it then sees the loop's SPTE changes and writes):
+    byte-identical stats and fault logs to one SimPy event per access, and no violation. With 2M
+    backing, dirty logging makes vCPUs split huge pages (``Vm.lockstep``) and the members leave
+    the group."""
+    sets = _group_sets(seed, backing_4k, checker=seed % 2 == 0)
     stats_g, events_g = _outputs(sets, "batched", tmp_path / "g")
     stats_r, events_r = _outputs(sets, "reference", tmp_path / "r")
     assert stats_g == stats_r
@@ -88,9 +94,9 @@ def test_racing_members_fix_retry_and_see_spurious_faults_as_python_does() -> No
 
 
 def test_group_is_off_where_compiled_code_cannot_follow() -> None:
-    for extra in (["sim.invariants=true"], ["mmu.mode=shadow"], ["sim.mode=reference"], ["mmu.ept_ad=false"],
-                  ["sim.fault_kernel=false"]):  # fmt: skip
+    for extra in (["mmu.mode=shadow"], ["sim.mode=reference"], ["mmu.ept_ad=false"], ["sim.fault_kernel=false"]):
         assert Vm(make_config("sim.invariants=false", *extra)).group is None, extra
+    assert Vm(make_config("sim.invariants=true")).group is not None  # the checker sees the loop too
     assert Vm(make_config("sim.invariants=false"), EventSink("all")).group is None  # records at every SPTE change
     assert Vm(make_config("sim.invariants=false"), EventSink("faults")).group is not None
 
@@ -201,3 +207,32 @@ def test_legacy_faults_in_the_loop_equal_python(poke: bool) -> None:
     assert vm.stat.as_dict() == off.stat.as_dict()
     assert vm.mmu_lock.waits("write") == off.mmu_lock.waits("write") and vm.mmu_lock.contended > 0
     assert np.array_equal(vm.mmu.spt[: vm.mmu.n_tables], off.mmu.spt[: off.mmu.n_tables])
+
+
+@pytest.mark.parametrize("mode", ["tdp_mmu", "legacy_tdp"])
+def test_the_checker_sees_every_spte_change_and_write_the_loop_makes(mode: str) -> None:
+    """With the checker on, the loop logs its SPTE changes and the driver replays them: the checker
+    sees the same changes, in the same order, as when every fault runs in Python, and the same
+    completed writes (the dirty-log check's ``written``)."""
+    sets = [f"mmu.mode={mode}", "mmu.nr_mmu_pages=1000", "sim.invariants=true", "vm.vcpus=6",
+            "workload.per_vcpu_memory=1MiB", "workload.passes=2", "workload.write_percent=30",
+            "workload.access=random"]  # fmt: skip
+    seen = []
+    for kernel in ("true", "false"):
+        vm = Vm(make_config(*sets, f"sim.fault_kernel={kernel}"))
+        assert vm.checker is not None and (vm.group is not None) == (kernel == "true")
+        changes: list[tuple[int, ...]] = []
+        hook = vm.checker.on_spte_changed
+
+        def spy(gfn: int, old: int, new: int, level: int, t: int, actor: int, hook=hook, changes=changes) -> None:  # type: ignore[no-untyped-def]
+            changes.append((gfn, old, new, level, t, actor))
+            hook(gfn, old, new, level, t, actor)
+
+        vm.checker.on_spte_changed = spy  # type: ignore[method-assign]
+        vm.run()
+        assert vm.checker.violations == []
+        seen.append((changes, vm.checker.written.copy(), vm))
+    (on, written_on, vm_on), (off, written_off, _) = seen
+    assert vm_on.group is not None and vm_on.group.faults > 100
+    assert len(on) >= vm_on.stat.pages_4k > 0 and on == off
+    assert written_on.any() and np.array_equal(written_on, written_off)

@@ -153,6 +153,13 @@ class InvariantChecker:
         if covered >= 0 and self._local_flush.get(vcpu.id, -1) < covered:
             self._check_tlb(vcpu, "stale_tlb_after_flush", vcpu.now)
 
+    def entry_check_due(self, vcpu: Vcpu) -> bool:
+        """Whether ``on_entry`` may yet check this vCPU's TLB (some completed or pending flush covers
+        a restriction its last local flush does not): the vCPU group then leaves the entry to
+        Python, which calls ``on_entry``."""
+        covered = max([self._covered_base] + [r for _, r in self._flushes])
+        return covered >= 0 and self._local_flush.get(vcpu.id, -1) < covered
+
     def on_mmio_hit(self, vcpu: Vcpu, gfn: int, generation: int, spte: int | None) -> None:
         stored = get_mmio_spte_generation(spte) if spte is not None else vcpu.mmio_gen & MMIO_SPTE_GEN_MASK
         if generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS or stored != generation & MMIO_SPTE_GEN_MASK:

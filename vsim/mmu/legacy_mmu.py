@@ -128,6 +128,11 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         r = self.fast_path_and_faultin(v, fault)
         if r is not None:
             return r
+        return (yield from self.page_fault_locked(v, fault))
+
+    def page_fault_locked(self, v: Vcpu, fault: KvmPageFault) -> Generator[object, object, int]:
+        """The fault from ``write_lock(mmu_lock)`` on (where a vCPU group member goes on in Python
+        before taking the lock)."""
         if not (yield from self.lock_for_fault(v, fault, write=True)):
             return RET_PF_RETRY
         return (yield from self.page_fault_held(v, fault))

@@ -124,8 +124,8 @@ class MmuLock:
         # Waits: the non-zero ones as samples, the (common) zero ones only counted (in lk).
         self.wait_ns: dict[str, array] = {READ: array("q"), WRITE: array("q")}
         self.wait_by_actor: dict[int, int] = {}
-        # lockdep: which actors hold the lock for read (kept only while the checker is on; the
-        # vCPU group, which counts readers itself, is off then).
+        # lockdep: which actors hold the lock for read (kept only while the checker is on; the read
+        # locks vCPU group members take and release in compiled code are not in it).
         self.lockdep = False
         self._read_holders: dict[int, int] = {}
 

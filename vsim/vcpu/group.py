@@ -45,15 +45,14 @@ NEVER = k.NEVER
 
 
 def group_enabled(vm: Vm) -> bool:
-    """The group serves this VM: a direct MMU (TDP or legacy), batched, no checker, events at most
-    at ``faults``."""
+    """The group serves this VM: a direct MMU (TDP or legacy), batched, events at most at
+    ``faults``, vCPUs not in lockstep."""
     cfg = vm.cfg
     return (
         cfg.sim.fault_kernel
         and cfg.sim.mode == "batched"
         and cfg.mmu.mode in ("tdp_mmu", "legacy_tdp")
         and cfg.mmu.ept_ad
-        and vm.checker is None
         and not vm.sink.all
         and not vm.lockstep
     )
@@ -100,6 +99,12 @@ class VcpuGroup(GroupTransfer):
         g[k.G_MAX_CLASS] = vcpus[0].max_class
         g[k.G_REGION_BASE] = vm.region_base_gfn
         g[k.G_PROGRAM] = vm.program is not None
+        # The invariant checker sees the loop's SPTE changes through the pool's change log (replayed
+        # at each stop) and its completed writes through ``written``; what it checks at a fault or
+        # an entry that the loop does not mirror is left to Python (``_checked``).
+        self.checker = vm.checker
+        g[k.G_CHECKER] = vm.checker is not None
+        self._written = vm.checker.written if vm.checker is not None else np.zeros(0, dtype=np.uint8)
         mmu = vm.mmu
         self.legacy = isinstance(mmu, LegacyMmu)
         g[k.G_LEGACY] = self.legacy
@@ -119,6 +124,8 @@ class VcpuGroup(GroupTransfer):
         self.srcubuf = np.zeros((max(1024, 2 * nv), 3), dtype=np.int64)
         self.lwbuf = np.zeros((max(1024, 2 * nv), 3), dtype=np.int64)  # mmu_lock waits (write, actor, ns)
         vm.mmu_lock.grantee = self  # hand-overs from Python to members queued in the loop
+        if vm.checker is not None:  # the SPTE change log, replayed whenever a fault might not fit
+            vm.mmu.pool.reserve_changes(16 * k.CHG_ROOM)
         self._empty8 = np.zeros(0, dtype=np.uint8)
         self._empty64 = np.zeros(0, dtype=np.int64)
         self._pml_n = np.zeros(1, dtype=np.int64)
@@ -143,7 +150,21 @@ class VcpuGroup(GroupTransfer):
     def _can_join(self, v: Vcpu) -> bool:
         """Nothing the compiled loop does not model is pending on ``v``, and vCPUs do not restrict
         SPTEs themselves (``Vm.lockstep``: the loop's horizon assumes they only add)."""
-        return not v.requests and v.kick_at == NEVER and not v.pml_on and not self.vm.lockstep
+        return (
+            not v.requests
+            and v.kick_at == NEVER
+            and not v.pml_on
+            and not self.vm.lockstep
+            and not (self.checker is not None and self._checked(v))
+        )
+
+    def _checked(self, v: Vcpu) -> bool:
+        """With the checker on, ``v`` must act in Python for the checks the loop does not mirror:
+        an entry the checker would check (``entry_check_due``), or an obsolete root (the checker
+        checks installs into one and entries on one)."""
+        assert self.checker is not None
+        root = v.root
+        return (root is not None and root.invalid) or self.checker.entry_check_due(v)
 
     def takes_fault(self, v: Vcpu, gfn: int, present: bool, write: bool) -> bool:
         """``v`` joins for a fault on ``gfn`` if the compiled loop can take it (``group_kernel._step``'s
@@ -259,7 +280,7 @@ class VcpuGroup(GroupTransfer):
             run_group(self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags, self.wr,
                       self.geo, self.count, self.counters, mmu.arch.sync(), lock.lk, lock.q, g, self.c,
                       self._slots, self._rmaps, self._wtracks, host.resident, host.moved, host.new_base,
-                      self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self.lwbuf, self._empty8, self._empty64,
+                      self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self.lwbuf, self._written, self._empty64,
                       self._empty64, self._pml_n)  # fmt: skip
             self._drain()
             stop = int(g[k.G_STOP])
@@ -302,7 +323,9 @@ class VcpuGroup(GroupTransfer):
         row[k.M_KICK] = v.kick_at
         row[k.M_NIPI] = len(v.ipis)
         row[k.M_MODE] = v.mode
-        if v.requests & ~k.FLUSH_REQUESTS or len(v.ipis) > 1:
+        # (With the checker on, flushes go to Python too: it notes each local flush.)
+        serviced = k.FLUSH_REQUESTS if self.checker is None else 0
+        if v.requests & ~serviced or len(v.ipis) > 1:
             row[k.M_FLAGS] |= k.F_LEAVE
 
     def _leave(self, m: int) -> None:

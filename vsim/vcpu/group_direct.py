@@ -50,6 +50,7 @@ from vsim.vcpu.group_state import (
     C_LEGACY_MAP,
     C_PREFETCH,
     C_SP,
+    G_CHECKER,
     G_INV_IN_PROGRESS,
     G_LOCKED_CHECK,
     G_N_MAX,
@@ -99,10 +100,13 @@ def direct_lock(m, ms, lk, q):  # type: ignore[no-untyped-def]
 
 @njit(cache=True)
 def _needs_python(h, ms, m, g):  # type: ignore[no-untyped-def]
-    """The locked section would zap shadow pages (``make_mmu_pages_available``) or drop an SPTE on
-    the path (``direct_map``'s ``MS_DROP``: a huge leaf above 4K, or a leaf of another pfn)."""
+    """The locked section would zap shadow pages (``make_mmu_pages_available``), drop an SPTE on the
+    path (``direct_map``'s ``MS_DROP``: a huge leaf above 4K, or a leaf of another pfn), or, with the
+    checker on, map into an obsolete root (which it checks)."""
     if g[G_N_MAX] - h.s.hdr[S_N_USED] < KVM_MIN_FREE_MMU_PAGES:
         return True
+    if g[G_CHECKER] and sp_is_obsolete(h.s, ms[m, M_ROOT]):
+        return True  # the checker checks an install into an obsolete root
     spt = h.p.spt
     gfn = ms[m, M_GFN]
     table = ms[m, M_ROOT]

@@ -32,7 +32,8 @@ from numba import njit
 
 from vsim.mmu.fast_page_fault import fast_pf_fix
 from vsim.mmu.mmu_lock import L_QLEN, L_WRITER, NO_WRITER
-from vsim.mmu.sp_pool import H_NFREE, H_NTABLES
+from vsim.mmu.mmu_page import sp_is_obsolete
+from vsim.mmu.sp_pool import H_LOG, H_NCHG, H_NFREE, H_NTABLES
 from vsim.mmu.spte import REMOVED_SPTE
 from vsim.mmu.tdp_mmu_map import tdp_walk_to
 from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, STOP_HORIZON, STOP_SET_ACCESSED, run_accesses
@@ -43,8 +44,11 @@ from vsim.vcpu.group_state import (
     C_GUEST,
     C_HIT,
     C_REF,
+    CHG_ROOM,
     F_LEAVE,
+    F_ROOT_INVALID,
     FAST_BITMAP,
+    G_CHECKER,
     G_EXT_P,
     G_EXT_T,
     G_EXT_WAITING,
@@ -202,6 +206,22 @@ def _leaves_now(ms, g, lk, m):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
+def _log_full(pool):  # type: ignore[no-untyped-def]
+    """The SPTE change log (kept while the checker is on) may not hold one more fault's changes:
+    the driver replays it to the checker first (``GS_FLUSH``)."""
+    return pool.hdr[H_LOG] != 0 and pool.hdr[H_NCHG] + CHG_ROOM > pool.chg.shape[0]
+
+
+@njit(cache=True)
+def _root_obsolete(h, ms, g, m):  # type: ignore[no-untyped-def]
+    """Member ``m``'s root is obsolete: a shadow page a fast zap made obsolete (the legacy MMU), or
+    a TDP MMU root that ``kvm_tdp_mmu_invalidate_all_roots`` marked (``F_ROOT_INVALID``)."""
+    if g[G_LEGACY]:
+        return sp_is_obsolete(h.s, ms[m, M_ROOT])
+    return ms[m, M_FLAGS] & F_ROOT_INVALID != 0
+
+
+@njit(cache=True, inline="always")
 def _lock_busy(lk):  # type: ignore[no-untyped-def]
     """A writer holds ``mmu_lock`` or someone waits for it: a reader would queue."""
     return lk[L_WRITER] != NO_WRITER or lk[L_QLEN] > 0
@@ -243,6 +263,8 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
         if phase == PH_NEXT:
             return GS_CHUNK if ms[m, M_NOW] == t_key else 0  # after Vcpu.run's sync
         if phase == PH_LOCK:
+            if g[G_CHECKER] and _root_obsolete(h, ms, g, m):
+                return _leave(ms, m, LEAVE_LOCK)  # the checker checks an install into an obsolete root
             if g[G_LEGACY]:  # write_lock: taken, or queued until a release hands it over
                 if direct_lock(m, ms, lk, q):
                     continue
@@ -254,6 +276,8 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
                 return 0  # the install waits for its key
             continue
         if phase == PH_LOCKED:
+            if _log_full(pool):
+                return GS_FLUSH
             r = direct_locked(m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap,
                               evbuf)  # fmt: skip
             if r == GS_LEAVE:
@@ -276,6 +300,8 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
             need = ms[m, M_LEVEL] - 1 if ms[m, M_OLD] != REMOVED_SPTE else 0
             if need > pool.hdr[H_NFREE] + pool.spt.shape[0] - pool.hdr[H_NTABLES]:
                 return GS_GROW
+            if _log_full(pool):
+                return GS_FLUSH
             r = fault_install(m, ms, ss, pool, lk, q, lwbuf, g, bitmap, evbuf)
             if r == HANDED:
                 t_key = -1
@@ -346,6 +372,8 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
         # Room for this fault's records and for those of every other member's fault under way.
         nv = ms.shape[0]
         if g[G_NEV] + 2 * nv > evbuf.shape[0] or g[G_NSRV] + nv > srvbuf.shape[0] or g[G_NSRCU] + nv > srcubuf.shape[0]:
+            return GS_FLUSH
+        if present and _log_full(pool):
             return GS_FLUSH
         if present:
             bit = gfn - slots[s, SL_BASE] if slots[s, SL_FAST] == FAST_BITMAP else -1

@@ -48,12 +48,14 @@ S_COLS = 10
 (G_STOP, G_STOP_M, G_EXT_T, G_EXT_P, G_HZ, G_EXT_WAITING, G_SRCU_NEXT, G_SRCU_WAITS, G_NEXT_SYNC, G_POPULATED,
  G_MMU_SEQ, G_INV_IN_PROGRESS, G_INV_START, G_INV_END, G_ROOT_CHECK, G_LOCKED_CHECK, G_PRE_LOCK, G_REGION_BASE,
  G_EVENTS, G_UFFD, G_PFN_BASE, G_GUEST_REFS, G_MAX_CLASS, G_NEV, G_NSRV, G_NSRCU, G_GRANT_T, G_NLEFT, G_NEXT_T,
- G_NEXT_P, G_PROGRAM, G_NLW, G_LEGACY, G_N_MAX, G_SPAN_SHIFT) = range(35)  # fmt: skip
-G_EV_KIND = 35  # + EV_*: the sink's kind id of each record the loop makes (2 entries)
-G_RET_NAME = 37  # + a RET_PF_* code: the sink's string id of its name (7 entries)
-G_COLS = 44
+ G_NEXT_P, G_PROGRAM, G_NLW, G_LEGACY, G_N_MAX, G_SPAN_SHIFT, G_CHECKER) = range(36)  # fmt: skip
+G_EV_KIND = 36  # + EV_*: the sink's kind id of each record the loop makes (2 entries)
+G_RET_NAME = 38  # + a RET_PF_* code: the sink's string id of its name (7 entries)
+G_COLS = 45
 # G_LEGACY: the legacy MMU's faults (write lock, direct_map); G_N_MAX: its n_max_mmu_pages;
-# G_SPAN_SHIFT: the 4K host mapping's span_shift (for host_pfn).
+# G_SPAN_SHIFT: the 4K host mapping's span_shift (for host_pfn). G_CHECKER: the invariant checker is
+# on (SPTE changes are logged; a fault on an obsolete root goes to Python).
+CHG_ROOM = 64  # change-log rows a fault in the loop may add at most (its walk, links, leaf, prefetch)
 
 # The costs ``c``.
 (C_GUEST, C_HIT, C_REF, C_VMEXIT, C_VMENTRY, C_FAULTIN, C_HOST, C_ZERO, C_MAP, C_SP, C_SPLIT, C_TLB_FLUSH,

@@ -59,6 +59,10 @@ class GroupTransfer:
         if vm.lockstep:  # dirty logging began on a huge-page slot or with PML: everyone goes back
             live = self.ms[:, k.M_PHASE] != k.PH_OUT
             self.ms[live, k.M_FLAGS] |= k.F_LEAVE
+        if self.checker is not None:  # what the checker checks in Python (VcpuGroup._checked)
+            for m in np.flatnonzero(self.ms[:, k.M_PHASE] != k.PH_OUT).tolist():
+                if self._checked(vm.vcpus[m]):
+                    self.ms[m, k.M_FLAGS] |= k.F_LEAVE
         if not self.legacy and any(r.invalid for r in mmu.roots):  # type: ignore[union-attr]  # is_page_fault_stale
             ms = self.ms
             for m in np.flatnonzero(ms[:, k.M_PHASE] != k.PH_OUT).tolist():
@@ -109,6 +113,7 @@ class GroupTransfer:
         readers a synchronize may still need to ``kvm->srcu``."""
         vm = self.vm
         g = self.g
+        vm.mmu.replay_changes()  # the loop's SPTE changes, to the checker (logged only while it is on)
         n = int(g[k.G_NEV])
         assert n <= len(self.evbuf) and g[k.G_NSRV] <= len(self.srvbuf) and g[k.G_NSRCU] <= len(self.srcubuf)
         if n:
