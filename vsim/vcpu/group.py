@@ -108,6 +108,7 @@ class VcpuGroup(GroupTransfer):
         mmu = vm.mmu
         self.legacy = isinstance(mmu, LegacyMmu)
         g[k.G_LEGACY] = self.legacy
+        self._legacy_arg = True if self.legacy else None  # run_group's own compiled loop for each MMU
         g[k.G_N_MAX] = mmu.n_max_mmu_pages if isinstance(mmu, LegacyMmu) else 0
         c = vm.costs
         costs = (c.guest_access, c.tlb_hit, c.walk_ref, c.vmexit, c.vmentry, c.faultin_present, c.host_fault,
@@ -277,11 +278,11 @@ class VcpuGroup(GroupTransfer):
         while True:
             mmu = vm.mmu
             host = self._host
-            run_group(self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags, self.wr,
-                      self.geo, self.count, self.counters, mmu.arch.sync(), lock.lk, lock.q, g, self.c,
+            run_group(self._legacy_arg, self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags,
+                      self.wr, self.geo, self.count, self.counters, mmu.arch.sync(), lock.lk, lock.q, g, self.c,
                       self._slots, self._rmaps, self._wtracks, host.resident, host.moved, host.new_base,
                       self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self.lwbuf, self._written, self._empty64,
-                      self._empty64, self._pml_n)  # fmt: skip
+                      self._pml_n)  # fmt: skip
             self._drain()
             stop = int(g[k.G_STOP])
             if stop == k.GS_GROW:

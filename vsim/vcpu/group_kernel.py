@@ -37,7 +37,7 @@ from vsim.mmu.sp_pool import H_LOG, H_NCHG, H_NFREE, H_NTABLES
 from vsim.mmu.spte import REMOVED_SPTE
 from vsim.mmu.tdp_mmu_map import tdp_walk_to
 from vsim.vcpu.batch import STOP_DONE, STOP_EPT_VIOLATION, STOP_HORIZON, STOP_SET_ACCESSED, run_accesses
-from vsim.vcpu.group_direct import direct_lock, direct_locked, direct_unlock
+from vsim.vcpu.group_direct import direct_step
 from vsim.vcpu.group_exits import entry, guest_sync, irq_exit, service_flush
 from vsim.vcpu.group_fault import fast_fault, fault_begin, fault_install, fault_lock, find_slot
 from vsim.vcpu.group_state import (
@@ -137,11 +137,13 @@ def _horizon(ms, g, m):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def run_group(ms, ss, touched, left, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots,
+def run_group(legacy, ms, ss, touched, left, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots,
               rmaps, wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap,
-              pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+              pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Run the members in key order until one leaves or the next key reaches the queue head.
 
+    ``legacy`` is ``True`` for the legacy MMU and ``None`` for the TDP MMU: a separate compiled
+    loop for each, so a TDP MMU VM compiles none of the legacy fault (``group_direct.direct_step``).
     ``slots`` rows are ``(base_gfn, npages, host_offset, simple)``: ``simple`` when the compiled
     fault may serve the slot (valid, not dirty-logged, backed by the 4K host mapping ``resident``
     / ``moved`` index, and A/D bits on). Sets ``g[G_STOP]`` (``GS_*``), ``g[G_STOP_M]``, the next
@@ -157,7 +159,7 @@ def run_group(ms, ss, touched, left, gfns, writes, tags, wr, geo, count, counter
             return
         touched[m] = 1
         r = _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots, rmaps,
-                  wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, pml_buf,
+                  wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, legacy,
                   pml_n)  # fmt: skip
         if r == GS_LEAVE:
             ms[m, M_PHASE] = PH_LEFT
@@ -242,7 +244,7 @@ def _leave(ms, m, why):  # type: ignore[no-untyped-def]
 
 @njit(cache=True, inline="always")
 def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots, rmaps, wtracks,
-          resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, pml_buf, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+          resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, legacy, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Member ``m``'s action at its key, and what follows it up to its next sync (``t_key``: while
     the member's clock is still there, nothing can have acted first; -1 once a hand-over of
     ``mmu_lock`` queued another member's action before it)."""
@@ -266,7 +268,9 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
             if g[G_CHECKER] and _root_obsolete(h, ms, g, m):
                 return _leave(ms, m, LEAVE_LOCK)  # the checker checks an install into an obsolete root
             if g[G_LEGACY]:  # write_lock: taken, or queued until a release hands it over
-                if direct_lock(m, ms, lk, q):
+                direct_step(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap,
+                            evbuf)  # fmt: skip
+                if ms[m, M_PHASE] == PH_LOCKED:
                     continue
                 return 0
             if _lock_busy(lk):  # a writer holds or waits for mmu_lock: the member waits in Python
@@ -278,8 +282,8 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
         if phase == PH_LOCKED:
             if _log_full(pool):
                 return GS_FLUSH
-            r = direct_locked(m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap,
-                              evbuf)  # fmt: skip
+            r = direct_step(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap,
+                            evbuf)  # fmt: skip
             if r == GS_LEAVE:
                 return _leave(ms, m, LEAVE_LOCKED)
             if r == HANDED:
@@ -290,7 +294,8 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
                 return 0  # write_unlock waits for its key
             continue
         if phase == PH_UNLOCK:
-            r = direct_unlock(m, ms, ss, lk, q, lwbuf, g, evbuf)
+            r = direct_step(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap,
+                            evbuf)  # fmt: skip
             if r == HANDED:
                 t_key = -1
             elif r:
@@ -333,7 +338,7 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
         j, dt, status, refs, present = run_accesses(
             gfns[m], writes[m], i0, ms[m, M_N], limit, pool.spt, ms[m, M_ROOT], g[G_GUEST_REFS], g[G_MAX_CLASS],
             tags[m], wr[m], geo[0], geo[1], count[m], c[C_GUEST], c[C_HIT], c[C_REF], counters[m], written,
-            g[G_REGION_BASE], wmap, pml_buf, pml_n, ms[m, M_SYNCED],
+            g[G_REGION_BASE], wmap, wmap, pml_n, ms[m, M_SYNCED],  # (no PML in the loop: an empty buffer)
         )  # fmt: skip
         now = now0 + dt
         ms[m, M_NOW] = now
