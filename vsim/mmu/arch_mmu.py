@@ -26,7 +26,7 @@ from vsim.mmu.sp_pool import POOL_REF_TYPE, BundleRefType, PoolRef
 
 @structref.register
 class ArchMmuType(BundleRefType):
-    pass
+    """The numba type of ``ArchMmu``."""
 
 
 class ArchMmu(structref.StructRefProxy):  # type: ignore[misc]

@@ -92,7 +92,7 @@ SPS_DTYPES = {f: (np.uint64, 2) if f == "unsync_bits" else (np.int32, 2) if f ==
 
 @structref.register
 class SpsRefType(BundleRefType):
-    pass
+    """The numba type of ``SpsRef``."""
 
 
 class SpsRef(structref.StructRefProxy):  # type: ignore[misc]

@@ -44,7 +44,7 @@ class Descs(NamedTuple):
 
 @structref.register
 class DescsRefType(BundleRefType):
-    pass
+    """The numba type of ``DescsRef``."""
 
 
 class DescsRef(structref.StructRefProxy):  # type: ignore[misc]

@@ -67,7 +67,7 @@ class BundleRefType(types.StructRef):
 
 @structref.register
 class PoolRefType(BundleRefType):
-    pass
+    """The numba type of ``PoolRef``."""
 
 
 class PoolRef(structref.StructRefProxy):  # type: ignore[misc]
