@@ -129,3 +129,37 @@ def test_a_hand_over_to_a_waiter_queued_from_compiled_code_goes_to_the_grantee()
     lock.grant(20)  # the driver's hand-over
     assert lock.writer == -2 and ev.triggered and ev.value == 20
     assert lock.waits("write") == [0, 5, 14] and lock.wait_by_actor == {3: 5, -2: 14}
+
+
+def test_range_operations_and_the_invalidation_sequence_check_their_lock() -> None:
+    """``tdp_mmu_zap_leafs`` and ``kvm_mmu_invalidate_begin``/``_end`` need the write lock; the TDP
+    MMU's slot-wide write protection runs under either mode (``kvm_lockdep_assert_mmu_lock_held``),
+    the legacy MMU's rmap walks only under the write lock (``__walk_slot_rmaps``)."""
+    from conftest import make_config
+
+    from vsim.vm import Vm
+
+    sets = ("vm.vcpus=1", "workload.per_vcpu_memory=2MiB", "sim.invariants=true")
+    tdp = Vm(make_config(*sets))
+    tdp.run()
+    lo = tdp.region_base_gfn
+    lock, mmu = tdp.mmu_lock, tdp.mmu
+    with pytest.raises(AssertionError, match="needs mmu_lock"):
+        mmu.wrprot_range(lo, lo + 512, 1, False, -1, tdp.env.now)  # type: ignore[union-attr]
+    assert lock.read_lock(-1, tdp.env.now) is None
+    mmu.wrprot_range(lo, lo + 512, 1, False, -1, tdp.env.now)  # type: ignore[union-attr]
+    with pytest.raises(AssertionError, match="for write"):
+        mmu.zap_leafs(lo, lo + 1, -1, tdp.env.now)  # type: ignore[union-attr]
+    with pytest.raises(AssertionError, match="for write"):
+        tdp.kvm_mmu_invalidate_begin(lo, lo + 1, -1)
+    lock.read_unlock(-1, tdp.env.now)
+    assert lock.write_lock(-1, tdp.env.now) is None
+    tdp.kvm_mmu_invalidate_begin(lo, lo + 1, -1)
+    mmu.zap_leafs(lo, lo + 1, -1, tdp.env.now)  # type: ignore[union-attr]
+    tdp.kvm_mmu_invalidate_end(-1)
+    lock.write_unlock(-1, tdp.env.now)
+    legacy = Vm(make_config(*sets, "mmu.mode=legacy_tdp"))
+    legacy.run()
+    assert legacy.mmu_lock.read_lock(-1, legacy.env.now) is None
+    with pytest.raises(AssertionError, match="for write"):
+        legacy.mmu.wrprot_range(lo, lo + 512, 1, False, -1, legacy.env.now)  # type: ignore[union-attr]

@@ -150,11 +150,16 @@ def test_r5_protecting_a_page_table_must_flush_on_mmu_writable(r5: bool) -> None
     holder.tlb.insert(0, key, 2)  # type: ignore[union-attr]
     assert (0, key) in mmu.tlb_keys_of_gfn(gfn)
     # Dirty logging write-protects it (W only, MMU-writable stays) and has not flushed yet.
+    lock = vm.mmu_lock
+    assert lock.write_lock(-1, vm.env.now) is None  # the rmap walk runs under the write lock
     visited, flush = mmu.wrprot_range(gfn, gfn + 1, 1, False, -1, vm.env.now)
+    lock.write_unlock(-1, vm.env.now)
     assert visited == 2 and flush  # the user mapping and the direct map (the kernel zeroed the page)
     holder.requests = other.requests = 0
-    # vCPU 1 now shadows the frame as a guest page table (account_shadowed).
+    # vCPU 1 now shadows the frame as a guest page table (account_shadowed, in FNAME(fetch)).
+    assert lock.write_lock(other.id, vm.env.now) is None
     sp, _ = mmu.get_indirect_sp(other.id, gfn, 1, 7, 0, vm.env.now)
+    lock.write_unlock(other.id, vm.env.now)
     assert sp.gfn == gfn and sp.gfns == {}
     rules = {rule for _, rule, _ in vm.checker.violations}  # type: ignore[union-attr]
     assert ("write_tracked_writable_tlb" in rules) == r5

@@ -80,7 +80,7 @@ class HostMm(VmWideActor):
         slots = [s for s in vm.memslots.slots if s.base_gfn < hi and lo < s.end_gfn]
         if slots:
             yield from self.mmu_lock_acquire(write=True)
-            vm.kvm_mmu_invalidate_begin(lo, hi)
+            vm.kvm_mmu_invalidate_begin(lo, hi, self.actor_id)
             visited, flush = vm.mmu.zap_leafs(lo, hi, self.actor_id, self.now)
             self.now += c.mmu_notifier_invalidate + visited * c.tdp_zap_spte
             if flush:  # flush_on_ret: before the lock is dropped
@@ -99,7 +99,7 @@ class HostMm(VmWideActor):
         self.now += self.cfg.work
         if slots:
             yield from self.mmu_lock_acquire(write=True)
-            vm.kvm_mmu_invalidate_end()
+            vm.kvm_mmu_invalidate_end(self.actor_id)
             yield from self.mmu_lock_release(write=True)
         self.invalidations += 1
         vm.stat.mmu_notifier_invalidations += 1

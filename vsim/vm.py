@@ -213,9 +213,10 @@ class Vm:
                 h = min(h, a.sleeping_until if a.sleeping_until is not None else self._queue_head_limit(v.prio))
         return h
 
-    def kvm_mmu_invalidate_begin(self, start: int, end: int) -> None:
+    def kvm_mmu_invalidate_begin(self, start: int, end: int, actor: int) -> None:
         """``kvm_mmu_invalidate_begin`` + ``_range_add``: the first invalidation resets the range,
         overlapping ones grow it to the union (under the write lock)."""
+        self.mmu_lock.lockdep_assert_held(actor, write=True)
         self.mmu_invalidate_in_progress += 1
         if self.mmu_invalidate_in_progress == 1:
             self.mmu_invalidate_range_start, self.mmu_invalidate_range_end = start, end
@@ -223,8 +224,10 @@ class Vm:
             self.mmu_invalidate_range_start = min(self.mmu_invalidate_range_start, start)
             self.mmu_invalidate_range_end = max(self.mmu_invalidate_range_end, end)
 
-    def kvm_mmu_invalidate_end(self) -> None:
-        """``kvm_mmu_invalidate_end``: bump the sequence, then drop the in-progress count."""
+    def kvm_mmu_invalidate_end(self, actor: int) -> None:
+        """``kvm_mmu_invalidate_end``: bump the sequence, then drop the in-progress count (under the
+        write lock)."""
+        self.mmu_lock.lockdep_assert_held(actor, write=True)
         self.mmu_invalidate_seq += 1
         self.mmu_invalidate_in_progress -= 1
 

@@ -156,12 +156,15 @@ class MmuLock:
         """A writer holds the lock or someone waits for it: a reader would queue."""
         return self.lk[L_WRITER] != NO_WRITER or self.lk[L_QLEN] > 0
 
-    def lockdep_assert_held(self, actor: int, write: bool) -> None:
+    def lockdep_assert_held(self, actor: int, write: bool | None) -> None:
         """``lockdep_assert_held_write`` / ``lockdep_assert_held_read``: ``actor`` holds the lock in
-        that mode (checked while the invariant checker is on)."""
+        that mode; with ``write=None``, in either (``kvm_lockdep_assert_mmu_lock_held`` for an
+        operation that runs shared or exclusive). Checked while the invariant checker is on."""
         if not self.lockdep:
             return
-        if write:
+        if write is None:
+            assert self.writer == actor or self._read_holders.get(actor), f"actor {actor} needs mmu_lock"
+        elif write:
             assert self.writer == actor, f"actor {actor} needs mmu_lock for write (held by {self.writer})"
         else:
             assert self._read_holders.get(actor), f"actor {actor} needs mmu_lock for read"

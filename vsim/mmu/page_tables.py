@@ -225,18 +225,32 @@ class PageTables:
                 return RET_PF_RETRY
         return None
 
+    def lock_mmu(self, v: Vcpu, write: bool) -> Generator[object, object, None]:
+        """``write_lock``/``read_lock(&kvm->mmu_lock)`` at the vCPU's instant, waiting if contended."""
+        ev = v.sync()
+        if ev is not None:
+            yield ev
+        lock = self.vm.mmu_lock
+        ev = (lock.write_lock if write else lock.read_lock)(v.id, v.now)
+        if ev is not None:
+            v.now = yield ev  # type: ignore[assignment]
+
+    def lock_write(self, v: Vcpu) -> Generator[object, object, None]:
+        """``write_lock(&kvm->mmu_lock)`` at the vCPU's instant."""
+        yield from self.lock_mmu(v, write=True)
+
+    def unlock_write(self, v: Vcpu) -> Generator[object, object, None]:
+        """``write_unlock`` at the vCPU's instant."""
+        ev = v.sync()
+        if ev is not None:
+            yield ev
+        self.vm.mmu_lock.write_unlock(v.id, v.now)
+
     def lock_for_fault(self, v: Vcpu, fault: KvmPageFault, write: bool) -> Generator[object, object, bool]:
         """Take ``mmu_lock`` (read for the TDP MMU, write for shadow pages) at the vCPU's instant,
         then ``is_page_fault_stale`` (``fault_is_stale``). Returns False, with the lock dropped
         again, when the fault must retry."""
-        vm = self.vm
-        ev = v.sync()
-        if ev is not None:
-            yield ev
-        lock = vm.mmu_lock
-        ev = (lock.write_lock if write else lock.read_lock)(v.id, v.now)
-        if ev is not None:
-            v.now = yield ev  # type: ignore[assignment]
+        yield from self.lock_mmu(v, write)
         return not self.fault_is_stale(v, fault, write)
 
     def fault_is_stale(self, v: Vcpu, fault: KvmPageFault, write: bool) -> bool:

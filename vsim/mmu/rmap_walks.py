@@ -81,6 +81,7 @@ class RmapRangeOps:
 
     def zap_leafs(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
         """``kvm_zap_rmap`` over the range (``kvm_unmap_gfn_range``)."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # __walk_slot_rmaps / kvm_unmap_gfn_range
         sptes = self._all_levels(start, end)
         for table, idx, level, gfn in sptes:
             self.drop_spte(table, idx, level, gfn, actor, t)  # type: ignore[attr-defined]
@@ -109,6 +110,7 @@ class RmapRangeOps:
     ) -> tuple[int, bool]:
         """``slot_rmap_write_protect`` (W) or ``rmap_write_protect(pt_protect)`` (W and MMU-writable)
         on the heads at or above ``min_level``."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # __walk_slot_rmaps
         sptes = self._all_levels(start, end, min_level)
         bits = PT_WRITABLE | (SPTE_MMU_WRITABLE if clear_mmu_writable else 0)
         writable = any(self.spt.item(tb, i) & PT_WRITABLE for tb, i, _, _ in sptes)
@@ -120,16 +122,19 @@ class RmapRangeOps:
     def clear_dirty_pt_masked(self, gfns: np.ndarray, pml: bool, actor: int, t: int) -> tuple[int, bool]:
         """``kvm_mmu_write_protect_pt_masked`` (W) or ``kvm_mmu_clear_dirty_pt_masked`` (D, PML) on the
         4K heads of ``gfns``."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # __walk_slot_rmaps
         sptes = [s for g in gfns.tolist() for s in self._rmap_sptes(g, g + 1, PG_LEVEL_4K)]
         return len(sptes), self._clear_bits(sptes, SPTE_DIRTY if pml else PT_WRITABLE, actor, t)
 
     def clear_dirty_range(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
         """``__rmap_clear_dirty`` on the 4K heads (``kvm_mmu_slot_leaf_clear_dirty``, PML)."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # __walk_slot_rmaps
         sptes = list(self._rmap_sptes(start, end, PG_LEVEL_4K))
         return len(sptes), self._clear_bits(sptes, SPTE_DIRTY, actor, t)
 
     def try_split_huge_pages(self, start: int, end: int, target_level: int, actor: int, t: int) -> int:
         """``kvm_shadow_mmu_try_split_huge_pages``: 1G leaves first, then the 2M ones (old and new)."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # __walk_slot_rmaps
         created = 0
         for level in range(PG_LEVEL_1G, target_level, -1):
             for table, idx, lvl, gfn in list(self._rmap_sptes(start, end, level)):
@@ -154,6 +159,7 @@ class RmapRangeOps:
     def recover_huge_pages(self, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
         """``kvm_rmap_zap_collapsible_sptes``: zap the leaves of direct pages the slot could now
         map at a higher level."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # __walk_slot_rmaps
         visited = 0
         flush = False
         for level in (PG_LEVEL_4K, PG_LEVEL_2M):

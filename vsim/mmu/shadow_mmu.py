@@ -105,21 +105,6 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
     def flush_remote(self, actor: int, t: int) -> int:
         return kvm_flush_remote_tlbs(self.vm, t, me=actor)
 
-    def lock_write(self, v: Vcpu) -> Generator[object, object, None]:
-        """``write_lock(&kvm->mmu_lock)`` at the vCPU's instant."""
-        ev = v.sync()
-        if ev is not None:
-            yield ev
-        ev = self.vm.mmu_lock.write_lock(v.id, v.now)
-        if ev is not None:
-            v.now = yield ev  # type: ignore[assignment]
-
-    def unlock_write(self, v: Vcpu) -> Generator[object, object, None]:
-        ev = v.sync()
-        if ev is not None:
-            yield ev
-        self.vm.mmu_lock.write_unlock(v.id, v.now)
-
     # -- roots ---------------------------------------------------------------------------------------
     def alloc_vcpu_root(self, v: Vcpu) -> ShadowRoot:
         """``mmu_alloc_shadow_roots`` (``mmu_alloc_direct_roots`` for a non-paging guest) for the

@@ -91,6 +91,7 @@ class TdpRangeOps:
     def zap_leafs(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
         """``tdp_mmu_zap_leafs``: clear every leaf overlapping ``[start, end)`` (page tables stay).
         Returns ``(entries visited, flush needed)``."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # tdp_mmu_zap_leafs
         visited = 0
         flush = False
         for table, i, level, gfn, spte in list(self._entries(start, end)):
@@ -129,6 +130,7 @@ class TdpRangeOps:
     ) -> tuple[int, bool]:
         """``kvm_tdp_mmu_wrprot_slot`` (and, with ``clear_mmu_writable``, ``write_protect_gfn``):
         clear W on leaves at or above ``min_level``. Returns ``(entries visited, flush needed)``."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=None)  # kvm_lockdep_assert_mmu_lock_held(kvm, shared)
         mask = PT_WRITABLE | (SPTE_MMU_WRITABLE if clear_mmu_writable else 0)
         visited = 0
         flush = False
@@ -144,6 +146,7 @@ class TdpRangeOps:
     def clear_dirty_pt_masked(self, gfns: np.ndarray, pml: bool, actor: int, t: int) -> tuple[int, bool]:
         """``kvm_tdp_mmu_clear_dirty_pt_masked``: clear W (``wrprot``, no PML) or D (PML) on the 4K
         leaves mapping ``gfns`` (sorted). Huge leaves are left to the caller's 2M write protection."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # kvm_tdp_mmu_clear_dirty_pt_masked
         visited = 0
         flush = False
         if not len(gfns):
@@ -161,6 +164,7 @@ class TdpRangeOps:
 
     def clear_dirty_range(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
         """``kvm_tdp_mmu_clear_dirty_slot`` on 4K leaves (PML): clear D so the next write is logged."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=None)  # (shared or exclusive, as the caller took it)
         visited = 0
         flush = False
         for table, i, level, gfn, spte in list(self._entries(start, end)):
@@ -174,6 +178,7 @@ class TdpRangeOps:
         """``kvm_tdp_mmu_try_split_huge_pages``: split every huge leaf above ``target_level`` in the
         range, recursively (1G → 2M → 4K), filling each child table before linking it. Returns the
         SPTEs created."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=None)  # kvm_lockdep_assert_mmu_lock_held(kvm, shared)
         created = 0
         for table, i, level, gfn, spte in list(self._entries(start, end)):
             if level > target_level and is_last_spte(spte, level):
@@ -220,6 +225,7 @@ class TdpRangeOps:
         """``kvm_tdp_mmu_recover_huge_pages`` (6.13+): replace each collapsible page table by a huge
         leaf built from its first present leaf (``make_huge_spte``); the caller flushes once.
         Returns ``(entries visited, flush needed)``."""
+        self.vm.mmu_lock.lockdep_assert_held(actor, write=None)  # (shared or exclusive, as the caller took it)
         visited, found = self._collapsible(slot, start, end)
         for table, i, level, gfn, spte, small in found:
             span_mask = pages_per_level(level) - 1

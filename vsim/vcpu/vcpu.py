@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vsim.mmu.shadow_page import ShadowMmu
 from vsim.mmu.spte import SPTE_ACCESSED, SPTE_DIRTY
 from vsim.requests import (
     IN_GUEST_MODE,
@@ -124,7 +125,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
         if self.requests:  # made while KVM_RUN was not running (NO_WAKEUP: nobody woke it)
             yield from self.service_requests()
         if self.root is None or self.root.invalid:
-            self.kvm_mmu_load()
+            yield from self.kvm_mmu_load()
         self.mode = IN_GUEST_MODE
         step = self._run_reference if self.reference else self._run_batched
         # The workload's chunks; a vCPU group member may go on to the next ones in the group, and a
@@ -147,10 +148,19 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
         self._fold_counters()
         self.finished_at = self.now
 
-    def kvm_mmu_load(self) -> None:
+    def kvm_mmu_load(self) -> Generator[object, object, None]:
         """``kvm_mmu_reload`` → ``kvm_mmu_load``: get the shared root of the MMU's role, flush the
-        context."""
-        self.root = self.vm.mmu.alloc_vcpu_root(self)
+        context. Shadow pages are allocated under the write lock, after ``make_mmu_pages_available``
+        (``mmu_alloc_direct_roots``, ``mmu_alloc_shadow_roots``); a TDP MMU root is not (vsim
+        leaves out the read lock that ``kvm_tdp_mmu_alloc_root`` takes since 6.10)."""
+        mmu = self.vm.mmu
+        if isinstance(mmu, ShadowMmu):
+            yield from mmu.lock_write(self)
+            self.now = mmu.make_mmu_pages_available(self.id, self.now)
+            self.root = mmu.alloc_vcpu_root(self)
+            yield from mmu.unlock_write(self)
+        else:
+            self.root = mmu.alloc_vcpu_root(self)
         self.tlb.flush()  # flush_tlb_current, called directly: KVM does not count it in tlb_flush
         if self.vm.checker is not None:
             self.vm.checker.on_local_flush(self)

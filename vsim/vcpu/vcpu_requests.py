@@ -81,7 +81,7 @@ class VcpuRequests:
             yield ev
         (lock.write_unlock if write else lock.read_unlock)(self.id, self.now)
         if reload:
-            self.kvm_mmu_load()
+            yield from self.kvm_mmu_load()
 
     def kvm_mmu_sync_roots(self: Vcpu) -> Generator[object, object, None]:
         """``KVM_REQ_MMU_SYNC``: only shadow paging has unsync pages (``ShadowVcpu``)."""
