@@ -106,6 +106,9 @@ def test_latency_percentiles_match_numpy_and_stats(runs: dict[str, Path]) -> Non
     assert sum(len(by_vcpu[f"page fault [vcpu {v}]"]) for v in range(3)) == len(samples["page fault"])
     p = vsim("events", str(run), "latency")
     assert p.returncode == 0 and "page fault" in p.stdout and "#" in p.stdout
+    # The per-vCPU rows keep their labels (Rich would take "[vcpu 1]" for markup and drop it).
+    p = vsim("events", str(run), "latency", "--by-vcpu")
+    assert p.returncode == 0 and all(f"page fault [vcpu {v}]" in p.stdout for v in range(3))
 
 
 def _check_balanced(trace: dict) -> int:  # type: ignore[type-arg]

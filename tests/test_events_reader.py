@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vsim.config import load_config
@@ -96,3 +97,22 @@ def test_cli_argument_errors(run_all: Path, tmp_path: Path) -> None:
 def test_selection_rejects_unknown_kind() -> None:
     with pytest.raises(EventLogError, match="unknown event kind"):
         Selection(kinds=frozenset({"nope"}))
+
+
+def test_shadow_paging_guest_virtual_addresses_load_as_unsigned(tmp_path: Path) -> None:
+    """A shadow-paging guest's kernel addresses (0xffff8880... and up) are at or above 2**63: the
+    address column is unsigned, and a kind without the field reads 2**64 - 1 there."""
+    from vsim.config import load_config
+    from vsim.events import load
+    from vsim.runner import run_scenario
+
+    sets = ["mmu.mode=shadow", "vm.vcpus=1", "workload.per_vcpu_memory=2MiB", "guest.process_memory=256KiB",
+            "events.level=faults"]  # fmt: skip
+    run_scenario(load_config(None, sets), tmp_path / "r")
+    arr = load(tmp_path / "r", frame=False)
+    faults = arr[arr["event"] == "kvm_page_fault"]
+    assert arr["gpa"].dtype == np.uint64 and (faults["gpa"] >= 1 << 63).any()
+    lines = [json.loads(x) for x in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
+    assert [int(x) for x in faults["gpa"]] == [e["gpa"] for e in lines if e["event"] == "kvm_page_fault"]
+    assert (arr[arr["event"] == "vsim_page_fault_ret"]["gpa"] == (1 << 64) - 1).all()
+

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vsim.events.latency import collect, histogram, percentile_row
@@ -121,7 +122,7 @@ def _summary(run_dir: Path, sel: Selection) -> None:
         t.add_column(title.split(" by ")[1])
         t.add_column("count", justify="right")
         for k, n in sorted(counter.items(), key=lambda kv: -kv[1]):
-            t.add_row(k, f"{n:,}")
+            t.add_row(escape(k), f"{n:,}")
         if not counter:
             t.add_row("(none in this log)", "")
         con.print(t)
@@ -148,13 +149,15 @@ def _filter(run_dir: Path, sel: Selection, table: bool) -> None:
 
 def _latency(run_dir: Path, sel: Selection, by_vcpu: bool) -> None:
     samples = collect(iter_events(run_dir, sel, _warn), by_vcpu)
-    con = Console()
+    # Wide enough for the longest span name on one line, even when piped (Rich assumes 80 columns).
+    con = Console(width=max(80, max(map(len, samples), default=0) + 70))
     t = Table(title="span durations (µs)")
     for c in ("span", "count", "p50", "p90", "p99", "p99.9", "max"):
-        t.add_column(c, justify="left" if c == "span" else "right")
+        t.add_column(c, justify="left" if c == "span" else "right", no_wrap=c == "span")
     for name in sorted(samples):
         row = percentile_row(samples[name])
-        t.add_row(name, f"{row['count']:,}", *(f"{row[k] / 1000:,.3f}" for k in ("p50", "p90", "p99", "p99.9", "max")))
+        cells = (f"{row[k] / 1000:,.3f}" for k in ("p50", "p90", "p99", "p99.9", "max"))
+        t.add_row(escape(name), f"{row['count']:,}", *cells)  # ("page fault [vcpu 3]" is not markup)
     if not samples:
         t.add_row("(no spans in this log: run with events.level = faults or all)", "", "", "", "", "", "")
     con.print(t)

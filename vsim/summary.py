@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -52,7 +53,7 @@ def summary_table(stats: dict[str, Any], timing: dict[str, Any], title: str) -> 
     if "invariant_violations" in stats:
         rows.append(("invariant violations", str(len(stats["invariant_violations"]))))
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(escape(k), escape(v))
     return t
 
 

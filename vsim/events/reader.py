@@ -123,22 +123,36 @@ def _check(ev: Any, path: Path, lineno: int) -> None:
         raise EventLogError(f"{path}:{lineno}: {kind.name}: {what}; fields: {', '.join(kind.fields)}")
 
 
+# Fields holding 64-bit addresses or SPTEs: a shadow-paging guest's virtual addresses (kernel
+# halves at 0xffff8...) and SPTE bits reach 2**63, so these columns are unsigned.
+U64_FIELDS = frozenset({"gpa", "old_spte", "new_spte"})
+U64_MISSING = (1 << 64) - 1  # "-1" in an unsigned column: the kind lacks the field
+
+
 def _columns() -> list[tuple[str, str]]:
     cols: dict[str, str] = {"t_ns": "i8", "vcpu": "i4", "event": "U26"}
     for k in KINDS:
         for f in k.fields:
-            cols.setdefault(f, "U96" if f == "detail" else "U16" if f in k.str_fields else "i8")
+            num = "u8" if f in U64_FIELDS else "i8"
+            cols.setdefault(f, "U96" if f == "detail" else "U16" if f in k.str_fields else num)
     return list(cols.items())
+
+
+def _missing(dtype: str) -> object:
+    return "" if dtype[0] == "U" else U64_MISSING if dtype == "u8" else -1
 
 
 def load(run_dir: str | Path, sel: Selection = Selection(), frame: bool | None = None,
          warn: Callable[[str], None] | None = None) -> Any:  # fmt: skip
     """All selected events as a numpy structured array (one column per field of any kind; -1 or
-    "" where a kind lacks the field), or a pandas DataFrame when pandas is installed (``frame``
-    None) or asked for (``frame`` True)."""
+    "" where a kind lacks the field, and ``2**64 - 1`` in the unsigned address and SPTE columns,
+    ``U64_FIELDS``), or a pandas DataFrame when pandas is installed (``frame`` None) or asked for
+    (``frame`` True)."""
     cols = _columns()
+    missing = [_missing(dt) for _, dt in cols]
     rows = [
-        tuple(ev.get(name, "" if dt[0] == "U" else -1) for name, dt in cols) for ev in iter_events(run_dir, sel, warn)
+        tuple(ev.get(name, m) for (name, _), m in zip(cols, missing, strict=True))
+        for ev in iter_events(run_dir, sel, warn)
     ]
     arr = np.array(rows, dtype=cols)
     if frame is False:
