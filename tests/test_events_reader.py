@@ -115,4 +115,3 @@ def test_shadow_paging_guest_virtual_addresses_load_as_unsigned(tmp_path: Path) 
     lines = [json.loads(x) for x in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
     assert [int(x) for x in faults["gpa"]] == [e["gpa"] for e in lines if e["event"] == "kvm_page_fault"]
     assert (arr[arr["event"] == "vsim_page_fault_ret"]["gpa"] == (1 << 64) - 1).all()
-
