@@ -76,6 +76,29 @@ def test_errors_are_one_line_naming_the_key(tmp_path: Path, text: str, sets: lis
     assert msg.replace(str(tmp_path) + "/", "").startswith(expect), msg
 
 
+@pytest.mark.parametrize(
+    ("text", "sets", "expect"),
+    [
+        ("", ["vm.vcpus=true"], "--set: vm.vcpus: Input should be a valid integer (got True)"),
+        ("", ["host_mm.invalidations=true"], "--set: host_mm.invalidations: Input should be a valid integer"),
+        ("", ["seed=1.0"], "--set: seed: Input should be a valid integer (got 1.0)"),
+        ("", ["vm.vcpus='4'"], "--set: vm.vcpus: Input should be a valid integer (got '4')"),
+        ("[dirty_log]\ninitially_set = 'yes'\n", [], "c.toml:2: dirty_log.initially_set: Input should be a valid bool"),
+        ("[dirty_log]\ninitially_set = 0\n", [], "c.toml:2: dirty_log.initially_set: Input should be a valid bool"),
+        ("seed = '1'\n", [], "c.toml:1: seed: Input should be a valid integer"),
+        ("", ["costs.vmexit=true"], "--set: costs.vmexit: expected a duration such as '2.5us', got a boolean"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_not_coerced(tmp_path: Path, text: str, sets: list[str],
+                                                           expect: str) -> None:  # fmt: skip
+    """Issue 15 item 7: no bool-to-int, string-to-int or float-to-int coercion (strict validation)."""
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, sets)
+    assert str(e.value).replace(str(tmp_path) + "/", "").startswith(expect), str(e.value)
+
+
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config("/nonexistent/x.toml")

@@ -23,7 +23,7 @@ def _cost(default: int, anchor: str) -> int:
 class CostModel(BaseModel):
     """Timed steps of a vCPU's life in KVM; each field's description is its anchor."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     vmexit: Duration = _cost(
         600, "§8 null exit round trip 1.0–1.5 µs (rows 1.1 vmcall 3898 cycles, 1.5, 1.6): the exit half"

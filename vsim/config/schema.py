@@ -23,7 +23,7 @@ PAGE_LEVEL: dict[str, int] = {"4K": 1, "2M": 2, "1G": 3}
 
 
 class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class VmConfig(_Table):
