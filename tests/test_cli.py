@@ -72,3 +72,29 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
         assert len(lines) == 1 and expect in lines[0], (args, p.stderr)
     assert afile.read_text() == "x"
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_existing_run_is_replaced_whole_only_with_force(tmp_path: Path) -> None:
+    """Issue 15 item 6: ``--out`` on a run refuses without ``--force``, which replaces the run whole
+    (no stale ``report.html`` beside the new results); a directory holding anything else, and an
+    empty ``--out``, are refused; the default directory of a rerun is replaced."""
+    out = tmp_path / "run"
+    assert vsim("run", *SMALL, "--quiet", "--out", str(out)).returncode == 0
+    (out / "report.html").write_text("old")
+    (out / ".events.jsonl.99.tmp").write_text("half")
+    stats = (out / "stats.json").read_bytes()
+    p = vsim("run", *SMALL, "--quiet", "--seed", "2", "--out", str(out))
+    assert p.returncode == 2 and "--force replaces it" in p.stderr and "Traceback" not in p.stderr
+    assert (out / "stats.json").read_bytes() == stats and (out / "report.html").exists()  # untouched
+    assert vsim("run", *SMALL, "--quiet", "--seed", "2", "--out", str(out), "--force").returncode == 0
+    assert sorted(x.name for x in out.iterdir()) == ["config.toml", "events.jsonl", "stats.json", "timing.json"]
+    assert (out / "stats.json").read_bytes() != stats
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep")
+    p = vsim("run", *SMALL, "--quiet", "--out", str(other), "--force")
+    assert p.returncode == 2 and "holds no vsim run" in p.stderr and (other / "todo.txt").read_text() == "keep"
+    p = vsim("run", *SMALL, "--quiet", "--out", "", cwd=tmp_path)
+    assert p.returncode == 2 and "empty --out" in p.stderr and not (tmp_path / "config.toml").exists()
+    for _ in range(2):  # a rerun into the default directory
+        assert vsim("run", *SMALL, "--quiet", cwd=tmp_path).returncode == 0

@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set vm.vcpus=64 (repeatable)",
     )
-    r.add_argument("--out", type=Path, help="run directory (default: runs/<name>-seed<N>-<config hash>)")
+    r.add_argument("--out", help="run directory (default: runs/<name>-seed<N>-<config hash>)")
+    r.add_argument("--force", action="store_true", help="replace the run that --out already holds")
     r.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")
     r.add_argument("--quiet", action="store_true", help="print only the run directory")
     from vsim import cli_events, cli_sweep
@@ -76,9 +77,14 @@ def _run(args: argparse.Namespace) -> int:
     from vsim.summary import print_summary
 
     name = Path(args.config).stem if args.config else "quickstart"
-    out = args.out if args.out is not None else default_out_dir(cfg, name)
-    if out.exists() and not out.is_dir():
-        print(f"vsim: error: --out {out}: exists and is not a directory", file=sys.stderr)
+    if args.out == "":
+        print("vsim: error: --out '': give a directory (an empty --out would write into the current directory)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    out = Path(args.out) if args.out is not None else default_out_dir(cfg, name)
+    problem = _out_problem(out, args.out is not None, args.force)
+    if problem:
+        print(f"vsim: error: --out {out}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         result = run_scenario(cfg, out, on_compile=_say_compiling)
@@ -89,6 +95,37 @@ def _run(args: argparse.Namespace) -> int:
         print_summary(result.stats, result.timing, f"vsim run: {name} (seed {cfg.seed})")
     print(f"run directory: {result.out_dir}")
     return 0
+
+
+# What a run directory holds (``runner.run_scenario``, ``vsim report``), and its writers' temporaries.
+RUN_FILES = frozenset({"config.toml", "stats.json", "timing.json", "events.jsonl", "report.html"})
+
+
+def _out_problem(out: Path, explicit: bool, force: bool) -> str | None:
+    """Why ``vsim run`` may not write into ``out``, or None. A directory holding a run is replaced
+    whole (its run files removed first): the default directory of a rerun always, one named with
+    ``--out`` only with ``--force``. Anything else in it is never touched."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a directory"
+    if not out.is_dir():
+        return None
+    entries = list(out.iterdir())
+    if not entries:
+        return None
+    others = sorted(e.name for e in entries if not _run_file(e))
+    if others or not (out / "config.toml").is_file():
+        first = others[0] if others else sorted(e.name for e in entries)[0]
+        return f"is not empty and holds no vsim run (it has {first!r}); give another directory"
+    if explicit and not force:
+        return "holds a run already; --force replaces it"
+    for e in entries:  # replace the old run whole: no stale report or half-written file stays beside the new one
+        e.unlink()
+    return None
+
+
+def _run_file(e: Path) -> bool:
+    """A file a run directory holds, or a temporary its writers leave (``.NAME.PID.tmp``)."""
+    return e.is_file() and (e.name in RUN_FILES or (e.name.startswith(".") and e.name.endswith(".tmp")))
 
 
 if __name__ == "__main__":  # pragma: no cover
