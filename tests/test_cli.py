@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "vm.vcpus=3", "--set", "workload.per_vcpu_memory=256KiB", "--set", "sim.invariants=true"]
 
@@ -98,3 +100,36 @@ def test_an_existing_run_is_replaced_whole_only_with_force(tmp_path: Path) -> No
     assert p.returncode == 2 and "empty --out" in p.stderr and not (tmp_path / "config.toml").exists()
     for _ in range(2):  # a rerun into the default directory
         assert vsim("run", *SMALL, "--quiet", cwd=tmp_path).returncode == 0
+
+
+def test_a_run_killed_midway_leaves_the_old_run_whole(tmp_path: Path) -> None:
+    """Issue 15 item 6: a run directory is committed as a whole. A rerun killed (SIGKILL) or stopped
+    before it finishes leaves the old run exactly as it was, never a mixture; the next run clears
+    what the killed one left beside it."""
+    import signal
+    import time
+
+    from vsim.config import load_config
+    from vsim.runner import run_scenario
+    from vsim.vm import WallClockTimeout
+
+    out = tmp_path / "run"
+    assert vsim("run", *SMALL, "--quiet", "--out", str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(WallClockTimeout):  # stopped by its wall-clock limit
+        run_scenario(load_config(None, ["vm.vcpus=16", "workload.per_vcpu_memory=64MiB"]), out, 1e-6)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    big = ["--set", "vm.vcpus=16", "--set", "workload.per_vcpu_memory=256MiB"]
+    proc = subprocess.Popen([sys.executable, "-m", "vsim", "run", *big, "--out", str(out), "--force", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old run, untouched
+    assert vsim("run", *SMALL, "--quiet", "--seed", "3", "--out", str(out), "--force").returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the killed run's directory is gone
+    assert (out / "stats.json").read_bytes() != before["stats.json"]

@@ -103,8 +103,9 @@ RUN_FILES = frozenset({"config.toml", "stats.json", "timing.json", "events.jsonl
 
 def _out_problem(out: Path, explicit: bool, force: bool) -> str | None:
     """Why ``vsim run`` may not write into ``out``, or None. A directory holding a run is replaced
-    whole (its run files removed first): the default directory of a rerun always, one named with
-    ``--out`` only with ``--force``. Anything else in it is never touched."""
+    whole once the new run is complete (``runner.run_scenario``): the default directory of a rerun
+    always, one named with ``--out`` only with ``--force``. A directory holding anything else is
+    never touched."""
     if out.exists() and not out.is_dir():
         return "exists and is not a directory"
     if not out.is_dir():
@@ -118,9 +119,9 @@ def _out_problem(out: Path, explicit: bool, force: bool) -> str | None:
         return f"is not empty and holds no vsim run (it has {first!r}); give another directory"
     if explicit and not force:
         return "holds a run already; --force replaces it"
-    for e in entries:  # replace the old run whole: no stale report or half-written file stays beside the new one
-        e.unlink()
-    return None
+    if out.resolve() == Path.cwd():
+        return "is the current directory, which a run cannot replace whole; give a subdirectory"
+    return None  # run_scenario replaces it whole when the new run is complete
 
 
 def _run_file(e: Path) -> bool:

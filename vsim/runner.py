@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,12 +96,52 @@ def collect_stats(vm: Vm, sim_time_ns: int) -> dict[str, Any]:
     return stats
 
 
+def _scratch(out_dir: Path, what: str) -> Path:
+    """A hidden sibling of ``out_dir`` for this process (``.NAME.PID.tmp`` or ``.old``)."""
+    return out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{what}")
+
+
+def _clean_scratch(out_dir: Path) -> None:
+    """Remove what killed runs into ``out_dir`` left beside it (their unfinished directories)."""
+    for d in out_dir.parent.glob(f".{out_dir.name}.*"):
+        if d.is_dir() and d.suffix in (".tmp", ".old"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _commit(scratch: Path, out_dir: Path) -> None:
+    """Put the finished run in place as a whole: rename it there, the old run (if any) aside first
+    and then away. No reader ever sees a mixture of two runs, and a run killed before this point
+    leaves the old one as it was."""
+    if out_dir.exists():
+        old = _scratch(out_dir, "old")
+        os.rename(out_dir, old)
+        os.rename(scratch, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(scratch, out_dir)
+
+
 def run_scenario(cfg: ScenarioConfig, out_dir: Path, wall_timeout_s: float | None = None,
                  on_compile: Callable[[], None] | None = None) -> RunResult:  # fmt: skip
     """Simulate ``cfg`` and write its run directory (``WallClockTimeout`` after ``wall_timeout_s``).
-    ``on_compile`` is called once if the run has to compile kernels (a first run)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer = JsonlWriter(out_dir / "events.jsonl")
+    ``on_compile`` is called once if the run has to compile kernels (a first run).
+
+    The run is written into a hidden sibling directory and renamed into place when complete
+    (``_commit``): a directory already at ``out_dir`` is replaced whole."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _clean_scratch(out_dir)
+    scratch = _scratch(out_dir, "tmp")
+    scratch.mkdir()
+    try:
+        return _run_into(cfg, out_dir, scratch, wall_timeout_s, on_compile)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # (gone already once committed)
+
+
+def _run_into(cfg: ScenarioConfig, out_dir: Path, scratch: Path, wall_timeout_s: float | None,
+              on_compile: Callable[[], None] | None) -> RunResult:  # fmt: skip
+    writer = JsonlWriter(scratch / "events.jsonl")
     sink = EventSink(cfg.events.level, consumer=writer)
     try:
         with compile_clock(on_compile) as clock:
@@ -123,7 +164,8 @@ def run_scenario(cfg: ScenarioConfig, out_dir: Path, wall_timeout_s: float | Non
         "accesses_per_wall_s": round(stats["vcpu_total"]["accesses"] / sim_wall) if sim_wall > 0 else 0,
         "faults_per_wall_s": round(stats["vcpu_total"]["pf_taken"] / sim_wall) if sim_wall > 0 else 0,
     }
-    write_atomic(out_dir / "config.toml", dump_config(cfg))
-    write_atomic(out_dir / "stats.json", json.dumps(stats, indent=1) + "\n")
-    write_atomic(out_dir / "timing.json", json.dumps(timing, indent=1) + "\n")
+    (scratch / "config.toml").write_text(dump_config(cfg), encoding="utf-8")
+    (scratch / "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    (scratch / "timing.json").write_text(json.dumps(timing, indent=1) + "\n", encoding="utf-8")
+    _commit(scratch, out_dir)
     return RunResult(out_dir, stats, timing)
