@@ -133,3 +133,27 @@ def test_a_run_killed_midway_leaves_the_old_run_whole(tmp_path: Path) -> None:
     assert vsim("run", *SMALL, "--quiet", "--seed", "3", "--out", str(out), "--force").returncode == 0
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the killed run's directory is gone
     assert (out / "stats.json").read_bytes() != before["stats.json"]
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_or_sigterm_stops_a_run_with_one_line(tmp_path: Path, sig: str, code: int, word: str) -> None:
+    """Issue 15 item 4: Ctrl-C (or SIGTERM) on ``vsim run`` stops it with one line and no
+    traceback; the unfinished run's directory is removed and the earlier run stays."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    assert vsim("run", *SMALL, "--quiet", "--out", str(out)).returncode == 0
+    before = (out / "stats.json").read_bytes()
+    big = ["--set", "vm.vcpus=16", "--set", "workload.per_vcpu_memory=256MiB"]
+    proc = subprocess.Popen([sys.executable, "-m", "vsim", "run", *big, "--out", str(out), "--force", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=30)  # (it stops: the run would take far longer)
+    assert proc.returncode == code and "Traceback" not in err
+    assert err.strip().splitlines() == [f"vsim: {word}: {out} keeps the earlier run"]
+    assert (out / "stats.json").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["run"]

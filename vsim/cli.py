@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -86,15 +87,30 @@ def _run(args: argparse.Namespace) -> int:
     if problem:
         print(f"vsim: error: --out {out}: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    # SIGTERM unwinds like Ctrl-C, so the unfinished run's directory is removed either way.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         result = run_scenario(cfg, out, on_compile=_say_compiling)
     except OSError as e:
         print(f"vsim: error: {out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
+    except (KeyboardInterrupt, _Terminated) as e:
+        kept = "keeps the earlier run" if (out / "config.toml").is_file() else "was not written"
+        print(f"vsim: {'terminated' if isinstance(e, _Terminated) else 'interrupted'}: {out} {kept}",
+              file=sys.stderr)  # fmt: skip
+        return 143 if isinstance(e, _Terminated) else 130
     if not args.quiet:
         print_summary(result.stats, result.timing, f"vsim run: {name} (seed {cfg.seed})")
     print(f"run directory: {result.out_dir}")
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised where the run is so that it unwinds."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 # What a run directory holds (``runner.run_scenario``, ``vsim report``), and its writers' temporaries.
