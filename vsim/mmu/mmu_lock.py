@@ -151,11 +151,6 @@ class MmuLock:
     def waiters(self) -> int:
         return int(self.lk[L_QLEN])
 
-    @property
-    def busy(self) -> bool:
-        """A writer holds the lock or someone waits for it: a reader would queue."""
-        return self.lk[L_WRITER] != NO_WRITER or self.lk[L_QLEN] > 0
-
     def lockdep_assert_held(self, actor: int, write: bool | None) -> None:
         """``lockdep_assert_held_write`` / ``lockdep_assert_held_read``: ``actor`` holds the lock in
         that mode; with ``write=None``, in either (``kvm_lockdep_assert_mmu_lock_held`` for an

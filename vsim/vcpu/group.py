@@ -127,7 +127,6 @@ class VcpuGroup(GroupTransfer):
         vm.mmu_lock.grantee = self  # hand-overs from Python to members queued in the loop
         if vm.checker is not None:  # the SPTE change log, replayed whenever a fault might not fit
             vm.mmu.pool.reserve_changes(16 * k.CHG_ROOM)
-        self._empty8 = np.zeros(0, dtype=np.uint8)
         self._empty64 = np.zeros(0, dtype=np.int64)
         self._pml_n = np.zeros(1, dtype=np.int64)
         self._resume: list[Event | None] = [None] * nv
