@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_config
-from test_equivalence import _random_config
+from test_equivalence import _random_config, _random_shadow_config
 
 from vsim.config import load_config
 from vsim.events.sink import EventSink
@@ -17,9 +17,10 @@ from vsim.vcpu import group_state as k
 from vsim.vm import Vm
 
 
-def _group_sets(seed: int, backing_4k: bool, checker: bool = False) -> list[str]:
+def _group_sets(seed: int, backing_4k: bool, checker: bool = False, shadow: bool = False) -> list[str]:
     """A random equivalence config with the group on: events at ``faults``, the checker on or off."""
-    sets = [s for s in _random_config(seed) if s not in ("events.level=all", "sim.invariants=true")]
+    config = _random_shadow_config(seed) if shadow else _random_config(seed)
+    sets = [s for s in config if s not in ("events.level=all", "sim.invariants=true")]
     return [*sets, "events.level=faults", f"sim.invariants={str(checker).lower()}",
             *(["vm.backing_page_size=4K"] if backing_4k else [])]  # fmt: skip
 
@@ -37,9 +38,46 @@ def test_group_equals_reference(tmp_path: Path, seed: int, backing_4k: bool) -> 
     """Memslot churn, host-MM invalidations, dirty logging and the selftests under the group, with
     the invariant checker on for half the seeds (it then sees the loop's SPTE changes and writes):
     byte-identical stats and fault logs to one SimPy event per access, and no violation. With 2M
-    backing, dirty logging makes vCPUs split huge pages (``Vm.lockstep``) and the members leave
-    the group."""
-    sets = _group_sets(seed, backing_4k, checker=seed % 2 == 0)
+    backing, dirty logging makes vCPUs split huge pages (``Vm.lockstep``) and the members' stretches
+    end where another member acts."""
+    _assert_group_equals_reference(tmp_path, _group_sets(seed, backing_4k, checker=seed % 2 == 0))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_shadow_paging_members_equal_reference(tmp_path: Path, seed: int) -> None:
+    """Shadow paging in the group (lockstep: each member's stretch of accesses ends where another
+    member or the queue's head acts; #PF exits, CR3 writes and the guest kernel's own accesses run
+    in Python): every paging mode, processes, forks, eviction, dirty logging and host-MM
+    invalidations give byte-identical stats and fault logs to one SimPy event per access."""
+    sets = _group_sets(seed, False, checker=seed % 2 == 0, shadow=True)
+    sets = [s for s in sets if not s.startswith("vm.backing_page_size")]
+    vm = Vm(load_config(None, sets))
+    vm.run()
+    assert vm.group is not None and vm.lockstep
+    assert sum(vm.group.leaves.values()) > 0 or "vm.vcpus=1" in sets  # members joined and left
+    _assert_group_equals_reference(tmp_path, sets)
+
+
+@pytest.mark.parametrize("checker", [False, True])
+def test_shadow_paging_members_run_the_passes_in_the_loop(tmp_path: Path, checker: bool) -> None:
+    """Three shadow-paged vCPUs make many passes over their processes' memory while the host MM
+    invalidates pages under them (zaps, remote flushes, kicks) and the guest switches processes
+    (CR3 writes): the loop runs most accesses, members leave at the guest's context switches,
+    and the results are those of one SimPy event per access."""
+    sets = ["mmu.mode=shadow", "vm.vcpus=3", "guest.processes=2", "guest.process_memory=1MiB",
+            "workload.per_vcpu_memory=4MiB", "guest.context_switch_interval=300us", "workload.passes=60",
+            "workload.write_percent=30", "workload.access=random", "tlb.entries_4k=32", "tlb.ways_4k=4",
+            "host_mm.invalidations=20", "host_mm.interval=100us", "host_mm.start=300us", "events.level=faults",
+            f"sim.invariants={str(checker).lower()}"]  # fmt: skip
+    vm = Vm(load_config(None, sets))
+    vm.run()
+    assert vm.group is not None and vm.group.faults == 0  # (shadow paging's faults are Python's)
+    assert vm.group.accesses > 0.5 * sum(v.stat.accesses for v in vm.vcpus)
+    assert vm.group.leaves[k.LEAVE_RUN] > 0 and vm.stat.remote_tlb_flush > 0
+    _assert_group_equals_reference(tmp_path, sets)
+
+
+def _assert_group_equals_reference(tmp_path: Path, sets: list[str]) -> None:
     stats_g, events_g = _outputs(sets, "batched", tmp_path / "g")
     stats_r, events_r = _outputs(sets, "reference", tmp_path / "r")
     assert stats_g == stats_r
@@ -94,7 +132,7 @@ def test_racing_members_fix_retry_and_see_spurious_faults_as_python_does() -> No
 
 
 def test_group_is_off_where_compiled_code_cannot_follow() -> None:
-    for extra in (["mmu.mode=shadow"], ["sim.mode=reference"], ["mmu.ept_ad=false"], ["sim.fault_kernel=false"]):
+    for extra in (["sim.mode=reference"], ["mmu.ept_ad=false"], ["sim.fault_kernel=false"]):
         assert Vm(make_config("sim.invariants=false", *extra)).group is None, extra
     assert Vm(make_config("sim.invariants=true")).group is not None  # the checker sees the loop too
     assert Vm(make_config("sim.invariants=false"), EventSink("all")).group is None  # records at every SPTE change

@@ -13,11 +13,12 @@ objects and reads back what others may have changed (``vsim.vcpu.group_transfer`
 IPIs that other actors send to members reach the loop through ``notify``. It hands members their
 next chunks of accesses, and resumes a member's process only where Python must go on.
 
-The group serves the TDP MMU and the legacy direct MMU in batched mode, with the invariant checker
-off and events at most at the ``faults`` level (``sim.fault_kernel`` turns it off). The checker's
-hooks and ``all``-level records are Python calls at each SPTE change, which compiled code cannot
-make. Members queue for ``mmu_lock`` on the lock's own arrays (``MmuLock.lk``/``q``); a release in
-Python that reaches one hands it over through ``lock_granted``.
+The group serves all three MMUs in batched mode, with events at most at the ``faults`` level
+(``sim.fault_kernel`` turns it off). Under shadow paging it runs the members' accesses, walks,
+kicks and flushes; their #PF exits and the guest kernel's work are Python's. ``all``-level
+records are Python calls at each SPTE change, which compiled code cannot make. Members queue for
+``mmu_lock`` on the lock's own arrays (``MmuLock.lk``/``q``); a release in Python that reaches
+one hands it over through ``lock_granted``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from vsim.events.rows import KIND_ID, ROW_COLS
 from vsim.memslots import KVM_MEMSLOT_INVALID
 from vsim.mmu.legacy_mmu import LegacyMmu
 from vsim.mmu.page_fault import RET_PF_NAMES
+from vsim.mmu.shadow_mmu import ShadowPagingMmu
 from vsim.sched import GRANT_PRIO, At
 from vsim.vcpu import group_state as k
 from vsim.vcpu.group_direct import DIRECT_MAP_DESCS, DIRECT_MAP_TABLES
@@ -42,19 +44,18 @@ if TYPE_CHECKING:
     from vsim.vm import Vm
 
 NEVER = k.NEVER
+USEFUL_STAY = 64  # accesses that make a stay in the group worth its join and leave (about two SimPy events)
 
 
 def group_enabled(vm: Vm) -> bool:
-    """The group serves this VM: a direct MMU (TDP or legacy), batched, events at most at
-    ``faults``, vCPUs not in lockstep."""
+    """The group serves this VM: batched, events at most at ``faults``, EPT A/D bits on (or
+    shadow paging)."""
     cfg = vm.cfg
     return (
         cfg.sim.fault_kernel
         and cfg.sim.mode == "batched"
-        and cfg.mmu.mode in ("tdp_mmu", "legacy_tdp")
-        and cfg.mmu.ept_ad
+        and (cfg.mmu.ept_ad or cfg.mmu.mode == "shadow")
         and not vm.sink.all
-        and not vm.lockstep
     )
 
 
@@ -97,7 +98,6 @@ class VcpuGroup(GroupTransfer):
         g[k.G_UFFD] = vm.uffd is not None
         g[k.G_GUEST_REFS] = vcpus[0].guest_refs
         g[k.G_MAX_CLASS] = vcpus[0].max_class
-        g[k.G_REGION_BASE] = vm.region_base_gfn
         g[k.G_PROGRAM] = vm.program is not None
         # The invariant checker sees the loop's SPTE changes through the pool's change log (replayed
         # at each stop) and its completed writes through ``written``; what it checks at a fault or
@@ -105,6 +105,12 @@ class VcpuGroup(GroupTransfer):
         self.checker = vm.checker
         g[k.G_CHECKER] = vm.checker is not None
         self._written = vm.checker.written if vm.checker is not None else np.zeros(0, dtype=np.uint8)
+        # Each member's map from access keys to ``written`` (``Vcpu.wmap``: a shadow-paged guest
+        # process's frames, copied at each join while the checker is on; else empty).
+        self.shadow = isinstance(vm.mmu, ShadowPagingMmu)
+        g[k.G_SHADOW] = self.shadow
+        width = vm.guest.user_pages if self.shadow and vm.checker is not None and vm.guest is not None else 0
+        self.wmaps = np.zeros((nv, width), dtype=np.int64)
         mmu = vm.mmu
         self.legacy = isinstance(mmu, LegacyMmu)
         g[k.G_LEGACY] = self.legacy
@@ -127,7 +133,6 @@ class VcpuGroup(GroupTransfer):
         vm.mmu_lock.grantee = self  # hand-overs from Python to members queued in the loop
         if vm.checker is not None:  # the SPTE change log, replayed whenever a fault might not fit
             vm.mmu.pool.reserve_changes(16 * k.CHG_ROOM)
-        self._empty64 = np.zeros(0, dtype=np.int64)
         self._pml_n = np.zeros(1, dtype=np.int64)
         self._resume: list[Event | None] = [None] * nv
         self._fault_slot: list[object] = [None] * nv  # the memslot each member's fault found
@@ -141,20 +146,23 @@ class VcpuGroup(GroupTransfer):
         self._wakes: list[tuple[int, int]] = []  # keys of the scheduled wake-ups
         self.members = 0
         self.faults = 0  # faults taken in compiled code
+        self.accesses = 0  # accesses run in compiled code (counted as members leave)
         self._gain = [0] * nv  # faults each member took in compiled code since it joined
+        self._joined_at = [0] * nv  # its access count when it joined
         self._skip = [0] * nv  # stops at which a vCPU does not join (after useless stays)
         self._backoff = [0] * nv
         self.leaves = dict.fromkeys((k.LEAVE_RUN, k.LEAVE_PYFAULT, k.LEAVE_LOCK, k.LEAVE_ENTRY, k.LEAVE_LOCKED), 0)
 
     # -- joining and leaving -----------------------------------------------------------------------
     def _can_join(self, v: Vcpu) -> bool:
-        """Nothing the compiled loop does not model is pending on ``v``, and vCPUs do not restrict
-        SPTEs themselves (``Vm.lockstep``: the loop's horizon assumes they only add)."""
+        """Nothing the compiled loop does not model is pending on ``v``, and it runs its workload
+        (not the guest kernel's own accesses under shadow paging: ``Vcpu.nested``)."""
         return (
             not v.requests
             and v.kick_at == NEVER
             and not v.pml_on
-            and not self.vm.lockstep
+            and not v.nested
+            and v.guest_event_at > v.now
             and not (self.checker is not None and self._checked(v))
         )
 
@@ -170,7 +178,10 @@ class VcpuGroup(GroupTransfer):
         """``v`` joins for a fault on ``gfn`` if the compiled loop can take it (``group_kernel._step``'s
         checks). Not present: a valid slot, not dirty-logged, on the 4K host mapping, its page not
         moved (and, with userfaultfd, resident). Present: a write in a valid slot that is not
-        dirty-logged or whose bitmap the loop has (``fast_page_fault`` then gives W back)."""
+        dirty-logged or whose bitmap the loop has (``fast_page_fault`` then gives W back). Shadow
+        paging's #PF exits are Python's."""
+        if self.shadow:
+            return False
         slot = v.gfn_to_memslot(gfn)
         if present:
             self._load_slots()  # (the dirty-logged slot whose bitmap the loop has, for these memslots)
@@ -222,7 +233,12 @@ class VcpuGroup(GroupTransfer):
         ms[k.M_KICK] = v.kick_at
         ms[k.M_NIPI] = len(v.ipis)
         ms[k.M_IPI_TAKEN] = 0
+        ms[k.M_GUEST_EV] = v.guest_event_at
+        ms[k.M_WBASE] = v.wbase
+        if self.wmaps.shape[1]:
+            self.wmaps[m] = v.wmap  # (the process's frames may have changed while it was out)
         self._gain[m] = 0
+        self._joined_at[m] = int(self.counters[m, 0])
         ev = Event(self.env)
         self._resume[m] = ev
         self.members += 1
@@ -280,7 +296,7 @@ class VcpuGroup(GroupTransfer):
             run_group(self._legacy_arg, self.ms, self.ss, self.touched, self.left, self.gfns, self.writes, self.tags,
                       self.wr, self.geo, self.count, self.counters, mmu.arch.sync(), lock.lk, lock.q, g, self.c,
                       self._slots, self._rmaps, self._wtracks, host.resident, host.moved, host.new_base,
-                      self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self.lwbuf, self._written, self._empty64,
+                      self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self.lwbuf, self._written, self.wmaps,
                       self._pml_n)  # fmt: skip
             self._drain()
             stop = int(g[k.G_STOP])
@@ -333,9 +349,12 @@ class VcpuGroup(GroupTransfer):
         v = self.vm.vcpus[m]
         why = int(ms[k.M_LEAVE])
         self.leaves[why] += 1
-        if why == k.LEAVE_PYFAULT and not self._gain[m]:
-            # A stay that took no fault before one it could not take: wait a few stops before the
-            # next (1, 3, 7, ... up to 63 while it keeps happening).
+        ran = int(self.counters[m, 0]) - self._joined_at[m]
+        self.accesses += ran
+        useful = self._gain[m] or ran >= USEFUL_STAY
+        if why == k.LEAVE_PYFAULT and not useful:
+            # A stay that took no fault and ran few accesses before a fault it could not take: wait
+            # a few stops before the next (1, 3, 7, ... up to 63 while it keeps happening).
             self._backoff[m] = min(2 * self._backoff[m] + 1, 63)
             self._skip[m] = self._backoff[m]
         else:

@@ -7,6 +7,8 @@ install, and VM entry when ``vcpu_enter_guest`` would sync. The loop always runs
 smallest key, and stops before any key at or after the head of SimPy's queue (the rest of the model:
 the VMM, the host MM, vCPUs running in Python), so every action sees the shared state it would see
 in a SimPy run. What a Python vCPU does between two syncs, the member does in the same step.
+While vCPUs may restrict SPTEs (``G_LOCKSTEP``), a stretch of accesses also ends where another
+member acts (``_horizon``); shadow-paged members (``G_SHADOW``) take no fault in the loop.
 
 Members run their stretches of accesses with ``run_accesses`` and take the common fault in
 compiled code: an EPT violation on a not-present SPTE of a memslot backed by 4K host pages,
@@ -44,6 +46,7 @@ from vsim.vcpu.group_state import (
     C_GUEST,
     C_HIT,
     C_REF,
+    C_VMEXIT,
     CHG_ROOM,
     F_LEAVE,
     F_ROOT_INVALID,
@@ -55,6 +58,7 @@ from vsim.vcpu.group_state import (
     G_GUEST_REFS,
     G_HZ,
     G_LEGACY,
+    G_LOCKSTEP,
     G_MAX_CLASS,
     G_NEV,
     G_NEXT_P,
@@ -63,7 +67,7 @@ from vsim.vcpu.group_state import (
     G_NSRCU,
     G_NSRV,
     G_PROGRAM,
-    G_REGION_BASE,
+    G_SHADOW,
     G_SRCU_WAITS,
     G_STOP,
     G_STOP_M,
@@ -80,6 +84,7 @@ from vsim.vcpu.group_state import (
     LEAVE_PYFAULT,
     LEAVE_RUN,
     M_FLAGS,
+    M_GUEST_EV,
     M_I,
     M_KEYP,
     M_KICK,
@@ -94,6 +99,7 @@ from vsim.vcpu.group_state import (
     M_REQ,
     M_ROOT,
     M_SYNCED,
+    M_WBASE,
     NEVER,
     PH_DONE,
     PH_ENTRY,
@@ -121,24 +127,31 @@ def _before(t, p, t2, p2):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _horizon(ms, g, m):  # type: ignore[no-untyped-def]
+def _horizon(ms, g, c, m):  # type: ignore[no-untyped-def]
     """``Vm.horizon`` for member ``m``: the VM-wide actors' wake-ups; while one of them waits on
-    something, the head of the queue, where the other members are queued too."""
+    something, the head of the queue, where the other members are queued too. In lockstep
+    (``G_LOCKSTEP``: vCPUs may restrict SPTEs) the queue's head and every other member's key, as
+    ``Vm._lockstep_limit`` bounds a Python vCPU: a member between two stretches of accesses
+    changes nothing another reads before its next exit, a VM exit's cost after its key."""
     h = g[G_HZ]
-    if g[G_EXT_WAITING]:
+    lockstep = g[G_LOCKSTEP] != 0
+    if g[G_EXT_WAITING] or lockstep:
         p = ms[m, M_PRIO]
         t = g[G_EXT_T] + (1 if p < g[G_EXT_P] else 0)
         h = min(h, t)
         for k in range(ms.shape[0]):
             ph = ms[k, M_PHASE]
             if k != m and ph != PH_OUT and ph != PH_LOCKWAIT:  # (a lock waiter is woken by a release)
-                h = min(h, ms[k, M_NOW] + (1 if p < ms[k, M_KEYP] else 0))
+                if lockstep and ph == PH_RUN:
+                    h = min(h, ms[k, M_NOW] + c[C_VMEXIT])
+                else:
+                    h = min(h, ms[k, M_NOW] + (1 if p < ms[k, M_KEYP] else 0))
     return h
 
 
 @njit(cache=True)
 def run_group(legacy, ms, ss, touched, left, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots,
-              rmaps, wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap,
+              rmaps, wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmaps,
               pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Run the members in key order until one leaves or the next key reaches the queue head.
 
@@ -159,7 +172,7 @@ def run_group(legacy, ms, ss, touched, left, gfns, writes, tags, wr, geo, count,
             return
         touched[m] = 1
         r = _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots, rmaps,
-                  wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, legacy,
+                  wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmaps, legacy,
                   pml_n)  # fmt: skip
         if r == GS_LEAVE:
             ms[m, M_PHASE] = PH_LEFT
@@ -244,7 +257,7 @@ def _leave(ms, m, why):  # type: ignore[no-untyped-def]
 
 @njit(cache=True, inline="always")
 def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots, rmaps, wtracks,
-          resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmap, legacy, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+          resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmaps, legacy, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
     """Member ``m``'s action at its key, and what follows it up to its next sync (``t_key``: while
     the member's clock is still there, nothing can have acted first; -1 once a hand-over of
     ``mmu_lock`` queued another member's action before it)."""
@@ -322,7 +335,7 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
             if ms[m, M_FLAGS] & F_LEAVE or g[G_SRCU_WAITS]:
                 return _leave(ms, m, LEAVE_ENTRY) if ms[m, M_NOW] == t_key else 0
             while True:
-                if (ms[m, M_REQ] or ms[m, M_NOW] >= _horizon(ms, g, m)) and ms[m, M_NOW] != t_key:
+                if (ms[m, M_REQ] or ms[m, M_NOW] >= _horizon(ms, g, c, m)) and ms[m, M_NOW] != t_key:
                     return 0
                 if not ms[m, M_REQ]:
                     break
@@ -334,11 +347,12 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
         if ms[m, M_FLAGS] & F_LEAVE:
             return _leave(ms, m, LEAVE_RUN) if now0 == t_key else 0
         i0 = ms[m, M_I]
-        limit = min(_horizon(ms, g, m), ms[m, M_KICK]) - now0
+        limit = min(_horizon(ms, g, c, m), ms[m, M_KICK], ms[m, M_GUEST_EV]) - now0
+        wmap = wmaps[m]
         j, dt, status, refs, present = run_accesses(
             gfns[m], writes[m], i0, ms[m, M_N], limit, pool.spt, ms[m, M_ROOT], g[G_GUEST_REFS], g[G_MAX_CLASS],
             tags[m], wr[m], geo[0], geo[1], count[m], c[C_GUEST], c[C_HIT], c[C_REF], counters[m], written,
-            g[G_REGION_BASE], wmap, wmap, pml_n, ms[m, M_SYNCED],  # (no PML in the loop: an empty buffer)
+            ms[m, M_WBASE], wmap, wmap[:0], pml_n, ms[m, M_SYNCED],  # (no PML in the loop: an empty buffer)
         )  # fmt: skip
         now = now0 + dt
         ms[m, M_NOW] = now
@@ -351,13 +365,15 @@ def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, 
         # The access at the member's own key.
         if status == STOP_HORIZON:
             if ms[m, M_KICK] > now:
+                if ms[m, M_GUEST_EV] <= now:
+                    return _leave(ms, m, LEAVE_RUN)  # the guest kernel's context switch or fork
                 return 0  # parked until the clock gets here (handle_external_interrupt if a kick comes)
             ms[m, M_PHASE] = PH_IRQ
             continue
         if status == STOP_SET_ACCESSED:
             ms[m, M_SYNCED] = j  # nothing acts first now: run it, setting A
             return 0
-        if status != STOP_EPT_VIOLATION:
+        if status != STOP_EPT_VIOLATION or g[G_SHADOW]:  # (shadow paging's #PF exits run in Python)
             return _leave(ms, m, LEAVE_PYFAULT)
         gfn = gfns[m, j]
         s = find_slot(slots, gfn)

@@ -17,9 +17,12 @@ M_NOW, M_PRIO, M_PHASE, M_I, M_N, M_SYNCED, M_ROOT, M_FLAGS = 0, 1, 2, 3, 4, 5, 
 M_GFN, M_WRITE, M_T_EXIT, M_TOKEN, M_TOKEN_T, M_SRCU_REG, M_PFN, M_MMU_SEQ = 8, 9, 10, 11, 12, 13, 14, 15
 M_TABLE, M_IDX, M_LEVEL, M_OLD, M_TABLE_GEN, M_RET, M_EXIT_SEQ, M_FAULT_SEQ = 16, 17, 18, 19, 20, 21, 22, 23
 M_MODE, M_LEAVE, M_REQ, M_KICK, M_NIPI, M_IPI_TAKEN, M_IN_FAULT, M_PASS_END, M_AFTER, M_KEYP = range(24, 34)
-M_COLS = 34
+M_GUEST_EV, M_WBASE = 34, 35
+M_COLS = 36
 # M_KEYP is the priority of the member's next action: its own (M_PRIO), or GRANT_PRIO where a hand-over
-# of mmu_lock resumes it (as the waiter's event fires at GRANT_PRIO in Python).
+# of mmu_lock resumes it (as the waiter's event fires at GRANT_PRIO in Python). M_GUEST_EV is the
+# guest kernel's next scheduled action (``Vcpu.guest_event_at``: shadow paging's context switches and
+# forks), where the member leaves; M_WBASE the key of ``wmaps[m]``'s first entry (``Vcpu.wbase``).
 
 # Member phases: where its next action is (PH_OUT: not a member).
 PH_OUT, PH_RUN, PH_LOCK, PH_INSTALL, PH_ENTRY, PH_DONE, PH_LEFT, PH_IRQ, PH_NEXT = range(9)
@@ -46,15 +49,17 @@ S_COLS = 10
 # works on the MMU's own arrays, ``vsim.mmu.sp_pool.Pool``, and the lock's, ``MmuLock.lk``/``q``.)
 # G_NLW counts the rows of ``lwbuf``: lock waits (write, actor, ns) for ``MmuLock.note_wait``.
 (G_STOP, G_STOP_M, G_EXT_T, G_EXT_P, G_HZ, G_EXT_WAITING, G_SRCU_NEXT, G_SRCU_WAITS, G_NEXT_SYNC, G_POPULATED,
- G_MMU_SEQ, G_INV_IN_PROGRESS, G_INV_START, G_INV_END, G_ROOT_CHECK, G_LOCKED_CHECK, G_PRE_LOCK, G_REGION_BASE,
+ G_MMU_SEQ, G_INV_IN_PROGRESS, G_INV_START, G_INV_END, G_ROOT_CHECK, G_LOCKED_CHECK, G_PRE_LOCK,
  G_EVENTS, G_UFFD, G_PFN_BASE, G_GUEST_REFS, G_MAX_CLASS, G_NEV, G_NSRV, G_NSRCU, G_GRANT_T, G_NLEFT, G_NEXT_T,
- G_NEXT_P, G_PROGRAM, G_NLW, G_LEGACY, G_N_MAX, G_SPAN_SHIFT, G_CHECKER) = range(36)  # fmt: skip
-G_EV_KIND = 36  # + EV_*: the sink's kind id of each record the loop makes (2 entries)
-G_RET_NAME = 38  # + a RET_PF_* code: the sink's string id of its name (7 entries)
-G_COLS = 45
+ G_NEXT_P, G_PROGRAM, G_NLW, G_LEGACY, G_N_MAX, G_SPAN_SHIFT, G_CHECKER, G_LOCKSTEP, G_SHADOW) = range(37)  # fmt: skip
+G_EV_KIND = 37  # + EV_*: the sink's kind id of each record the loop makes (2 entries)
+G_RET_NAME = 39  # + a RET_PF_* code: the sink's string id of its name (7 entries)
+G_COLS = 46
 # G_LEGACY: the legacy MMU's faults (write lock, direct_map); G_N_MAX: its n_max_mmu_pages;
 # G_SPAN_SHIFT: the 4K host mapping's span_shift (for host_pfn). G_CHECKER: the invariant checker is
-# on (SPTE changes are logged; a fault on an obsolete root goes to Python).
+# on (SPTE changes are logged; a fault on an obsolete root goes to Python). G_LOCKSTEP: vCPUs may
+# restrict SPTEs (``Vm.lockstep``), so a member's stretch of accesses ends where another member or
+# the queue's head acts. G_SHADOW: shadow paging (every #PF exit goes to Python).
 CHG_ROOM = 64  # change-log rows a fault in the loop may add at most (its walk, links, leaf, prefetch)
 
 # The costs ``c``.

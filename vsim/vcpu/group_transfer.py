@@ -56,9 +56,7 @@ class GroupTransfer:
         g[k.G_INV_END] = vm.mmu_invalidate_range_end
         mmu = vm.mmu
         self._load_slots()
-        if vm.lockstep:  # dirty logging began on a huge-page slot or with PML: everyone goes back
-            live = self.ms[:, k.M_PHASE] != k.PH_OUT
-            self.ms[live, k.M_FLAGS] |= k.F_LEAVE
+        g[k.G_LOCKSTEP] = vm.lockstep  # (dirty logging may have begun on a huge-page slot)
         if self.checker is not None:  # what the checker checks in Python (VcpuGroup._checked)
             for m in np.flatnonzero(self.ms[:, k.M_PHASE] != k.PH_OUT).tolist():
                 if self._checked(vm.vcpus[m]):

@@ -166,7 +166,9 @@ class ShadowVcpu(Vcpu):
         self._stores, self._stored = stores, [False] * n
         step = self._run_reference if self.reference else self._run_batched
         due, self.guest_event_at = self.guest_event_at, NEVER
+        self.nested += 1
         yield from step(keys, np.ones(n, dtype=np.bool_))
+        self.nested -= 1
         self.guest_event_at = due
         for store, done in zip(stores, self._stored, strict=True):
             if not done:
@@ -302,7 +304,9 @@ class ShadowVcpu(Vcpu):
         n = min(self.vm.cfg.guest.child_writes, kernel.user_pages)
         if n:
             step = self._run_reference if self.reference else self._run_batched
+            self.nested += 1
             yield from step(np.arange(n, dtype=np.int64) + kernel.mode.user_base, np.ones(n, dtype=np.bool_))
+            self.nested -= 1
         yield from kernel.exit_mmap(self, child)
         self.now += self.vm.costs.guest_context_switch
         yield from self.guest_write_cr3(parent.pgd)

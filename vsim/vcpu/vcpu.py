@@ -84,6 +84,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
         self.ipis: list[int] = []  # arrival times of IPIs sent to this vCPU, in order
         self.kick_at = NEVER  # the first of them
         self.guest_event_at = NEVER  # the guest kernel's next scheduled action (shadow paging)
+        self.nested = 0  # > 0 while the guest kernel runs its own accesses (shadow paging): not the workload's
         self.cur_access = 0  # index in the current stretch of the access being handled
         self.mmio_gfn = -1  # the per-vCPU MMIO cache (vcpu->arch.mmio_gfn / mmio_gen)
         self.mmio_gen = -1
