@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from vsim import resources
 from vsim.config import ConfigError, load_config
 
 EXIT_USAGE = 2
@@ -32,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set vm.vcpus=64 (repeatable)",
     )
     r.add_argument("--out", help="run directory (default: runs/<name>-seed<N>-<config hash>)")
-    r.add_argument("--force", action="store_true", help="replace the run that --out already holds")
+    r.add_argument("--force", action="store_true",
+                   help="replace the run that --out already holds, and run even if the up-front estimate says "
+                        "the run cannot finish here")  # fmt: skip
     r.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")
     r.add_argument("--quiet", action="store_true", help="print only the run directory")
     from vsim import cli_events, cli_sweep
@@ -87,6 +90,15 @@ def _run(args: argparse.Namespace) -> int:
     if problem:
         print(f"vsim: error: --out {out}: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    est = resources.estimate(cfg)
+    if not args.force:
+        disk = resources.free_disk(out) if cfg.events.level != "off" else None
+        why = resources.refusal(est, out, resources.available_memory(), disk)
+        if why:
+            print(f"vsim: error: {why}", file=sys.stderr)
+            return EXIT_USAGE
+    for w in resources.warnings(est):
+        print(f"vsim: warning: {w}", file=sys.stderr)
     # SIGTERM unwinds like Ctrl-C, so the unfinished run's directory is removed either way.
     signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -94,15 +106,22 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"vsim: error: {out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError:
+        print(f"vsim: error: out of memory (the estimate was about {resources.size_text(est.memory)}); lower the "
+              f"sizes. {out} {_kept(out)}", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     except (KeyboardInterrupt, _Terminated) as e:
-        kept = "keeps the earlier run" if (out / "config.toml").is_file() else "was not written"
-        print(f"vsim: {'terminated' if isinstance(e, _Terminated) else 'interrupted'}: {out} {kept}",
+        print(f"vsim: {'terminated' if isinstance(e, _Terminated) else 'interrupted'}: {out} {_kept(out)}",
               file=sys.stderr)  # fmt: skip
         return 143 if isinstance(e, _Terminated) else 130
     if not args.quiet:
         print_summary(result.stats, result.timing, f"vsim run: {name} (seed {cfg.seed})")
     print(f"run directory: {result.out_dir}")
     return 0
+
+
+def _kept(out: Path) -> str:
+    return "keeps the earlier run" if (out / "config.toml").is_file() else "was not written"
 
 
 class _Terminated(Exception):

@@ -25,6 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     s.add_argument("--out", type=Path, help="sweep directory (default: sweeps/<name>-<hash>)")
     s.add_argument("--jobs", type=int, help="local worker processes (default: all cores)")
     s.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run on this Dask distributed scheduler")
+    s.add_argument("--force", action="store_true", help="run even if the up-front estimate says a point cannot finish")
     p = sub.add_parser("plot", help="plot a sweep's metric against a factor")
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--x", required=True, help="factor on the x axis, e.g. vm.vcpus")
@@ -62,7 +63,7 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
 
     sets = list(args.sets) + ([f"seed={args.seed}"] if args.seed is not None else [])
     spec = _spec(args)
-    rows, out = run_sweep(args.config, sets, spec, args.out, args.jobs, args.scheduler, None)
+    rows, out = run_sweep(args.config, sets, spec, args.out, args.jobs, args.scheduler, None, args.force)
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"{len(rows) - failed} of {len(rows)} points ok, {failed} failed")
     for r in rows:

@@ -228,8 +228,13 @@ class MmuLock:
             self.sink.emit("vsim_mmu_lock_release", t, actor, lock_id, mode, t - since)
 
     def waits(self, mode: str) -> list[int]:
-        """Every acquisition's wait in ``mode`` (zeros first), for percentiles."""
-        return [0] * self.zero_waits[mode] + list(self.wait_ns[mode])
+        """Every acquisition's wait in ``mode`` (zeros first)."""
+        return self.wait_samples(mode).tolist()  # type: ignore[no-any-return]
+
+    def wait_samples(self, mode: str) -> np.ndarray:
+        """``waits`` as one int64 array, for percentiles (a Python list costs 36 B per sample)."""
+        return np.concatenate([np.zeros(self.zero_waits[mode], dtype=np.int64),
+                               np.asarray(self.wait_ns[mode], dtype=np.int64)])  # fmt: skip
 
     def grant(self, t: int) -> None:
         """Serve the queue's head at ``t``: one writer, or every consecutive reader there. A Python

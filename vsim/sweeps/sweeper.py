@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vsim.config import ScenarioConfig, dump_config
+from vsim.resources import sweep_refusal
 from vsim.runner import collect_stats, run_scenario, write_atomic
 from vsim.sweeps.spec import Point, SweepError, SweepSpec, expand
 from vsim.vm import Vm, WallClockTimeout
@@ -123,15 +124,16 @@ def sweep(config: str | Path | None = None, sets: list[str] | None = None, spec:
 
 
 def run_sweep(config: str | Path | None, sets: list[str], spec: SweepSpec | None, out: str | Path | None,
-              jobs: int | None, scheduler: str | None, progress: bool | None) -> tuple[list[Task], Path]:  # fmt: skip
-    """Expand, validate, run what is not done yet, and write the results table."""
+              jobs: int | None, scheduler: str | None, progress: bool | None,
+              force: bool = False) -> tuple[list[Task], Path]:  # fmt: skip
+    """Expand, validate, run what is not done yet, and write the results table. A sweep with a
+    point that cannot finish here (``resources.sweep_refusal``) is refused unless ``force``."""
     from vsim.sweeps.table import spec_for, write_table
 
     spec = spec_for(config, spec)
     points = expand(str(config) if config is not None else None, sets, spec)
     check_metrics(points[0].config, spec.metrics)
     out_dir = Path(out) if out is not None else _default_dir(config, points)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Task] = {}
     todo: list[Task] = []
     for p in points:
@@ -141,6 +143,15 @@ def run_sweep(config: str | Path | None, sets: list[str], spec: SweepSpec | None
             results[p.id] = prev
         else:
             todo.append(_task(p, d, spec))
+    jobs = jobs or os.cpu_count() or 1
+    if todo and not force:
+        pending = {t["id"] for t in todo}
+        named = [(" ".join(f"{k}={v}" for k, v in p.factors.items()) or p.id, p.config) for p in points
+                 if p.id in pending]  # fmt: skip
+        why = sweep_refusal(named, min(jobs, len(todo)), scheduler is None, out_dir)
+        if why:
+            raise SweepError(why)
+    out_dir.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
     show = console.is_terminal if progress is None else progress
     bar = Progress(TextColumn("[bold]sweep"), BarColumn(), TextColumn("{task.fields[status]}"),
@@ -168,7 +179,7 @@ def run_sweep(config: str | Path | None, sets: list[str], spec: SweepSpec | None
             bar.update(tid, advance=1, status=status())
 
         if todo:
-            _execute(todo, jobs or os.cpu_count() or 1, scheduler, finished, started)
+            _execute(todo, jobs, scheduler, finished, started)
     rows = [_row(p, results[p.id], spec) for p in points]
     write_table(out_dir, rows)
     write_atomic(out_dir / "sweep.json", json.dumps({"factors": spec.factors, "metrics": list(spec.metrics),
