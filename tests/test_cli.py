@@ -22,7 +22,8 @@ def test_run_writes_the_run_directory(tmp_path: Path) -> None:
     p = vsim("run", str(ROOT / "configs" / "quickstart.toml"), *SMALL, "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert "pf_taken" in p.stdout and f"run directory: {out}" in p.stdout
-    assert sorted(x.name for x in out.iterdir()) == ["config.toml", "events.jsonl", "stats.json", "timing.json"]
+    assert sorted(x.name for x in out.iterdir()) == ["config.toml", "events.jsonl", "stats.json", "status", "timing.json"]
+    assert (out / "status").read_text() == "complete\n"
     stats = json.loads((out / "stats.json").read_text())
     assert stats["vcpu_total"]["pf_fixed"] == 3 * 64
     assert stats["invariant_violations"] == []
@@ -89,7 +90,8 @@ def test_an_existing_run_is_replaced_whole_only_with_force(tmp_path: Path) -> No
     assert p.returncode == 2 and "--force replaces it" in p.stderr and "Traceback" not in p.stderr
     assert (out / "stats.json").read_bytes() == stats and (out / "report.html").exists()  # untouched
     assert vsim("run", *SMALL, "--quiet", "--seed", "2", "--out", str(out), "--force").returncode == 0
-    assert sorted(x.name for x in out.iterdir()) == ["config.toml", "events.jsonl", "stats.json", "timing.json"]
+    assert sorted(x.name for x in out.iterdir()) == ["config.toml", "events.jsonl", "stats.json", "status", "timing.json"]
+    assert (out / "status").read_text() == "complete\n"
     assert (out / "stats.json").read_bytes() != stats
     other = tmp_path / "notes"
     other.mkdir()

@@ -105,8 +105,10 @@ def test_failure_is_isolated_and_resume_reruns_only_what_is_not_done(tmp_path: P
 
 
 def test_timeout_and_exit_status_count_failures(tmp_path: Path) -> None:
+    # (Long enough that neither finishes within the first steps: a run that ends is not a timeout.)
     p = vsim_cli("sweep", "--grid", "vm.vcpus=2,3", "--set", "workload.per_vcpu_memory=8MiB", "--set",
-                 "events.level=off", "--timeout", "1us", "--jobs", "1", "--out", str(tmp_path / "s"))  # fmt: skip
+                 "workload.passes=20000", "--set", "events.level=off", "--timeout", "1us", "--jobs", "1", "--out",
+                 str(tmp_path / "s"))  # fmt: skip
     assert p.returncode == 2  # two points failed
     assert "0 of 2 points ok, 2 failed" in p.stdout and "timeout: wall-clock timeout" in p.stdout
     rows = read_table(tmp_path / "s")

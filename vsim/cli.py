@@ -10,6 +10,8 @@ from typing import NoReturn
 
 from vsim import resources
 from vsim.config import ConfigError, load_config
+from vsim.progress import RunProgress
+from vsim.units import parse_duration
 
 EXIT_USAGE = 2
 
@@ -36,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true",
                    help="replace the run that --out already holds, and run even if the up-front estimate says "
                         "the run cannot finish here")  # fmt: skip
+    r.add_argument(
+        "--max-wall",
+        metavar="DURATION",
+        help="stop the run after this much wall time (e.g. 30s) and write what it reached, marked partial",
+    )
     r.add_argument("--seed", type=int, help="random seed (same as --set seed=N)")
     r.add_argument("--quiet", action="store_true", help="print only the run directory")
     from vsim import cli_events, cli_sweep
@@ -80,6 +87,16 @@ def _run(args: argparse.Namespace) -> int:
     from vsim.runner import default_out_dir, run_scenario
     from vsim.summary import print_summary
 
+    max_wall = None
+    if args.max_wall is not None:
+        try:
+            max_wall = parse_duration(args.max_wall) / 1e9
+        except ValueError as e:
+            print(f"vsim: error: --max-wall: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if max_wall <= 0:
+            print("vsim: error: --max-wall: must be more than 0s", file=sys.stderr)
+            return EXIT_USAGE
     name = Path(args.config).stem if args.config else "quickstart"
     if args.out == "":
         print("vsim: error: --out '': give a directory (an empty --out would write into the current directory)",
@@ -102,7 +119,8 @@ def _run(args: argparse.Namespace) -> int:
     # SIGTERM unwinds like Ctrl-C, so the unfinished run's directory is removed either way.
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        result = run_scenario(cfg, out, on_compile=_say_compiling)
+        with RunProgress(est.accesses) as progress:
+            result = run_scenario(cfg, out, on_compile=_say_compiling, progress=progress.update, max_wall_s=max_wall)
     except OSError as e:
         print(f"vsim: error: {out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
@@ -116,6 +134,8 @@ def _run(args: argparse.Namespace) -> int:
         return 143 if isinstance(e, _Terminated) else 130
     if not args.quiet:
         print_summary(result.stats, result.timing, f"vsim run: {name} (seed {cfg.seed})")
+    if "partial" in result.stats:
+        print(f"vsim: {result.stats['partial']}: the results are partial", file=sys.stderr)
     print(f"run directory: {result.out_dir}")
     return 0
 
@@ -133,7 +153,7 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 # What a run directory holds (``runner.run_scenario``, ``vsim report``), and its writers' temporaries.
-RUN_FILES = frozenset({"config.toml", "stats.json", "timing.json", "events.jsonl", "report.html"})
+RUN_FILES = frozenset({"config.toml", "stats.json", "timing.json", "events.jsonl", "report.html", "status"})
 
 
 def _out_problem(out: Path, explicit: bool, force: bool) -> str | None:

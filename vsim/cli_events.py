@@ -76,7 +76,18 @@ def _warn(msg: str) -> None:
     print(f"vsim: warning: {msg}", file=sys.stderr)
 
 
+def _warn_partial(run_dir: Path) -> None:
+    """A run stopped by ``--max-wall`` says so (its ``status`` file) before anything is read."""
+    try:
+        status = (run_dir / "status").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return  # (runs from before the status file, or not a run directory: the reader says so)
+    if status != "complete":
+        _warn(f"{run_dir} is not a complete run ({status})")
+
+
 def run_events(args: argparse.Namespace) -> int:
+    _warn_partial(args.run_dir)
     t_from, t_to = _window(args)
     cmd = args.events_command
     if cmd == "summary":
@@ -97,6 +108,7 @@ def run_events(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from vsim.report import build_report
 
+    _warn_partial(args.run_dir)
     out = args.output or args.run_dir / "report.html"
     _write(out, build_report(args.run_dir))
     print(f"wrote {out}")

@@ -128,9 +128,13 @@ def _commit(scratch: Path, out_dir: Path) -> None:
 
 
 def run_scenario(cfg: ScenarioConfig, out_dir: Path, wall_timeout_s: float | None = None,
-                 on_compile: Callable[[], None] | None = None) -> RunResult:  # fmt: skip
+                 on_compile: Callable[[], None] | None = None, progress: Callable[[int, int], None] | None = None,
+                 max_wall_s: float | None = None) -> RunResult:  # fmt: skip
     """Simulate ``cfg`` and write its run directory (``WallClockTimeout`` after ``wall_timeout_s``).
-    ``on_compile`` is called once if the run has to compile kernels (a first run).
+    ``on_compile`` is called once if the run has to compile kernels (a first run); ``progress``
+    with the simulated time and the accesses so far while it runs (``Vm.run``). After
+    ``max_wall_s`` wall seconds the run stops where it is and its directory says it is partial
+    (``status``: ``complete``, or ``partial: why``).
 
     The run is written into a hidden sibling directory and renamed into place when complete
     (``_commit``): a directory already at ``out_dir`` is replaced whole."""
@@ -140,20 +144,23 @@ def run_scenario(cfg: ScenarioConfig, out_dir: Path, wall_timeout_s: float | Non
     scratch = _scratch(out_dir, "tmp")
     scratch.mkdir()
     try:
-        return _run_into(cfg, out_dir, scratch, wall_timeout_s, on_compile)
+        return _run_into(cfg, out_dir, scratch, wall_timeout_s, on_compile, progress, max_wall_s)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # (gone already once committed)
 
 
 def _run_into(cfg: ScenarioConfig, out_dir: Path, scratch: Path, wall_timeout_s: float | None,
-              on_compile: Callable[[], None] | None) -> RunResult:  # fmt: skip
+              on_compile: Callable[[], None] | None, progress: Callable[[int, int], None] | None,
+              max_wall_s: float | None) -> RunResult:  # fmt: skip
     writer = JsonlWriter(scratch / "events.jsonl")
     sink = EventSink(cfg.events.level, consumer=writer)
     try:
         with compile_clock(on_compile) as clock:
             t0 = time.perf_counter()
             vm = Vm(cfg, sink)
-            end = vm.run(None if wall_timeout_s is None else t0 + wall_timeout_s)
+            limit = min(x for x in (wall_timeout_s, max_wall_s, float("inf")) if x is not None)
+            deadline = None if limit == float("inf") else t0 + limit
+            end = vm.run(deadline, progress, stop_at_deadline=max_wall_s is not None and limit == max_wall_s)
             wall = time.perf_counter() - t0
     except BaseException:
         writer.abort()
@@ -171,6 +178,10 @@ def _run_into(cfg: ScenarioConfig, out_dir: Path, scratch: Path, wall_timeout_s:
         "accesses_per_wall_s": round(stats["vcpu_total"]["accesses"] / sim_wall) if sim_wall > 0 else 0,
         "faults_per_wall_s": round(stats["vcpu_total"]["pf_taken"] / sim_wall) if sim_wall > 0 else 0,
     }
+    status = f"partial: --max-wall {max_wall_s:g}s reached at simulated time {end} ns" if vm.partial else "complete"
+    if vm.partial:  # (a complete run's stats.json is the same bytes on any machine)
+        stats["partial"] = status
+    (scratch / "status").write_text(status + "\n", encoding="utf-8")
     (scratch / "config.toml").write_text(dump_config(cfg), encoding="utf-8")
     (scratch / "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     (scratch / "timing.json").write_text(json.dumps(timing, indent=1) + "\n", encoding="utf-8")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import Callable
 
 import numpy as np
 import simpy
@@ -39,6 +40,8 @@ from vsim.vcpu.shadow_vcpu import ShadowVcpu
 from vsim.vcpu.vcpu import NEVER, Vcpu
 from vsim.vcpu.workloads import Workload, vcpu_region
 from vsim.vmm import DUMMY_SLOT_ID, Vmm
+
+PROGRESS_EVERY_S = 0.25  # how often Vm.run reports progress, in wall seconds
 
 
 class WallClockTimeout(Exception):
@@ -237,20 +240,26 @@ class Vm:
             return True
         return self.mmu_invalidate_seq != mmu_seq
 
-    def _run_until(self, deadline: float) -> None:
+    def _run_until(self, deadline: float | None, progress: Callable[[int, int], None] | None) -> bool:
+        """Step the simulation until it ends (False) or the host's clock passes ``deadline`` (True),
+        calling ``progress(simulated ns, accesses so far)`` about four times a wall second."""
         env = self.env
         step = env.step
+        clock = time.perf_counter
+        report = clock() + PROGRESS_EVERY_S
         try:
             while True:
-                # Few steps when a vCPU group runs many faults per event: check often.
-                for _ in range(64):
+                # Few steps when a vCPU group runs many faults per event (up to WAKE_BUDGET_S each).
+                for _ in range(16):
                     step()
-                if time.perf_counter() > deadline:
-                    break
+                now = clock()
+                if deadline is not None and now > deadline:
+                    return True
+                if progress is not None and now >= report:
+                    report = now + PROGRESS_EVERY_S
+                    progress(env.now, sum(int(v.counters[0]) for v in self.vcpus))
         except simpy.core.EmptySchedule:
-            if time.perf_counter() <= deadline:
-                return
-        raise WallClockTimeout(f"wall-clock timeout at simulated time {env.now} ns")
+            return False
 
     def start(self) -> None:
         """Start a ``KVM_RUN`` session on every vCPU (they first act now, in vCPU order), and the
@@ -260,6 +269,7 @@ class Vm:
             for a in self.actors:
                 self.env.process(a.run())
         for v in self.vcpus:
+            v.finished_at = -1
             self.env.process(v.run())
 
     # -- memslot publication (kvm_swap_active_memslots) ------------------------------------------
@@ -293,17 +303,32 @@ class Vm:
             start, pages = self._region(cfg, i)
             v.workload = Workload(cfg, start, pages, self.cfg.sim.batch_accesses, np.random.default_rng(streams[i]))
 
-    def run(self, wall_deadline: float | None = None) -> int:
+    def run(self, wall_deadline: float | None = None, progress: Callable[[int, int], None] | None = None,
+            stop_at_deadline: bool = False) -> int:  # fmt: skip
         """Run until every vCPU's workload is done; returns the simulated end time (ns).
 
-        With ``wall_deadline`` (a ``time.perf_counter()`` value), raise ``WallClockTimeout`` once
-        the host's clock passes it (checked every few thousand events).
+        With ``wall_deadline`` (a ``time.perf_counter()`` value), stop once the host's clock
+        passes it (checked every 16 events; a vCPU group's wake-up yields to SimPy within
+        ``WAKE_BUDGET_S``): raise ``WallClockTimeout``, or with
+        ``stop_at_deadline`` end the run there, its stats as they are (``partial`` set; the
+        checker's end-of-run checks are skipped), and return the simulated time reached.
+        ``progress`` is called with the simulated time and the accesses so far while it runs.
         """
         self.start()
-        if wall_deadline is None:
+        self.partial = False
+        if wall_deadline is None and progress is None:
             self.env.run()
-        else:
-            self._run_until(wall_deadline)
+        elif self._run_until(wall_deadline, progress):
+            if all(v.finished_at >= 0 for v in self.vcpus):
+                self.env.run()  # the workloads are done: what is left is quick
+            elif not stop_at_deadline:
+                raise WallClockTimeout(f"wall-clock timeout at simulated time {self.env.now} ns")
+            else:
+                self.partial = True
+                for v in self.vcpus:
+                    v.fold_counters()  # (the unfinished vCPUs' access counters)
+                self.sink.flush()
+                return int(self.env.now)
         end = max(v.finished_at for v in self.vcpus)
         if self.checker is not None:
             self.checker.check_end_of_run()

@@ -23,6 +23,7 @@ one hands it over through ``lock_granted``.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from vsim.vm import Vm
 
 NEVER = k.NEVER
+WAKE_BUDGET_S = 0.05  # wall seconds one wake-up of the group may run before it yields to SimPy
 USEFUL_STAY = 64  # accesses that make a stay in the group worth its join and leave (about two SimPy events)
 
 
@@ -290,6 +292,9 @@ class VcpuGroup(GroupTransfer):
         g = self.g
         vm = self.vm
         lock = vm.mmu_lock
+        # A long stay yields to SimPy now and then (a wake-up at the next key, as at GS_EXTERNAL),
+        # so the run's wall-clock deadline and progress are checked.
+        until = time.perf_counter() + WAKE_BUDGET_S
         while True:
             mmu = vm.mmu
             host = self._host
@@ -308,6 +313,8 @@ class VcpuGroup(GroupTransfer):
             elif stop == k.GS_CHUNK:
                 self._next_chunk(int(g[k.G_STOP_M]))
             elif stop != k.GS_FLUSH:
+                break
+            if time.perf_counter() > until:
                 break
         self._write_out()
         for m in self.left[: g[k.G_NLEFT]].tolist():

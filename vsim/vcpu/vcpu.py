@@ -146,7 +146,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
         self.mode = OUTSIDE_GUEST_MODE
         self.ipis.clear()
         self.kick_at = NEVER
-        self._fold_counters()
+        self.fold_counters()
         self.finished_at = self.now
 
     def kvm_mmu_load(self) -> Generator[object, object, None]:
@@ -324,7 +324,9 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
         if 0 <= k < len(self.written):
             self.written[k] = 1
 
-    def _fold_counters(self) -> None:
+    def fold_counters(self) -> None:
+        """Copy the compiled code's access counters into the stats (at the end of ``KVM_RUN``, or of a
+        run stopped early)."""
         st = self.stat
         ctr = self.counters
         st.accesses, st.tlb_hits, st.hw_walks, st.walk_refs = (int(x) for x in ctr)
