@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+RUN_FILES = ["config.toml", "events.jsonl", "stats.json", "status", "timing.json"]
 SMALL = ["--set", "vm.vcpus=3", "--set", "workload.per_vcpu_memory=256KiB", "--set", "sim.invariants=true"]
 
 
@@ -22,7 +23,7 @@ def test_run_writes_the_run_directory(tmp_path: Path) -> None:
     p = vsim("run", str(ROOT / "configs" / "quickstart.toml"), *SMALL, "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert "pf_taken" in p.stdout and f"run directory: {out}" in p.stdout
-    assert sorted(x.name for x in out.iterdir()) == ["config.toml", "events.jsonl", "stats.json", "status", "timing.json"]
+    assert sorted(x.name for x in out.iterdir()) == RUN_FILES
     assert (out / "status").read_text() == "complete\n"
     stats = json.loads((out / "stats.json").read_text())
     assert stats["vcpu_total"]["pf_fixed"] == 3 * 64
@@ -90,7 +91,7 @@ def test_an_existing_run_is_replaced_whole_only_with_force(tmp_path: Path) -> No
     assert p.returncode == 2 and "--force replaces it" in p.stderr and "Traceback" not in p.stderr
     assert (out / "stats.json").read_bytes() == stats and (out / "report.html").exists()  # untouched
     assert vsim("run", *SMALL, "--quiet", "--seed", "2", "--out", str(out), "--force").returncode == 0
-    assert sorted(x.name for x in out.iterdir()) == ["config.toml", "events.jsonl", "stats.json", "status", "timing.json"]
+    assert sorted(x.name for x in out.iterdir()) == RUN_FILES
     assert (out / "status").read_text() == "complete\n"
     assert (out / "stats.json").read_bytes() != stats
     other = tmp_path / "notes"

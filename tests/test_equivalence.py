@@ -106,7 +106,7 @@ def test_batched_equals_reference(tmp_path: Path, kind: str, seed: int) -> None:
 
 def _random_shadow_config(seed: int) -> list[str]:
     """Shadow paging: every paging mode, processes with context switches and forks, eviction,
-    dirty logging and host-MM invalidations under the running guest."""
+    dirty logging (with harvests: dirty_log_perf) and host-MM invalidations under the running guest."""
     r = random.Random(seed)
     paging = r.choice(["paging64", "paging64", "pae", "paging32", "nonpaging"])
     nv = r.randint(1, 3)
@@ -146,4 +146,8 @@ def _random_shadow_config(seed: int) -> list[str]:
         sets += [f"host_mm.invalidations={r.randint(5, 40)}", f"host_mm.interval={r.randint(2, 30)}us",
                  f"host_mm.pages={r.choice([1, 16])}", f"host_mm.pattern={r.choice(['sequential', 'random'])}",
                  f"host_mm.action={r.choice(['migrate', 'dontneed'])}"]  # fmt: skip
+    elif story < 0.9:  # dirty_log_perf: harvests, with the checker's completeness rule over KVM's own writes
+        it = r.randint(2, 3)
+        sets += [_dirty_log_setting(r).replace("dirty_log.pml=true", "dirty_log.pml=false"),
+                 "selftest.name=dirty_log_perf", f"selftest.iterations={it}", f"workload.passes={it + 1}"]  # fmt: skip
     return sets

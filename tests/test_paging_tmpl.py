@@ -41,8 +41,10 @@ def test_paging64_walk_reads_four_levels_and_sets_accessed_and_dirty() -> None:
     assert w.pte_access & ACC_WRITE_MASK and w.pte_access & ACC_USER_MASK
     leaf = mem.read(13, PAGING64.index(gvpn, 1))
     assert leaf & PT_ACCESSED_MASK and leaf & PT_DIRTY_MASK and w.ad_updates == 4
+    assert w.written == [10, 11, 12, 13]  # the tables KVM wrote, each marked dirty by the caller
     # A read of the same page needs no A/D update any more.
-    assert walk_addr(mem, PAGING64, 10, gvpn, write=False, user=True).ad_updates == 0
+    again = walk_addr(mem, PAGING64, 10, gvpn, write=False, user=True)
+    assert again.ad_updates == 0 and again.written == []
 
 
 def test_failed_walks_report_the_guests_error_code() -> None:

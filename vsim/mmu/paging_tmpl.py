@@ -2,7 +2,8 @@
 
 ``walk_addr`` is ``FNAME(walk_addr_generic)``: it reads each gpte of the guest's walk from guest
 memory, ANDs the access rights over the levels, stops at the leaf, checks permissions, and sets the
-Accessed bits (and Dirty on a write) in the gptes it used (``FNAME(update_accessed_dirty_bits)``).
+Accessed bits (and Dirty on a write) in the gptes it used (``FNAME(update_accessed_dirty_bits)``),
+which KVM writes into guest memory and marks dirty (``kvm_vcpu_mark_page_dirty``: the caller).
 A failed walk reports the #PF error code the guest must see. PAE starts from the four PDPTEs
 loaded at CR3 time; a paging32 walk reads 4-byte entries, 1024 per table.
 
@@ -44,6 +45,7 @@ class GuestWalker:
     fault: int = 0  # the #PF error code when the walk failed, else 0
     reads: int = 0  # gptes read from guest memory (PAE's PDPTE comes from the PDPTRs)
     ad_updates: int = 0  # gptes whose A/D bits the walk set
+    written: list[int] = field(default_factory=list)  # gfns of the tables whose gptes it wrote (A/D)
     table_gfn: dict[int, int] = field(default_factory=dict)  # level -> gfn of the table read there
     pte_index: dict[int, int] = field(default_factory=dict)  # level -> index of the gpte used
     pt_access: dict[int, int] = field(default_factory=dict)  # level -> access after that level's gpte
@@ -87,6 +89,8 @@ def walk_addr(mem: GuestMemory, mode: PagingMode, cr3_gfn: int, gvpn: int, write
         if new != gpte:
             mem.write(t, idx, new)
             w.ad_updates += 1
+            if t not in w.written:
+                w.written.append(t)
     return w
 
 

@@ -193,6 +193,8 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
         w = walk_addr(self.guest_mem, mode, v.cr3, gvpn, fault.write, fault.user)  # type: ignore[attr-defined]
         v.now += (w.reads + w.ad_updates) * self._c_gpte
         v.stat.gpte_reads += w.reads
+        for table in w.written:  # update_accessed_dirty_bits: KVM wrote the gptes
+            v.kvm_vcpu_mark_page_dirty(table)  # type: ignore[attr-defined]
         if w.fault:  # kvm_inject_emulated_page_fault: the guest's own #PF
             v.inject_page_fault(gvpn, w.fault)  # type: ignore[attr-defined]
             return RET_PF_RETRY

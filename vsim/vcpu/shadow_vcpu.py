@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vsim.dirty_log import mark_page_dirty_in_slot
 from vsim.mmu.page_fault import (
     PFERR_PRESENT_MASK,
     PFERR_USER_MASK,
@@ -134,7 +135,7 @@ class ShadowVcpu(Vcpu):
             self._stored[self.cur_access] = True
         else:  # a data store (memstress) to a frame that still shadows a guest page table
             yield from self.mmu.kvm_mmu_track_write(self, gfn, 0, 8, 1)
-            self._note_frame_write(gfn)
+        self.kvm_vcpu_mark_page_dirty(gfn)  # emulator_write_phys -> kvm_vcpu_write_guest
         self.counters[0] += 1
         return True
 
@@ -145,6 +146,12 @@ class ShadowVcpu(Vcpu):
             self.kernel.mem.zero(gfn)
         else:
             self.kernel.mem.write(gfn, idx, value)
+        self._note_frame_write(gfn)
+
+    def kvm_vcpu_mark_page_dirty(self, gfn: int) -> None:
+        """``kvm_vcpu_mark_page_dirty``: KVM wrote guest page ``gfn`` (the emulator's store, the
+        guest walk's A/D bits); the invariant checker counts it as a completed write."""
+        mark_page_dirty_in_slot(self.gfn_to_memslot(gfn), gfn)
         self._note_frame_write(gfn)
 
     def _note_frame_write(self, gfn: int) -> None:
