@@ -119,3 +119,30 @@ def test_a_sweep_with_a_point_that_cannot_fit_is_refused_before_it_starts(tmp_pa
     with pytest.raises(SweepError, match=r"point workload.per_vcpu_memory=1TiB.*this run (needs|writes) about"):
         run_sweep(None, ["vm.vcpus=64"], spec, tmp_path / "s", 1, None, False)  # (64 TiB: 1.3 TB of arrays)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "words"),
+    [
+        (["costs.vmexit=9000000000s"], "costs.vmexit: a cost must be at most 1s (got 9000000000s)"),
+        (["host_mm.interval=100000000s"], "host_mm.interval: a time or interval must be at most 1000000s"),
+    ],
+)
+def test_costs_and_intervals_are_bounded_so_int64_cannot_overflow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sets: list[str], words: str
+) -> None:
+    """Issue 15's `costs.vmexit=9000000000s` hung in the vCPU group (int64 overflow): refused."""
+    code, err = _main(capsys, *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "r"))
+    assert code == 2 and words in err and err.count("\n") == 1
+
+
+def test_a_run_whose_clock_could_wrap_is_refused_even_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """10^12 accesses of 1 s each exceed 2^62 ns: no --force makes that run."""
+    sets = ["workload.kind=uniform", "workload.accesses=1000000000000", "costs.guest_access=1s"]
+    code, err = _main(capsys, *[a for s in sets for a in ("--set", s)], "--force", "--out", str(tmp_path / "r"))
+    assert code == 2 and "beyond the 4.6e+18 ns that vsim's integer clocks hold" in err and err.count("\n") == 1
+    cfg = make_config()
+    est = resources.estimate(cfg)
+    assert resources.sim_time_bound(cfg, est) < 1 << 62  # the quickstart is nowhere near

@@ -108,12 +108,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vsim: error: --out {out}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     est = resources.estimate(cfg)
+    why = None
     if not args.force:
         disk = resources.free_disk(out) if cfg.events.level != "off" else None
         why = resources.refusal(est, out, resources.available_memory(), disk)
-        if why:
-            print(f"vsim: error: {why}", file=sys.stderr)
-            return EXIT_USAGE
+    why = why or resources.overflow_refusal(cfg, est)  # (not even --force: the clocks would wrap)
+    if why:
+        print(f"vsim: error: {why}", file=sys.stderr)
+        return EXIT_USAGE
     for w in resources.warnings(est):
         print(f"vsim: warning: {w}", file=sys.stderr)
     # SIGTERM unwinds like Ctrl-C, so the unfinished run's directory is removed either way.

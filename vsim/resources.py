@@ -173,6 +173,37 @@ def refusal(est: Estimate, out: Path | None, memory: int | None, disk: int | Non
     return None
 
 
+INT64_HEADROOM_NS = 1 << 62  # vsim's NEVER: simulated time must stay below it
+
+
+def sim_time_bound(cfg: ScenarioConfig, est: Estimate) -> int:
+    """An upper bound on the simulated time the run can reach: every access and fault paying every
+    cost 64 times over, one after another (lock waits only serialize work that is counted here),
+    plus the schedules' times and intervals (guest context switches and forks cost time, so their
+    number is bounded by the time itself)."""
+    c = {name: getattr(cfg.costs, name) for name in type(cfg.costs).model_fields}
+    every = sum(c.values())
+    per_access = c["guest_access"] + c["tlb_hit"] + 24 * c["walk_ref"]
+    hm, st = cfg.host_mm, cfg.vmm.stress
+    schedules = (
+        max((op.at for op in cfg.vmm.ops), default=0)
+        + st.start + st.iterations * st.interval
+        + hm.start + hm.invalidations * (hm.interval + hm.work)
+    )  # fmt: skip
+    return est.accesses * per_access + (est.faults + 1) * every * 64 + schedules
+
+
+def overflow_refusal(cfg: ScenarioConfig, est: Estimate) -> str | None:
+    """Why the run could overflow vsim's int64 nanoseconds (no --force: compiled code would wrap)."""
+    bound = sim_time_bound(cfg, est)
+    if bound < INT64_HEADROOM_NS:
+        return None
+    return (
+        f"this run could reach {bound:.2g} ns of simulated time, beyond the {INT64_HEADROOM_NS:.2g} ns that "
+        "vsim's integer clocks hold; lower the costs.* values, the schedules' intervals or the run's size"
+    )
+
+
 def sweep_refusal(points: list[tuple[str, ScenarioConfig]], at_once: int, local: bool, sweep_dir: Path) -> str | None:
     """Why a sweep cannot finish here: the first point (``(id, config)``) that cannot, with
     ``at_once`` points running together in local worker processes (``local``; on a Dask cluster
@@ -182,7 +213,8 @@ def sweep_refusal(points: list[tuple[str, ScenarioConfig]], at_once: int, local:
     disk = free_disk(sweep_dir) if local else None
     for pid, cfg in points:
         est = estimate(cfg)
-        why = refusal(est, sweep_dir if cfg.events.level != "off" else None, budget, disk)
+        logged = sweep_dir if cfg.events.level != "off" else None
+        why = refusal(est, logged, budget, disk) or overflow_refusal(cfg, est)
         if why:
             share = f" ({at_once} points run at once: --jobs)" if local and at_once > 1 else ""
             return f"point {pid}{share}: {why}"

@@ -53,6 +53,28 @@ def parse_duration(value: object) -> int:
     return _parse(value, DURATION_UNITS, "duration")
 
 
+# Bounds that keep the simulation's integer-nanosecond arithmetic far inside int64 (compiled code
+# cannot detect an overflow): a config's times and intervals, and each step's cost.
+MAX_CONFIG_DURATION_NS = 10**15  # about 11.6 days of simulated time
+MAX_COST_NS = 10**9  # one second per timed step
+
+
+def parse_config_duration(value: object) -> int:
+    """A config's time or interval: ``parse_duration``, at most ``MAX_CONFIG_DURATION_NS``."""
+    return _bounded(parse_duration(value), MAX_CONFIG_DURATION_NS, "a time or interval", "1000000s")
+
+
+def parse_cost(value: object) -> int:
+    """One timed step's cost: ``parse_duration``, at most ``MAX_COST_NS``."""
+    return _bounded(parse_duration(value), MAX_COST_NS, "a cost", "1s")
+
+
+def _bounded(ns: int, limit: int, what: str, text: str) -> int:
+    if ns > limit:
+        raise ValueError(f"{what} must be at most {text} (got {format_duration(ns)})")
+    return ns
+
+
 def format_size(nbytes: int) -> str:
     """The largest binary unit that represents ``nbytes`` exactly."""
     for unit in ("TiB", "GiB", "MiB", "KiB"):
