@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from vsim import jit
@@ -61,3 +64,29 @@ def test_compile_clock_times_compilation_and_says_so_once() -> None:
     with compile_clock(lambda: calls.append(2)) as again:
         assert f(5) == 6
     assert calls == [1] and again.seconds == 0
+
+
+def test_a_read_only_install_caches_compiled_code_in_a_user_directory(tmp_path: Path) -> None:
+    """When the package's ``__pycache__`` cannot be written (a read-only install), numba's cache
+    moves to ``$XDG_CACHE_HOME/vsim/numba`` before any compiled function is defined, and cached
+    functions compile and store there (numba would otherwise raise "no locator available")."""
+    mod = tmp_path / "src" / "kern.py"
+    mod.parent.mkdir()
+    mod.write_text("from numba import njit\n\n@njit(cache=True)\ndef twice(x):\n    return 2 * x\n")
+    script = (
+        "import os, sys\n"
+        "real = os.access\n"
+        "os.access = lambda p, m, **k: False if str(p).endswith('vsim/__pycache__') else real(p, m, **k)\n"
+        "import vsim, numba\n"
+        f"sys.path.insert(0, {str(mod.parent)!r})\n"
+        "import kern\n"
+        "assert kern.twice(21) == 42\n"
+        "print(numba.config.CACHE_DIR)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    where = tmp_path / "cache" / "vsim" / "numba"
+    assert p.stdout.strip() == str(where)
+    assert list(where.rglob("*.nbi")) and (where / "jit-sources.sha256").is_file()

@@ -6,7 +6,8 @@ constants it imports and the compiled callees from other modules: the vCPU group
 Editing one of those files alone would load a stale function with wrong array offsets.
 ``drop_stale_caches`` hashes every source file compiled code depends on and, when the hash differs
 from the one the caches were built with, removes the cached objects before anything is compiled.
-(Caches that ``NUMBA_CACHE_DIR`` moves elsewhere are not managed: clear that directory by hand.)
+(Caches that ``NUMBA_CACHE_DIR`` moves elsewhere are not managed: clear that directory by hand. A
+read-only install caches in a per-user directory instead: ``choose_cache_dir``.)
 
 ``compile_clock`` measures the compilation a run does (the first run after an install, or after
 a source change), so that rates can leave it out and the CLI can say what is happening.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +56,32 @@ SOURCES = (
 STAMP = PACKAGE / "__pycache__" / "jit-sources.sha256"
 
 
+def _writable(path: Path) -> bool:
+    """``path`` (or, if it does not exist yet, its parent) can be written by this user."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK)
+
+
+def choose_cache_dir() -> Path | None:
+    """Where numba caches compiled code: beside the sources when the install is writable (and
+    ``NUMBA_CACHE_DIR`` is not set); else a per-user directory (``$XDG_CACHE_HOME/vsim/numba``
+    or ``~/.cache/vsim/numba``), else one under the temporary directory, so that a read-only
+    install still runs. Returns the directory chosen instead of the package's, or None."""
+    from numba import config
+
+    if config.CACHE_DIR or _writable(PACKAGE / "__pycache__"):
+        return None
+    home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    for root in (Path(home) / "vsim" / "numba", Path(tempfile.gettempdir()) / f"vsim-numba-{os.getuid()}"):
+        with contextlib.suppress(OSError):
+            root.mkdir(parents=True, exist_ok=True)
+            if _writable(root):
+                config.CACHE_DIR = str(root)
+                return root
+    return None
+
+
 def sources_digest() -> str:
     h = hashlib.sha256()
     for rel in SOURCES:
@@ -61,15 +90,19 @@ def sources_digest() -> str:
 
 
 def drop_stale_caches() -> None:
-    """Remove numba's cached objects under the package if they were built from other sources."""
+    """Remove numba's cached objects (under the package, or in the directory ``choose_cache_dir``
+    picked for a read-only install) if they were built from other sources."""
     digest = sources_digest()
-    if STAMP.is_file() and STAMP.read_text() == digest:
+    moved = choose_cache_dir()
+    stamp = STAMP if moved is None else moved / "jit-sources.sha256"
+    if stamp.is_file() and stamp.read_text() == digest:
         return
-    for path in PACKAGE.rglob("__pycache__/*.nb[ic]"):
-        path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # a read-only install: numba cannot cache there either
-        STAMP.parent.mkdir(exist_ok=True)
-        STAMP.write_text(digest)
+    for path in PACKAGE.rglob("__pycache__/*.nb[ic]") if moved is None else moved.rglob("*.nb[ic]"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest)
 
 
 class CompileClock(event.Listener):  # type: ignore[misc]
