@@ -112,3 +112,19 @@ def test_every_shipped_config_validates() -> None:
     assert len(files) >= 9
     for path in files:
         load_config(path, [])
+
+
+@pytest.mark.parametrize(
+    ("sets", "key"),
+    [
+        (["workload.per_vcpu_memory=300TiB"], "--set: workload.per_vcpu_memory: "),
+        (["vm.vcpus=4096", "workload.per_vcpu_memory=2TiB"], "--set: workload.per_vcpu_memory: "),
+        (["vm.base_gpa=4096TiB"], "--set: vm.base_gpa: "),
+    ],
+)
+def test_a_region_past_the_guest_physical_space_names_the_key_the_user_set(sets: list[str], key: str) -> None:
+    """Issue 15: an oversized region used to be reported as ``vm.base_gpa``, a key not set."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, sets)
+    msg = str(e.value)
+    assert msg.startswith(key) and "vm.vcpus × workload.per_vcpu_memory = " in msg and "4PiB" in msg

@@ -327,7 +327,14 @@ class ScenarioConfig(_Table):
         if self.vm.base_gpa % (1 << 30):
             raise ValueError("vm.base_gpa: must be 1GiB-aligned so every backing size can map huge")
         if self.vm.base_gpa + total_pages * 4096 > 1 << 52:
-            raise ValueError("vm.base_gpa: the test region must end below 4PiB (52-bit guest physical)")
+            # Name the key the user set (the region is the product of two, placed by a third).
+            key = ("workload.per_vcpu_memory" if "per_vcpu_memory" in self.workload.model_fields_set
+                   else "vm.vcpus" if "vcpus" in self.vm.model_fields_set else "vm.base_gpa")  # fmt: skip
+            raise ValueError(
+                f"{key}: vm.vcpus × workload.per_vcpu_memory = {self.vm.vcpus} × "
+                f"{format_size(self.workload.per_vcpu_memory)} = {format_size(total_pages * 4096)} from vm.base_gpa "
+                f"= {format_size(self.vm.base_gpa)} ends past 4PiB, the 52-bit guest-physical space"
+            )
         self._check_schedule(total_pages)
         self._check_selftest()
         self._check_guest(total_pages)
