@@ -128,3 +128,20 @@ def test_a_region_past_the_guest_physical_space_names_the_key_the_user_set(sets:
         load_config(None, sets)
     msg = str(e.value)
     assert msg.startswith(key) and "vm.vcpus × workload.per_vcpu_memory = " in msg and "4PiB" in msg
+
+
+@pytest.mark.parametrize(
+    ("second", "expect"),
+    [
+        ('op = "bogus"\nslot = 1\n', ":11: vmm.ops.1.op: must be one of"),  # a field of the entry: its own line
+        ('op = "create"\nslot = 7\n', ":9: vmm.ops.1: slot 7 is not a memslot index (0..1)"),  # the entry's header
+    ],
+)
+def test_errors_in_an_array_of_tables_name_the_entrys_own_line(tmp_path: Path, second: str, expect: str) -> None:
+    """Issue 15: every [[vmm.ops]] error used to point at the same line."""
+    cfg = tmp_path / "ops.toml"
+    cfg.write_text('[vm]\nmemslots = 2\nabsent_memslots = [1]\n\n[[vmm.ops]]\nat = "10us"\nop = "flags"\nslot = 0\n'
+                   f'[[vmm.ops]]\nat = "20us"\n{second}')  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, [])
+    assert expect in str(e.value) and str(e.value).startswith(str(cfg))

@@ -132,11 +132,18 @@ def _find_line(text: str, loc: list[str]) -> int | None:
     """The line that writes ``loc``: a ``key =`` under its ``[table]``, or the table header itself."""
     table: list[str] = []
     header_line = None
+    entries: dict[tuple[str, ...], int] = {}  # [[array.of.tables]] seen so far, by path
     for n, line in enumerate(text.splitlines(), start=1):
         s = line.strip()
-        hm = re.match(r"^\[([^\[\]]+)\]", s)
-        if hm:
-            table = [p.strip() for p in hm.group(1).split(".")]
+        am = re.match(r"^\[\[([^\[\]]+)\]\]", s)
+        hm = None if am else re.match(r"^\[([^\[\]]+)\]", s)
+        if am or hm:
+            path = [p.strip().strip('"') for p in (am or hm).group(1).split(".")]  # type: ignore[union-attr]
+            if am:  # an entry of an array of tables: its index is part of the key (vmm.ops.1.op)
+                k = entries.get(tuple(path), -1) + 1
+                entries[tuple(path)] = k
+                path.append(str(k))
+            table = path
             if table == loc[: len(table)] and header_line is None:
                 header_line = n
             continue

@@ -427,29 +427,29 @@ class ScenarioConfig(_Table):
         if st.iterations and any(o.at < st.start + 2 * st.iterations * st.interval for o in self.vmm.ops):
             raise ValueError("vmm.stress: the dummy-slot loop must not overlap vmm.ops in time")
         logging: set[int] = set()
-        for op in sorted(self.vmm.ops, key=lambda o: o.at):
+        for n, op in sorted(enumerate(self.vmm.ops), key=lambda e: e[1].at):  # (n names the entry in errors)
             if op.slot >= self.vm.memslots:
-                raise ValueError(f"vmm.ops: slot {op.slot} is not a memslot index (0..{self.vm.memslots - 1})")
+                raise ValueError(f"vmm.ops.{n}: slot {op.slot} is not a memslot index (0..{self.vm.memslots - 1})")
             exists = op.slot in where
             if op.op == "create":
                 if exists:
-                    raise ValueError(f"vmm.ops: create of slot {op.slot}, which exists then")
+                    raise ValueError(f"vmm.ops.{n}: create of slot {op.slot}, which exists then")
                 where[op.slot] = base + op.slot * per
                 continue
             if not exists:
-                raise ValueError(f"vmm.ops: {op.op} of slot {op.slot}, which does not exist then")
+                raise ValueError(f"vmm.ops.{n}: {op.op} of slot {op.slot}, which does not exist then")
             if op.op == "flags":
                 if op.log_dirty == (op.slot in logging):
                     state = "already" if op.log_dirty else "not"
-                    raise ValueError(f"vmm.ops: flags on slot {op.slot}, which is {state} dirty-logging then")
+                    raise ValueError(f"vmm.ops.{n}: flags on slot {op.slot}, which is {state} dirty-logging then")
                 (logging.add if op.log_dirty else logging.discard)(op.slot)
             elif op.op == "delete":
                 logging.discard(op.slot)
                 del where[op.slot]
             elif op.op == "move":
                 if op.to_gpa is None or op.to_gpa % 4096:
-                    raise ValueError(f"vmm.ops: move of slot {op.slot} needs a 4KiB-aligned to_gpa")
+                    raise ValueError(f"vmm.ops.{n}: move of slot {op.slot} needs a 4KiB-aligned to_gpa")
                 new = op.to_gpa >> 12
                 if new == base - 1 or any(s != op.slot and new < b + per and b < new + per for s, b in where.items()):
-                    raise ValueError(f"vmm.ops: move of slot {op.slot} to {op.to_gpa:#x} overlaps another memslot")
+                    raise ValueError(f"vmm.ops.{n}: move of slot {op.slot} to {op.to_gpa:#x} overlaps another memslot")
                 where[op.slot] = new
