@@ -15,6 +15,7 @@ fault taken in the vCPU group), so a run refused for time would take at least th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -114,22 +115,18 @@ def available_memory() -> int | None:
     """Bytes of memory this process may still use: ``MemAvailable``, capped by the cgroup's
     ``memory.max`` (a container's limit); None where neither can be read."""
     avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
+    # (not Linux: the sysconf fallback below)
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    with contextlib.suppress(OSError, ValueError):  # (no cgroup v2 limit)
         raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if raw != "max":
             used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
             room = int(raw) - used
             avail = room if avail is None else min(avail, room)
-    except (OSError, ValueError):
-        pass
     if avail is None and hasattr(os, "sysconf"):
         try:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
