@@ -54,7 +54,19 @@ def test_default_run_directory_is_named_after_config(tmp_path: Path) -> None:
     assert run_dir.name.startswith("quickstart-seed1-")
 
 
-def test_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
+def main_in_process(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str]:
+    """``vsim ARGS`` in this process: its exit status and what it printed to stderr."""
+    from vsim import cli
+
+    capsys.readouterr()
+    try:
+        code = cli.main(args)
+    except SystemExit as e:  # argparse's errors
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[vm]\nvcpus = -4\n")
     afile = tmp_path / "afile"
@@ -68,17 +80,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
         (["run", "--seed", "x"], "invalid int value"),
         (["frobnicate"], "invalid choice"),
     ]
-    for args, expect in cases:
-        p = vsim(*args)
-        assert p.returncode == 2, (args, p.stderr)
-        assert "Traceback" not in p.stderr
-        lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and expect in lines[0], (args, p.stderr)
+    p = vsim(*cases[0][0])  # one end to end; the rest in this process (an exception would fail the test)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and cases[0][1] in p.stderr, p.stderr
+    for args, expect in cases[1:]:
+        code, err = main_in_process(capsys, args)
+        assert code == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and expect in lines[0], (args, err)
     assert afile.read_text() == "x"
     assert not (tmp_path / "runs").exists()
 
 
-def test_an_existing_run_is_replaced_whole_only_with_force(tmp_path: Path) -> None:
+def test_an_existing_run_is_replaced_whole_only_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 15 item 6: ``--out`` on a run refuses without ``--force``, which replaces the run whole
     (no stale ``report.html`` beside the new results); a directory holding anything else, and an
     empty ``--out``, are refused; the default directory of a rerun is replaced."""
@@ -87,8 +102,8 @@ def test_an_existing_run_is_replaced_whole_only_with_force(tmp_path: Path) -> No
     (out / "report.html").write_text("old")
     (out / ".events.jsonl.99.tmp").write_text("half")
     stats = (out / "stats.json").read_bytes()
-    p = vsim("run", *SMALL, "--quiet", "--seed", "2", "--out", str(out))
-    assert p.returncode == 2 and "--force replaces it" in p.stderr and "Traceback" not in p.stderr
+    code, err = main_in_process(capsys, ["run", *SMALL, "--quiet", "--seed", "2", "--out", str(out)])
+    assert code == 2 and "--force replaces it" in err
     assert (out / "stats.json").read_bytes() == stats and (out / "report.html").exists()  # untouched
     assert vsim("run", *SMALL, "--quiet", "--seed", "2", "--out", str(out), "--force").returncode == 0
     assert sorted(x.name for x in out.iterdir()) == RUN_FILES
@@ -97,10 +112,11 @@ def test_an_existing_run_is_replaced_whole_only_with_force(tmp_path: Path) -> No
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("keep")
-    p = vsim("run", *SMALL, "--quiet", "--out", str(other), "--force")
-    assert p.returncode == 2 and "holds no vsim run" in p.stderr and (other / "todo.txt").read_text() == "keep"
-    p = vsim("run", *SMALL, "--quiet", "--out", "", cwd=tmp_path)
-    assert p.returncode == 2 and "empty --out" in p.stderr and not (tmp_path / "config.toml").exists()
+    code, err = main_in_process(capsys, ["run", *SMALL, "--quiet", "--out", str(other), "--force"])
+    assert code == 2 and "holds no vsim run" in err and (other / "todo.txt").read_text() == "keep"
+    monkeypatch.chdir(tmp_path)
+    code, err = main_in_process(capsys, ["run", *SMALL, "--quiet", "--out", ""])
+    assert code == 2 and "empty --out" in err and not (tmp_path / "config.toml").exists()
     for _ in range(2):  # a rerun into the default directory
         assert vsim("run", *SMALL, "--quiet", cwd=tmp_path).returncode == 0
 
