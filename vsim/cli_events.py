@@ -22,7 +22,7 @@ from vsim.events.timeline import build_trace
 from vsim.units import parse_duration
 
 
-def add_parsers(sub: argparse._SubParsersAction, parser_class: type) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction, parser_class: type) -> None:
     e = sub.add_parser("events", help="inspect a run's event log")
     e.add_argument("run_dir", type=Path, help="a run directory written by vsim run")
     es = e.add_subparsers(dest="events_command", required=True, parser_class=parser_class)

@@ -11,7 +11,7 @@ from vsim.sweeps.table import spec_for
 from vsim.units import parse_duration
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("sweep", help="run a parameter sweep (local processes or a Dask cluster)")
     s.add_argument("config", nargs="?", help="scenario TOML, optionally with a [sweep] table")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", help="a crossed factor")

@@ -19,7 +19,7 @@ Cost = Annotated[int, BeforeValidator(parse_cost), PlainSerializer(format_durati
 
 
 def _cost(default: int, anchor: str) -> int:
-    return Field(default=default, ge=0, description=anchor)  # type: ignore[no-any-return]
+    return Field(default=default, ge=0, description=anchor)
 
 
 class CostModel(BaseModel):

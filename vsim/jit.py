@@ -105,7 +105,7 @@ def drop_stale_caches() -> None:
         stamp.write_text(digest)
 
 
-class CompileClock(event.Listener):  # type: ignore[misc]
+class CompileClock(event.Listener):
     """Wall time spent compiling (numba's ``numba:compile`` events; nested ones count once), and a
     callback at the first compilation, so a caller can say that it is happening."""
 

@@ -19,11 +19,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from vsim.events.reader import EventLogError, iter_events  # noqa: E402
-from vsim.events.spans import pair_spans  # noqa: E402
+from vsim.events.reader import EventLogError, iter_events
+from vsim.events.spans import pair_spans
 
 OUTCOME_COLOURS = {"FIXED": "#2b8a3e", "SPURIOUS": "#e8a317", "RETRY": "#c92a2a", "EMULATE": "#5f3dc4"}
 

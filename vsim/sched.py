@@ -57,15 +57,15 @@ class Actor:
         env = self.env
         now = self.now
         if not self.reference:
-            q = env._queue  # noqa: SLF001 - is anything queued before (now, prio)?
+            q = env._queue
             if not q or q[0][0] > now or (q[0][0] == now and q[0][1] > self.prio):
                 return None
-        return At(env, now - env._now, self.prio)  # noqa: SLF001
+        return At(env, now - env._now, self.prio)
 
 
 def events_scheduled(env: simpy.Environment) -> int:
     """How many events SimPy has scheduled so far (its insertion counter)."""
-    return int(repr(env._eid)[6:-1])  # noqa: SLF001 - itertools.count repr is 'count(N)'
+    return int(repr(env._eid)[6:-1])
 
 
 class VmWideActor(Actor):

@@ -165,7 +165,7 @@ class Vm:
 
     def _queue_head_limit(self, prio: int) -> int:
         """The first time at which an actor of priority ``prio`` would sort after the queue's head."""
-        q = self.env._queue  # noqa: SLF001
+        q = self.env._queue
         if not q:
             return NEVER
         t, p = q[0][0], q[0][1]
@@ -175,7 +175,7 @@ class Vm:
         """The queue's bound on a batched vCPU in lockstep mode: each queued actor may act at its
         time, except a vCPU parked in guest mode between two stretches of accesses, which changes
         nothing others read before it exits (``vmexit`` later at the earliest)."""
-        q = self.env._queue  # noqa: SLF001
+        q = self.env._queue
         parked = self.parked
         if not q:
             return NEVER

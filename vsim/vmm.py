@@ -159,7 +159,7 @@ class Vmm(VmWideActor):
         ev = srcu.wait_for(tokens)
         if ev is not None:
             self.sleeping_until = None
-            self.now = max(self.now, (yield ev))  # type: ignore[type-var]
+            self.now = max(self.now, (yield ev))
         else:
             self.now = max(self.now, srcu.last_end(tokens))
         gp = vm.costs.srcu_expedited_gp if vm.cfg.memslots.srcu_expedited else vm.costs.srcu_normal_gp

@@ -158,7 +158,7 @@ def load(run_dir: str | Path, sel: Selection = Selection(), frame: bool | None =
     if frame is False:
         return arr
     try:
-        import pandas as pd  # type: ignore[import-untyped]
+        import pandas as pd
     except ImportError:
         if frame:
             raise EventLogError("pandas is not installed; load(..., frame=False) gives a numpy array") from None

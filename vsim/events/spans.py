@@ -32,10 +32,10 @@ class Span:
         return self.end - self.start
 
 
-def pair_spans(events: Iterable[Event], open_spans: dict | None = None) -> Iterator[Span]:  # type: ignore[type-arg]
+def pair_spans(events: Iterable[Event], open_spans: dict | None = None) -> Iterator[Span]:
     """Yield each span when its closing record arrives. ``open_spans``, if given, is left holding
     the spans still open at the end of the input: key -> (vcpu, name, start, detail)."""
-    opened: dict = open_spans if open_spans is not None else {}  # type: ignore[type-arg]
+    opened: dict = open_spans if open_spans is not None else {}
     for ev in events:
         kind = ev["event"]
         v = ev["vcpu"]

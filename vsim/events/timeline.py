@@ -37,7 +37,7 @@ def build_trace(events: Iterable[Event], t_from: int, t_to: int | None) -> dict[
                                  "tid": 0, "args": {"detail": ev["detail"]}})  # fmt: skip
             yield ev
 
-    opened: dict = {}  # type: ignore[type-arg]
+    opened: dict = {}
     spans = list(pair_spans(tagged(events), opened))
     end = t_to if t_to is not None else last_t
     for v, name, start, detail in opened.values():

@@ -29,7 +29,7 @@ class ArchMmuType(BundleRefType):
     """The numba type of ``ArchMmu``."""
 
 
-class ArchMmu(structref.StructRefProxy):  # type: ignore[misc]
+class ArchMmu(structref.StructRefProxy):
     """The handle: fields ``p`` (``PoolRef``), ``s`` (``SpsRef``) and ``d`` (``DescsRef``), made by
     ``new_arch_mmu`` (cached, unlike numba's generated constructor)."""
 

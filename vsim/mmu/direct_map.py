@@ -75,16 +75,16 @@ MS_PREFETCHED = 64  # direct_map went on to direct_pte_prefetch
 
 
 @register_jitable
-def _heads(rmap: tuple, level: int) -> np.ndarray:  # type: ignore[type-arg]
+def _heads(rmap: tuple, level: int) -> np.ndarray:
     if level == 1:
-        return rmap[0]  # type: ignore[no-any-return]
+        return rmap[0]
     if level == 2:
-        return rmap[1]  # type: ignore[no-any-return]
-    return rmap[2]  # type: ignore[no-any-return]
+        return rmap[1]
+    return rmap[2]
 
 
 @register_jitable
-def rmap_add(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level: int, gfn: int) -> int:  # type: ignore[type-arg]
+def rmap_add(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level: int, gfn: int) -> int:
     """``rmap_add``: enter the leaf at ``(table, idx)`` on ``gfn``'s head, noting which rmap holds it;
     the head's count before the add (``max_mmu_rmap_size``)."""
     n = pte_list_add(d, _heads(rmap, level), rmap_head_index(rmap[3], gfn, level), table * 512 + idx)
@@ -95,7 +95,7 @@ def rmap_add(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level
 
 
 @register_jitable
-def set_leaf(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level: int, gfn: int, new: int,  # type: ignore[type-arg]
+def set_leaf(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level: int, gfn: int, new: int,
              actor: int, t: int) -> int:  # fmt: skip
     """A leaf where none was (``mmu_set_spte``'s install and ``rmap_add``); the head's count before."""
     change_spte(p, table, idx, level, gfn, p.spt[table, idx], new, actor, t)
@@ -130,12 +130,12 @@ def link_shadow_page(p: Pool, s: Sps, d: Descs, table: int, idx: int, child: int
 def sp_entry_gfn(p: Pool, s: Sps, table: int, idx: int) -> int:
     """``kvm_mmu_page_get_gfn``: the gfn entry ``idx`` maps (linear for direct pages)."""
     if s.role[table] & ROLE_DIRECT or not s.gfns.shape[0]:
-        return p.sp_gfn[table] + idx * pages_per_level(p.sp_level[table])  # type: ignore[no-any-return]
-    return s.gfns[table, idx]  # type: ignore[no-any-return]
+        return p.sp_gfn[table] + idx * pages_per_level(p.sp_level[table])
+    return s.gfns[table, idx]
 
 
 @register_jitable
-def _mmu_set_spte(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level: int, gfn: int,  # type: ignore[type-arg]
+def _mmu_set_spte(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, level: int, gfn: int,
                  mmio_spte: int, pfn: int, writable: bool, wrprot: bool, write_fault: bool, bitmap: np.ndarray,
                  bit: int, scan: bool, actor: int, t: int) -> tuple[int, int, int, int, int, int]:  # fmt: skip
     """``mmu_set_spte``: make the leaf at ``(table, idx)`` map ``gfn`` (``mmio_spte``, an MMIO SPTE,
@@ -208,7 +208,7 @@ def prefetch_may_be_writable(s: Sps, p: Pool, write_track: np.ndarray, slot_base
 
 
 @register_jitable
-def _direct_pte_prefetch(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, slot_base: int,  # type: ignore[type-arg]
+def _direct_pte_prefetch(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx: int, slot_base: int,
                          slot_end: int, host_off: int, resident: np.ndarray, new_base: np.ndarray, pfn_base: int,
                          span_shift: int, write_track: np.ndarray, shadowing: bool, actor: int,
                          t: int) -> int:  # fmt: skip
@@ -241,25 +241,25 @@ def _direct_pte_prefetch(p: Pool, s: Sps, d: Descs, rmap: tuple, table: int, idx
 
 
 @njit(cache=True)
-def mmu_set_spte(h: ArchMmu, rmap: tuple, table: int, idx: int, level: int, gfn: int, mmio_spte: int, pfn: int,  # type: ignore[type-arg]
+def mmu_set_spte(h: ArchMmu, rmap: tuple, table: int, idx: int, level: int, gfn: int, mmio_spte: int, pfn: int,
                  writable: bool, wrprot: bool, write_fault: bool, bitmap: np.ndarray, bit: int, actor: int,
                  t: int) -> tuple[int, int, int, int, int, int]:  # fmt: skip
     """``mmu_set_spte`` (``_mmu_set_spte``) for shadow paging's ``FNAME(fetch)``."""
-    return _mmu_set_spte(h.p, h.s, h.d, rmap, table, idx, level, gfn, mmio_spte, pfn, writable, wrprot,  # type: ignore[no-any-return]
+    return _mmu_set_spte(h.p, h.s, h.d, rmap, table, idx, level, gfn, mmio_spte, pfn, writable, wrprot,
                          write_fault, bitmap, bit, False, actor, t)  # fmt: skip
 
 
 @njit(cache=True)
-def direct_pte_prefetch(h: ArchMmu, rmap: tuple, table: int, idx: int, slot_base: int, slot_end: int,  # type: ignore[type-arg]
+def direct_pte_prefetch(h: ArchMmu, rmap: tuple, table: int, idx: int, slot_base: int, slot_end: int,
                         host_off: int, resident: np.ndarray, new_base: np.ndarray, pfn_base: int, span_shift: int,
                         write_track: np.ndarray, shadowing: bool, actor: int, t: int) -> int:  # fmt: skip
     """``direct_pte_prefetch`` (``_direct_pte_prefetch``) on its own."""
-    return _direct_pte_prefetch(h.p, h.s, h.d, rmap, table, idx, slot_base, slot_end, host_off, resident,  # type: ignore[no-any-return]
+    return _direct_pte_prefetch(h.p, h.s, h.d, rmap, table, idx, slot_base, slot_end, host_off, resident,
                                 new_base, pfn_base, span_shift, write_track, shadowing, actor, t)  # fmt: skip
 
 
 @njit(cache=True)
-def direct_map(h: ArchMmu, rmap: tuple, root: int, gfn: int, goal: int, mmio_spte: int, pfn: int, writable: bool,  # type: ignore[type-arg]
+def direct_map(h: ArchMmu, rmap: tuple, root: int, gfn: int, goal: int, mmio_spte: int, pfn: int, writable: bool,
                write_fault: bool, bitmap: np.ndarray, bit: int, scan: bool, prefetch: bool, slot_base: int,
                slot_end: int, host_off: int, resident: np.ndarray, new_base: np.ndarray, pfn_base: int,
                span_shift: int, write_track: np.ndarray, actor: int,

@@ -229,7 +229,7 @@ class MmuLock:
 
     def waits(self, mode: str) -> list[int]:
         """Every acquisition's wait in ``mode`` (zeros first)."""
-        return self.wait_samples(mode).tolist()  # type: ignore[no-any-return]
+        return self.wait_samples(mode).tolist()
 
     def wait_samples(self, mode: str) -> np.ndarray:
         """``waits`` as one int64 array, for percentiles (a Python list costs 36 B per sample)."""
@@ -258,8 +258,8 @@ class MmuLock:
                 self.grantee.lock_granted(actor, t)
             else:
                 ev = self._events.pop(lock_id)
-                ev._ok = True  # noqa: SLF001 - trigger at (t, GRANT_PRIO) rather than (now, NORMAL)
-                ev._value = t  # noqa: SLF001
+                ev._ok = True
+                ev._value = t
                 env.schedule(ev, GRANT_PRIO, t - env.now)
             if write:
                 return

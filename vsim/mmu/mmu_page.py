@@ -95,7 +95,7 @@ class SpsRefType(BundleRefType):
     """The numba type of ``SpsRef``."""
 
 
-class SpsRef(structref.StructRefProxy):  # type: ignore[misc]
+class SpsRef(structref.StructRefProxy):
     """``Sps``'s arrays as one object for compiled code (``ArchMmu.s``): passing the NamedTuple
     from one compiled function to another reference-counts each of its 18 arrays, this one
     pointer. The helpers here read ``s.role`` etc. either way. Made by ``new_sps_ref``."""

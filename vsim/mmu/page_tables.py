@@ -121,7 +121,7 @@ class PageTables:
 
     def alloc_vcpu_root(self, v: Vcpu) -> Root:
         """The root a vCPU loads (``kvm_mmu_load``): the MMU's shared root of its role."""
-        return self.alloc_root()  # type: ignore[attr-defined, no-any-return]
+        return self.alloc_root()  # type: ignore[attr-defined]
 
     def tlb_keys_of_gfn(self, gfn: int) -> list[tuple[int, int]]:
         """``(size_class, key)`` of every TLB entry that could translate to ``gfn``."""
@@ -131,7 +131,7 @@ class PageTables:
     def walk_to(self, root: Root, gfn: int, goal: int) -> tuple[int, int, int, int]:
         """``kvm_tdp_mmu_map``'s walk (``tdp_walk_to``): down to ``goal`` at most, stopping early at
         a leaf, a non-present or a frozen entry."""
-        return tdp_walk_to(self.spt, root.table, gfn, goal)  # type: ignore[no-any-return]
+        return tdp_walk_to(self.spt, root.table, gfn, goal)
 
     def walk_last(self, root: Root, gfn: int) -> tuple[int, int, int, int]:
         """``tdp_mmu_for_each_pte`` down to ``gfn``'s leaf: ``(table, index, level, old_spte)`` of
@@ -233,7 +233,7 @@ class PageTables:
         lock = self.vm.mmu_lock
         ev = (lock.write_lock if write else lock.read_lock)(v.id, v.now)
         if ev is not None:
-            v.now = yield ev  # type: ignore[assignment]
+            v.now = yield ev
 
     def lock_write(self, v: Vcpu) -> Generator[object, object, None]:
         """``write_lock(&kvm->mmu_lock)`` at the vCPU's instant."""

@@ -47,7 +47,7 @@ class DescsRefType(BundleRefType):
     """The numba type of ``DescsRef``."""
 
 
-class DescsRef(structref.StructRefProxy):  # type: ignore[misc]
+class DescsRef(structref.StructRefProxy):
     """``Descs``'s arrays as one object for compiled code (``ArchMmu.d``), as ``SpsRef`` is for
     ``Sps``. Made by ``new_descs_ref``."""
 

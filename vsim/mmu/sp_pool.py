@@ -70,7 +70,7 @@ class PoolRefType(BundleRefType):
     """The numba type of ``PoolRef``."""
 
 
-class PoolRef(structref.StructRefProxy):  # type: ignore[misc]
+class PoolRef(structref.StructRefProxy):
     """``Pool``'s arrays as one object for compiled entry points: it unboxes as one pointer, and
     compiled code that takes it compiles several times faster than with the 9-array tuple. The
     helpers here read ``p.spt`` etc. either way, so they serve both. Made by ``new_pool_ref``
@@ -271,4 +271,4 @@ class SpPool:
         if not n:
             return []
         p.hdr[H_NCHG] = 0
-        return p.chg[:n].tolist()  # type: ignore[no-any-return]
+        return p.chg[:n].tolist()

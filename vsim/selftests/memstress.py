@@ -30,9 +30,9 @@ ACCESS = "access"  # the vCPU runs a guest pass
 
 def fire(ev: Event, t: int) -> None:
     """Trigger ``ev`` at time ``t`` (not before ``env.now``), ahead of the actors at that instant."""
-    ev._ok = True  # noqa: SLF001
-    ev._value = t  # noqa: SLF001
-    ev.env.schedule(ev, GRANT_PRIO, t - ev.env.now)  # type: ignore[attr-defined]
+    ev._ok = True
+    ev._value = t
+    ev.env.schedule(ev, GRANT_PRIO, t - ev.env.now)
 
 
 class MemstressHost:
@@ -70,7 +70,7 @@ class MemstressHost:
         while k + 1 < len(self.kinds):
             k += 1
             t = yield self._go[k]
-            v.now = max(v.now, t)  # type: ignore[call-overload]
+            v.now = max(v.now, t)
             # Every parked vCPU resumes from the one event, in the order they parked; re-queue at
             # the vCPU's own priority so they go on in vCPU order, as after any other wait.
             yield At(v.env, v.now - v.env.now, v.prio)
@@ -102,5 +102,5 @@ class MemstressHost:
             fire(self._go[k], vmm.now)
         # Nothing the main thread does next can reach a vCPU before every vCPU has parked.
         vmm.sleeping_until = NEVER
-        vmm.now = max(vmm.now, (yield self._all_done[k]))  # type: ignore[type-var]
+        vmm.now = max(vmm.now, (yield self._all_done[k]))
         self.phases.append((name, vmm.now - (0 if k == 0 else t)))

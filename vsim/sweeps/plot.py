@@ -9,11 +9,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from vsim.sweeps.spec import SweepError  # noqa: E402
-from vsim.sweeps.table import read_table  # noqa: E402
+from vsim.sweeps.spec import SweepError
+from vsim.sweeps.table import read_table
 
 LABELS = {
     "vm.vcpus": "vCPUs",

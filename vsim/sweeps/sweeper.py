@@ -66,7 +66,7 @@ def run_point(task: Task) -> Task:
         result.update(status="ok", error="", metrics={m: metric(res.stats, m) for m in task["metrics"]})
     except WallClockTimeout as e:
         result.update(status="timeout", error=str(e), metrics={})
-    except Exception as e:  # noqa: BLE001 - a failing point is recorded, never fatal to the sweep
+    except Exception as e:
         last = traceback.extract_tb(e.__traceback__)[-1]
         result.update(status="failed", error=f"{type(e).__name__}: {e} ({Path(last.filename).name}:{last.lineno})",
                       metrics={})  # fmt: skip
@@ -117,7 +117,7 @@ def sweep(config: str | Path | None = None, sets: list[str] | None = None, spec:
     otherwise a list of row dicts. ``spec`` defaults to the file's ``[sweep]`` table."""
     rows, _ = run_sweep(config, sets or [], spec, out, jobs, scheduler, progress)
     try:
-        import pandas as pd  # type: ignore[import-untyped]
+        import pandas as pd
     except ImportError:
         return rows
     return pd.DataFrame(rows)

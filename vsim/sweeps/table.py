@@ -31,8 +31,8 @@ def write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     w.writerows(rows)
     write_atomic(out_dir / "results.csv", buf.getvalue())
     try:
-        import pyarrow as pa  # type: ignore[import-untyped]
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
     except ImportError:
         return
     tmp = out_dir / ".results.parquet.tmp"

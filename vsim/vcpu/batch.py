@@ -99,7 +99,7 @@ def run_accesses(
     pml_buf,
     pml_n,
     synced,
-):  # type: ignore[no-untyped-def]
+):
     """Run accesses ``start..stop``; returns ``(index, elapsed_ns, status, fault_refs, present)``.
 
     Each access is a page number (a gfn under EPT, a guest virtual page under shadow paging) walked

@@ -114,7 +114,7 @@ class VcpuExits:
         self.stat.fault_service_ns.append(self.now - t_exit)
         return done
 
-    def resume_group_fault(self: Vcpu, why: int, f: dict) -> Generator[object, object, None]:  # type: ignore[type-arg]
+    def resume_group_fault(self: Vcpu, why: int, f: dict) -> Generator[object, object, None]:
         """Go on with an exit that a vCPU group member began in compiled code (a not-present EPT
         violation, or an IPI's): from ``read_lock(mmu_lock)`` when the lock was contended
         (``LEAVE_LOCK``), from just after ``write_lock`` when the legacy MMU's locked section needs

@@ -82,7 +82,7 @@ class VcpuGroup(GroupTransfer):
         self._chunk_writes: list[object] = [None] * nv
         # The TLBs and access counters become rows of VM-wide arrays (the vCPUs keep views).
         t0 = vcpus[0].tlb
-        self.geo = np.stack([t0.sets, t0.ways])  # type: ignore[union-attr]  # the TLBs' sets and ways per size class
+        self.geo = np.stack([t0.sets, t0.ways])  # the TLBs' sets and ways per size class
         self.tags = np.stack([v.tlb.tags for v in vcpus])  # type: ignore[union-attr]
         self.wr = np.stack([v.tlb.wr for v in vcpus])  # type: ignore[union-attr]
         self.count = np.stack([v.tlb.count for v in vcpus])  # type: ignore[union-attr]
@@ -225,8 +225,8 @@ class VcpuGroup(GroupTransfer):
         ms[k.M_PASS_END] = pass_end
         ms[k.M_AFTER] = k.PH_RUN
         ms[k.M_ROOT] = v.root.table  # type: ignore[union-attr]
-        ms[k.M_EXIT_SEQ] = v._exit_seq  # noqa: SLF001
-        ms[k.M_FAULT_SEQ] = v._fault_seq  # noqa: SLF001
+        ms[k.M_EXIT_SEQ] = v._exit_seq
+        ms[k.M_FAULT_SEQ] = v._fault_seq
         ms[k.M_LEAVE] = 0
         ms[k.M_KEYP] = v.prio
         ms[k.M_FLAGS] = 0
@@ -379,8 +379,8 @@ class VcpuGroup(GroupTransfer):
         self.members -= 1
         ev = self._resume[m]
         self._resume[m] = None
-        ev._ok = True  # type: ignore[union-attr]  # noqa: SLF001 - fires at the member's own key
+        ev._ok = True  # type: ignore[union-attr]
         chunk = (self._chunk_of[m], self._chunk_writes[m], bool(ms[k.M_PASS_END]))
-        ev._value = (why, chunk, int(ms[k.M_I]), int(ms[k.M_SYNCED]), fault)  # type: ignore[union-attr]  # noqa: SLF001
+        ev._value = (why, chunk, int(ms[k.M_I]), int(ms[k.M_SYNCED]), fault)  # type: ignore[union-attr]
         # At the member's key: a hand-over of mmu_lock resumes it at GRANT_PRIO, as in Python.
         self.env.schedule(ev, int(ms[k.M_KEYP]), v.now - self.env.now)  # type: ignore[arg-type]

@@ -116,7 +116,7 @@ def _needs_python(h, ms, m, g):  # type: ignore[no-untyped-def]
         if not is_shadow_present_pte(spte):
             return False
         if level == 1:
-            return spte_to_pfn(spte) != ms[m, M_PFN]  # type: ignore[no-any-return]
+            return spte_to_pfn(spte) != ms[m, M_PFN]
         if is_last_spte(spte, level):
             return True
         table = (spte & PFN_MASK) >> PFN_SHIFT

@@ -152,7 +152,7 @@ def _horizon(ms, g, c, m):  # type: ignore[no-untyped-def]
 @njit(cache=True)
 def run_group(legacy, ms, ss, touched, left, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots,
               rmaps, wtracks, resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmaps,
-              pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+              pml_n):  # fmt: skip
     """Run the members in key order until one leaves or the next key reaches the queue head.
 
     ``legacy`` is ``True`` for the legacy MMU and ``None`` for the TDP MMU: a separate compiled
@@ -257,7 +257,7 @@ def _leave(ms, m, why):  # type: ignore[no-untyped-def]
 
 @njit(cache=True, inline="always")
 def _step(m, ms, ss, gfns, writes, tags, wr, geo, count, counters, h, lk, q, g, c, slots, rmaps, wtracks,
-          resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmaps, legacy, pml_n):  # type: ignore[no-untyped-def]  # fmt: skip
+          resident, moved, new_base, bitmap, evbuf, srvbuf, srcubuf, lwbuf, written, wmaps, legacy, pml_n):  # fmt: skip
     """Member ``m``'s action at its key, and what follows it up to its next sync (``t_key``: while
     the member's clock is still there, nothing can have acted first; -1 once a hand-over of
     ``mmu_lock`` queued another member's action before it)."""

@@ -36,7 +36,7 @@ class GroupTransfer:
     def _read_in(self: VcpuGroup) -> None:
         vm = self.vm
         g = self.g
-        q = self.env._queue  # noqa: SLF001
+        q = self.env._queue
         g[k.G_EXT_T], g[k.G_EXT_P] = (q[0][0], q[0][1]) if q else (k.NEVER, 0)
         hz, waiting = k.NEVER, False
         for a in vm.actors:
@@ -47,8 +47,8 @@ class GroupTransfer:
                     waiting = True
         g[k.G_HZ], g[k.G_EXT_WAITING] = hz, waiting
         srcu = vm.srcu
-        g[k.G_SRCU_NEXT] = srcu._next  # noqa: SLF001
-        g[k.G_SRCU_WAITS] = bool(srcu._waits)  # noqa: SLF001
+        g[k.G_SRCU_NEXT] = srcu._next
+        g[k.G_SRCU_WAITS] = bool(srcu._waits)
         g[k.G_NEXT_SYNC] = srcu.next_sync()
         g[k.G_MMU_SEQ] = vm.mmu_invalidate_seq
         g[k.G_INV_IN_PROGRESS] = vm.mmu_invalidate_in_progress
@@ -130,7 +130,7 @@ class GroupTransfer:
             g[k.G_NSRV] = 0
         n = int(g[k.G_NSRCU])
         if n:
-            readers = vm.srcu._readers  # noqa: SLF001
+            readers = vm.srcu._readers
             for token, start, end in self.srcubuf[:n].tolist():
                 if end == k.SRCU_FORGET:
                     readers.pop(token, None)
@@ -148,7 +148,7 @@ class GroupTransfer:
         vm = self.vm
         g = self.g
         ms, ss = self.ms, self.ss
-        readers = vm.srcu._readers  # noqa: SLF001
+        readers = vm.srcu._readers
         touched = self.touched
         idx = np.flatnonzero(touched)
         vcpus = vm.vcpus
@@ -160,8 +160,8 @@ class GroupTransfer:
             v = vcpus[m]
             v.now = now
             v.mode = mode
-            v._exit_seq = exit_seq  # noqa: SLF001
-            v._fault_seq = fault_seq  # noqa: SLF001
+            v._exit_seq = exit_seq
+            v._fault_seq = fault_seq
             v.requests = req
             v.kick_at = kick
             if taken:
@@ -193,8 +193,8 @@ class GroupTransfer:
             st.pf_fast += d[k.S_PF_FAST]
             ss[m] = 0
         touched[:] = 0
-        vm.srcu._next = int(g[k.G_SRCU_NEXT])  # noqa: SLF001
-        self._host.populated_pages += int(g[k.G_POPULATED])  # type: ignore[union-attr]
+        vm.srcu._next = int(g[k.G_SRCU_NEXT])
+        self._host.populated_pages += int(g[k.G_POPULATED])
         g[k.G_POPULATED] = 0
 
 

@@ -77,7 +77,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
         self.guest_refs = guest_refs_2d(vm.guest_level)
         self.max_class = vm.guest_level - 1
         self.wmap = np.zeros(0, dtype=np.int64)  # access key -> written index (empty: the key is a gfn)
-        self.prev_roots: list = []  # type: ignore[type-arg]  # shadow paging's cached previous roots
+        self.prev_roots: list = []  # shadow paging's cached previous roots
         self.finished_at = -1
         self.last_used_slot = None
         self.last_used_slot_gen = 0
@@ -275,7 +275,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
                 st[1] += 1
                 i += 1
                 continue
-            ok, refs, leaf, writable = walk_2d(mmu.spt, self.root.table, g, w, self.guest_refs)  # type: ignore[attr-defined]
+            ok, refs, leaf, writable = walk_2d(mmu.spt, self.root.table, g, w, self.guest_refs)
             if not ok:
                 if leaf == MISCONFIG:
                     done = yield from self.handle_ept_misconfig(g, w, refs)

@@ -68,7 +68,7 @@ class VcpuRequests:
             yield ev
         ev = (lock.write_lock if write else lock.read_lock)(self.id, self.now)
         if ev is not None:
-            self.now = yield ev  # type: ignore[assignment]
+            self.now = yield ev
         for r in [r for r in self.prev_roots if r.invalid]:  # KVM_MMU_ROOTS_ALL: the cached ones too
             self.prev_roots.remove(r)
             self.now = vm.mmu.put_root(r, self.id, self.now)
