@@ -82,15 +82,16 @@ def test_missed_dirty_mark_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_dirty_mark_the_loop_loses_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same loss in compiled code: the vCPU group's fast faults mark a copy of the dirty bitmap
     (as if ``fast_fault`` forgot the mark). The checker, which sees the loop's writes, catches it."""
-    from vsim.vcpu.group_transfer import GroupTransfer
+    from vsim.vcpu import group_transfer
+    from vsim.vcpu.group import VcpuGroup
 
-    load = GroupTransfer._load_slots
+    load = group_transfer.load_slots
 
-    def stale_bitmap(self):  # type: ignore[no-untyped-def]
-        load(self)
-        self._bitmap = self._bitmap.copy()
+    def stale_bitmap(grp: VcpuGroup) -> None:
+        load(grp)
+        grp._bitmap = grp._bitmap.copy()
 
-    monkeypatch.setattr(GroupTransfer, "_load_slots", stale_bitmap)
+    monkeypatch.setattr(group_transfer, "load_slots", stale_bitmap)
     vm = Vm(make_config(f"vm.vcpus={VCPUS}", "workload.per_vcpu_memory=256KiB", "workload.passes=3",
                         "selftest.name=dirty_log_perf", "selftest.iterations=2"))  # fmt: skip
     vm.run()

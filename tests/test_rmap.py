@@ -14,7 +14,7 @@ def _chain(pool: DescPool, heads: np.ndarray, i: int) -> list[int]:
     desc = -int(heads[i]) - 1
     out = []
     while desc >= 0:
-        out.append(int(d.count[desc]))
+        out.append(int(d.spte_count[desc]))
         desc = int(d.more[desc])
     return out
 

@@ -23,7 +23,7 @@ Slots are walked one page table (512 gfns) at a time; each piece lands at its ow
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +31,7 @@ import numpy as np
 from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
 from vsim.mmu.spte import PG_LEVEL_2M, PG_LEVEL_4K, SPTE_ENT_PER_PAGE, pages_per_level
 from vsim.requests import KVM_REQ_UPDATE_CPU_DIRTY_LOGGING, kvm_flush_remote_tlbs, kvm_make_all_cpus_request
+from vsim.sched import Proc
 
 if TYPE_CHECKING:
     from vsim.vmm import Vmm
@@ -70,7 +71,7 @@ def _walk_slot(
     piece: Callable[[int, int], tuple[int, bool]],
     can_yield: bool = True,
     flush_on_yield: bool = False,
-) -> Generator[object, object, bool]:
+) -> Proc[bool]:
     """Hold ``mmu_lock`` (write or read) over a walk of ``slot``; ``piece(lo, hi)`` does one page
     table's range and returns ``(ns spent, flush needed)``. Returns whether a flush is still due.
 
@@ -101,7 +102,7 @@ def _walk_slot(
     return flush
 
 
-def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[object, object, None]:
+def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Proc[None]:
     """x86 ``kvm_mmu_slot_apply_flags`` for a dirty-logging change of ``new``."""
     vm = vmm.vm
     c = vm.costs
@@ -137,10 +138,13 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
         yield from _walk_slot(vmm, new, False, wrprot)
         vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)  # unconditional, after the unlock
     elif disabling:
-        flush_each = not vm.cfg.mmu.batch_collapse_flushes and mmu.shared_range_ops
+        from vsim.mmu.tdp_mmu import TdpMmu  # (x86 code over the MMU, which imports this module)
+
+        batch_flushes = vm.cfg.mmu.batch_collapse_flushes
 
         def recover(lo: int, hi: int) -> tuple[int, bool]:
-            if flush_each:  # before 6.13: each zap flushes at once (cost-anchors 3.11)
+            # Before 6.13 the TDP MMU flushes at each zap (cost-anchors 3.11).
+            if isinstance(mmu, TdpMmu) and not batch_flushes:
                 visited, zapped = mmu.zap_collapsible_sptes(new, lo, hi, actor, vmm.now)
                 for _ in range(zapped):
                     vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)
@@ -152,7 +156,7 @@ def kvm_mmu_slot_apply_flags(vmm: Vmm, old: Memslot, new: Memslot) -> Generator[
             vmm.now = kvm_flush_remote_tlbs(vm, vmm.now)
 
 
-def kvm_get_dirty_log(vmm: Vmm, slot: Memslot) -> Generator[object, object, np.ndarray]:
+def kvm_get_dirty_log(vmm: Vmm, slot: Memslot) -> Proc[np.ndarray]:
     """``KVM_GET_DIRTY_LOG`` (``kvm_get_dirty_log_protect``): returns the harvested bitmap."""
     vm = vmm.vm
     c = vm.costs
@@ -193,7 +197,7 @@ def kvm_get_dirty_log(vmm: Vmm, slot: Memslot) -> Generator[object, object, np.n
     return snapshot
 
 
-def kvm_clear_dirty_log(vmm: Vmm, slot: Memslot, mask: np.ndarray) -> Generator[object, object, int]:
+def kvm_clear_dirty_log(vmm: Vmm, slot: Memslot, mask: np.ndarray) -> Proc[int]:
     """``KVM_CLEAR_DIRTY_LOG`` over the whole slot with ``mask`` (what GET returned); returns the
     pages re-protected."""
     vm = vmm.vm
@@ -243,7 +247,7 @@ def _enable_log_dirty_pt_masked(vmm: Vmm, slot: Memslot, gfns: np.ndarray) -> in
     return ns + visited * c.tdp_wrprot_spte
 
 
-def _returned(vmm: Vmm, slot: Memslot) -> Generator[object, object, None]:
+def _returned(vmm: Vmm, slot: Memslot) -> Proc[None]:
     """The ioctl returns to userspace: writes from now on must show up in a later harvest."""
     ev = vmm.sync()
     if ev is not None:

@@ -47,7 +47,7 @@ from vsim.requests import IN_GUEST_MODE, KVM_REQ_TLB_FLUSH
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
     from vsim.vm import Vm
 
 
@@ -136,12 +136,12 @@ class InvariantChecker:
             for k in self._carry.pop(slot.id, []):
                 self.written[a + k] = 1
 
-    def on_local_flush(self, vcpu: Vcpu) -> None:
+    def on_local_flush(self, vcpu: KvmVcpu) -> None:
         """The vCPU emptied its TLB: every restriction made so far is covered, including one made
         at a later time by an actor running ahead (the walks that refill the TLB see it)."""
         self._local_flush[vcpu.id] = max(vcpu.now, self._last_restriction)
 
-    def on_entry(self, vcpu: Vcpu) -> None:
+    def on_entry(self, vcpu: KvmVcpu) -> None:
         """§13.1 at VM entry: a completed flush's restrictions are out of this vCPU's TLB."""
         # Flushes done by the global clock are covered for every vCPU (none is behind it): fold them.
         now = self.vm.env.now
@@ -153,33 +153,33 @@ class InvariantChecker:
         if covered >= 0 and self._local_flush.get(vcpu.id, -1) < covered:
             self._check_tlb(vcpu, "stale_tlb_after_flush", vcpu.now)
 
-    def entry_check_due(self, vcpu: Vcpu) -> bool:
+    def entry_check_due(self, vcpu: KvmVcpu) -> bool:
         """Whether ``on_entry`` may yet check this vCPU's TLB (some completed or pending flush covers
         a restriction its last local flush does not): the vCPU group then leaves the entry to
         Python, which calls ``on_entry``."""
         covered = max([self._covered_base] + [r for _, r in self._flushes])
         return covered >= 0 and self._local_flush.get(vcpu.id, -1) < covered
 
-    def on_mmio_hit(self, vcpu: Vcpu, gfn: int, generation: int, spte: int | None) -> None:
+    def on_mmio_hit(self, vcpu: KvmVcpu, gfn: int, generation: int, spte: int | None) -> None:
         stored = get_mmio_spte_generation(spte) if spte is not None else vcpu.mmio_gen & MMIO_SPTE_GEN_MASK
         if generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS or stored != generation & MMIO_SPTE_GEN_MASK:
             self._violate("mmio_hit_validity", f"vcpu {vcpu.id} gfn {gfn:#x} generation {stored} vs {generation:#x}",
                           vcpu.now, vcpu.id)  # fmt: skip
 
-    def on_mmio_invalid_slot(self, vcpu: Vcpu, gfn: int) -> None:
+    def on_mmio_invalid_slot(self, vcpu: KvmVcpu, gfn: int) -> None:
         """§12 R2: an access to a slot being deleted or moved must retry, never become MMIO."""
         self._violate("mmio_on_invalid_slot", f"vcpu {vcpu.id} gfn {gfn:#x} emulated as MMIO while its slot "
                       "is INVALID", vcpu.now, vcpu.id)  # fmt: skip
 
-    def on_obsolete_install(self, vcpu: Vcpu, gfn: int) -> None:
+    def on_obsolete_install(self, vcpu: KvmVcpu, gfn: int) -> None:
         """§12 R3: a fault maps into a root a fast zap has invalidated."""
         self._violate("install_into_obsolete_root", f"vcpu {vcpu.id} gfn {gfn:#x}", vcpu.now, vcpu.id)
 
-    def on_obsolete_entry(self, vcpu: Vcpu) -> None:
+    def on_obsolete_entry(self, vcpu: KvmVcpu) -> None:
         """§13.7: a vCPU never enters the guest on an obsolete root."""
         self._violate("obsolete_root_entry", f"vcpu {vcpu.id} entered on an invalid root", vcpu.now, vcpu.id)
 
-    def on_stale_mmio(self, vcpu: Vcpu, gfn: int) -> None:
+    def on_stale_mmio(self, vcpu: KvmVcpu, gfn: int) -> None:
         self._violate("stale_mmio", f"vcpu {vcpu.id} gfn {gfn:#x} emulated as MMIO but has a memslot", vcpu.now,
                       vcpu.id)  # fmt: skip
 
@@ -210,7 +210,7 @@ class InvariantChecker:
             if not v.requests & KVM_REQ_TLB_FLUSH:  # else it flushes before it can use an entry
                 self._check_tlb(v, "stale_tlb")
 
-    def _check_tlb(self, v: Vcpu, rule: str, t: int | None = None) -> None:
+    def _check_tlb(self, v: KvmVcpu, rule: str, t: int | None = None) -> None:
         # A vCPU on an invalidated root cannot enter without reloading, which flushes its TLB
         # (on_obsolete_entry checks that); its entries are not translations it can use.
         if v.root is None or v.root.invalid:

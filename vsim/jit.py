@@ -70,14 +70,15 @@ def choose_cache_dir() -> Path | None:
     install still runs. Returns the directory chosen instead of the package's, or None."""
     from numba import config
 
-    if config.CACHE_DIR or _writable(PACKAGE / "__pycache__"):
+    # (numba.config sets its options as module attributes when it loads: no declarations to check.)
+    if config.CACHE_DIR or _writable(PACKAGE / "__pycache__"):  # type: ignore[attr-defined]
         return None
     home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     for root in (Path(home) / "vsim" / "numba", Path(tempfile.gettempdir()) / f"vsim-numba-{os.getuid()}"):
         with contextlib.suppress(OSError):
             root.mkdir(parents=True, exist_ok=True)
             if _writable(root):
-                config.CACHE_DIR = str(root)
+                config.CACHE_DIR = str(root)  # type: ignore[attr-defined]
                 return root
     return None
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from vsim.mmu.spte import pages_per_level
 from vsim.requests import kvm_flush_remote_tlbs
-from vsim.sched import ACTOR_PRIO_BASE, At, VmWideActor
+from vsim.sched import ACTOR_PRIO_BASE, At, Proc, VmWideActor
 
 if TYPE_CHECKING:
     from vsim.vm import Vm
@@ -60,7 +60,7 @@ class HostMm(VmWideActor):
             lo = vm.region_base_gfn + i * size
             yield lo, min(lo + size, vm.region_base_gfn + total)
 
-    def run(self) -> Generator[object, object, None]:
+    def run(self) -> Proc[None]:
         yield At(self.env, 0, self.prio)
         cfg = self.cfg
         for k, (lo, hi) in enumerate(self.ranges()):
@@ -68,7 +68,7 @@ class HostMm(VmWideActor):
             yield from self.invalidate_range(lo, hi)
         self.done = True
 
-    def invalidate_range(self, lo: int, hi: int) -> Generator[object, object, None]:
+    def invalidate_range(self, lo: int, hi: int) -> Proc[None]:
         """One ``invalidate_range_start`` / primary-MMU change / ``invalidate_range_end``."""
         vm = self.vm
         c = vm.costs

@@ -93,7 +93,7 @@ def _fault_histogram(c: _Collected) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     lo, hi = max(us.min(), 1e-3), max(us.max(), 1e-3) * 1.01
     bins = np.geomspace(lo, hi, 60) if hi / lo > 20 else 60
-    ax.hist(us, bins=bins, color="#1c7ed6")
+    ax.hist(us, bins=bins if isinstance(bins, int) else bins.tolist(), color="#1c7ed6")
     if not isinstance(bins, int):
         ax.set_xscale("log")
     ax.set_xlabel("kvm_page_fault → return (µs)")
@@ -118,7 +118,7 @@ def _stacked_over_time(times_ns: array, labels: list[str], order: list[str], las
     lab = np.asarray(labels)
     present = [x for x in order if (lab == x).any()]
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.hist([t[lab == x] for x in present], bins=_time_bins(last_t), stacked=True, label=present,
+    ax.hist([t[lab == x] for x in present], bins=_time_bins(last_t).tolist(), stacked=True, label=present,
             color=[colours[x] for x in present] if colours else None)  # fmt: skip
     ax.set_xlabel("simulated time (ms)")
     ax.set_ylabel(ylabel)

@@ -14,15 +14,37 @@ exactly the state it would see after yielding.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import simpy
-from simpy.events import Event
+from simpy.events import Event, EventPriority
 
-GRANT_PRIO = 1
+R = TypeVar("R")
+Proc = Generator[Event, Any, R]
+"""A SimPy process body, or a part of one it yields from: yields events, is sent each one's value
+(a wait's grant time, a join's hand-back), and returns ``R``."""
+
+GRANT_PRIO = EventPriority(1)
 VCPU_PRIO_BASE = 8
 ACTOR_PRIO_BASE = 2
 """VM-wide actors (a VMM thread, the host MM) take priorities 2..7, ahead of the vCPUs."""
+
+
+class SimEnv(simpy.Environment):
+    """The VM's SimPy environment. vsim's clock is integer nanoseconds: every delay it schedules is
+    an ``int``, so ``now`` is one too (the declarations below say so to the type checker; SimPy's
+    own code runs unchanged)."""
+
+    if TYPE_CHECKING:
+        _now: int
+        _queue: list[tuple[int, int, int, Event]]  # type: ignore[assignment]  # (time, priority, id, event): int times only
+
+        @property
+        def now(self) -> int: ...
+
+        def schedule(self, event: Event, priority: int = 1, delay: float = 0) -> None: ...
 
 
 class At(Event):
@@ -30,7 +52,7 @@ class At(Event):
 
     __slots__ = ()
 
-    def __init__(self, env: simpy.Environment, delay: int, priority: int) -> None:
+    def __init__(self, env: SimEnv, delay: int, priority: int) -> None:
         self.env = env
         self.callbacks: list = []
         self._value = None
@@ -38,7 +60,7 @@ class At(Event):
         env.schedule(self, priority, delay)
 
 
-class Actor:
+class Actor(ABC):
     """Something that acts in simulated time at its own priority: a vCPU, the VMM, the host MM.
 
     ``now`` is the actor's local clock (never behind ``env.now``). ``sync()`` gives the event to
@@ -47,11 +69,15 @@ class Actor:
     mode every sync yields.
     """
 
-    def __init__(self, env: simpy.Environment, prio: int, reference: bool) -> None:
+    def __init__(self, env: SimEnv, prio: int, reference: bool) -> None:
         self.env = env
         self.prio = prio
         self.reference = reference
         self.now = 0
+
+    @abstractmethod
+    def run(self) -> Proc[None]:
+        """The actor's SimPy process."""
 
     def sync(self) -> At | None:
         env = self.env
@@ -63,7 +89,7 @@ class Actor:
         return At(env, now - env._now, self.prio)
 
 
-def events_scheduled(env: simpy.Environment) -> int:
+def events_scheduled(env: SimEnv) -> int:
     """How many events SimPy has scheduled so far (its insertion counter)."""
     return int(repr(env._eid)[6:-1])
 
@@ -78,7 +104,7 @@ class VmWideActor(Actor):
 
     actor_id = -1  # the "vcpu" field of the events it logs
 
-    def __init__(self, env: simpy.Environment, prio: int, reference: bool, lock: object) -> None:
+    def __init__(self, env: SimEnv, prio: int, reference: bool, lock: object) -> None:
         super().__init__(env, prio, reference)
         self.lock = lock
         self.done = False
@@ -89,7 +115,7 @@ class VmWideActor(Actor):
         self.sleeping_until = self.now if ev is not None else None
         return ev
 
-    def mmu_lock_acquire(self, write: bool) -> Generator[object, object, None]:
+    def mmu_lock_acquire(self, write: bool) -> Proc[None]:
         """``write_lock``/``read_lock(&kvm->mmu_lock)`` at the actor's instant, waiting if contended."""
         ev = self.sync()
         if ev is not None:
@@ -100,7 +126,7 @@ class VmWideActor(Actor):
             self.sleeping_until = None
             self.now = yield ev
 
-    def mmu_lock_release(self, write: bool) -> Generator[object, object, None]:
+    def mmu_lock_release(self, write: bool) -> Proc[None]:
         ev = self.sync()
         if ev is not None:
             yield ev

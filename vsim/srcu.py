@@ -15,17 +15,16 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable
 
-import simpy
 from simpy.events import Event
 
 from vsim.events.sink import EventSink
-from vsim.sched import GRANT_PRIO
+from vsim.sched import GRANT_PRIO, SimEnv
 
 
 class Srcu:
     """One SRCU domain (``kvm->srcu``)."""
 
-    def __init__(self, env: simpy.Environment, sink: EventSink, next_sync: Callable[[], int]) -> None:
+    def __init__(self, env: SimEnv, sink: EventSink, next_sync: Callable[[], int]) -> None:
         self.env = env
         self.sink = sink
         self.next_sync = next_sync  # the earliest time any synchronize_srcu could still start

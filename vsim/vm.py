@@ -28,14 +28,16 @@ from vsim.mmu.mmu_lock import MmuLock
 from vsim.mmu.shadow_mmu import ShadowPagingMmu
 from vsim.mmu.tdp_mmu import TdpMmu
 from vsim.mmu_notifier import HostMm
-from vsim.sched import VmWideActor
+from vsim.sched import SimEnv, VmWideActor
 from vsim.selftests.access_tracking_perf import AccessTrackingPerf
 from vsim.selftests.demand_paging import DemandPaging
 from vsim.selftests.dirty_log_perf import DirtyLogPerf
+from vsim.selftests.memstress import MemstressHost
 from vsim.srcu import Srcu
 from vsim.stats import VmStat
 from vsim.userfaultfd import Userfaultfd
 from vsim.vcpu.group import VcpuGroup, group_enabled
+from vsim.vcpu.kvm_vcpu import KvmVcpu
 from vsim.vcpu.shadow_vcpu import ShadowVcpu
 from vsim.vcpu.vcpu import NEVER, Vcpu
 from vsim.vcpu.workloads import Workload, vcpu_region
@@ -60,7 +62,7 @@ class Vm:
     def __init__(self, cfg: ScenarioConfig, sink: EventSink | None = None) -> None:
         self.cfg = cfg
         self.costs = cfg.costs
-        self.env = simpy.Environment()
+        self.env = SimEnv()
         self.sink = sink if sink is not None else EventSink("off")
         self.sink.clock = lambda: self.env.now
         self.stat = VmStat()
@@ -106,8 +108,9 @@ class Vm:
             mmu_class = LegacyMmu if cfg.mmu.mode == "legacy_tdp" else TdpMmu
             self.mmu = mmu_class(self, initial_tables=tables)
         self.uffd = Userfaultfd(self) if cfg.host_mm.uffd else None
-        programs = {"dirty_log_perf": DirtyLogPerf, "access_tracking_perf": AccessTrackingPerf,
-                    "demand_paging": DemandPaging}  # fmt: skip
+        programs: dict[str, Callable[[Vm], MemstressHost]] = {
+            "dirty_log_perf": DirtyLogPerf, "access_tracking_perf": AccessTrackingPerf, "demand_paging": DemandPaging,
+        }  # fmt: skip
         self.program = programs[cfg.selftest.name](self) if cfg.selftest.name in programs else None
         self.vmm = Vmm(self) if cfg.vmm.ops or cfg.vmm.stress.iterations or self.program else None
         root_seq = np.random.SeedSequence(cfg.seed)
@@ -198,7 +201,7 @@ class Vm:
                 h = t
         return h
 
-    def horizon(self, v: Vcpu) -> int:
+    def horizon(self, v: KvmVcpu) -> int:
         """How far vCPU ``v`` may run guest accesses without a sync: every access that starts
         before this time reads SPTEs no other actor can change first.
 

@@ -18,7 +18,6 @@ The ``stress`` schedule adds and deletes a one-page dummy slot just below the te
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,7 @@ from vsim.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID, Memslot,
 from vsim.mmu.fast_zap import kvm_mmu_zap_all_fast
 from vsim.mmu.mmio import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS, MMIO_SPTE_GEN_MASK
 from vsim.mmu.spte import PG_LEVEL_4K
-from vsim.sched import ACTOR_PRIO_BASE, At, VmWideActor
+from vsim.sched import ACTOR_PRIO_BASE, At, Proc, VmWideActor
 
 if TYPE_CHECKING:
     from vsim.config.schema import MemslotOp
@@ -52,7 +51,7 @@ class Vmm(VmWideActor):
         self.ops = schedule(vm)
         self._op_id = 0
 
-    def run(self) -> Generator[object, object, None]:
+    def run(self) -> Proc[None]:
         yield At(self.env, 0, self.prio)
         if self.vm.program is not None:
             yield from self.vm.program.run(self)
@@ -64,7 +63,7 @@ class Vmm(VmWideActor):
             yield from self.kvm_set_memory_region(op)
         self.done = True
 
-    def kvm_set_memory_region(self, op: MemslotOp) -> Generator[object, object, None]:
+    def kvm_set_memory_region(self, op: MemslotOp) -> Proc[None]:
         vm = self.vm
         self._op_id += 1
         t0 = self.now
@@ -87,6 +86,7 @@ class Vmm(VmWideActor):
             vm.absent_slots[op.slot] = old
             slots = others
         elif op.op == "move":
+            assert op.to_gpa is not None  # (the config requires it for a move)
             slots = [*others, old.moved_to(op.to_gpa >> 12)]
         else:
             (old,) = [s for s in vm.memslots.slots if s.id == op.slot]
@@ -121,7 +121,7 @@ class Vmm(VmWideActor):
         return replace(old, flags=old.flags | KVM_MEM_LOG_DIRTY_PAGES,
                        dirty_bitmap=np.full(old.npages, fill, dtype=np.uint8))  # fmt: skip
 
-    def kvm_swap_active_memslots(self, new: Memslots) -> Generator[object, object, int]:
+    def kvm_swap_active_memslots(self, new: Memslots) -> Proc[int]:
         """Publish ``new``, wait out the SRCU readers of the old set, settle the generation.
         Returns the grace period's length."""
         vm = self.vm
@@ -148,7 +148,7 @@ class Vmm(VmWideActor):
         yield from self.kvm_arch_memslots_updated(final)
         return grace
 
-    def synchronize_srcu(self) -> Generator[object, object, int]:
+    def synchronize_srcu(self) -> Proc[int]:
         """``synchronize_srcu[_expedited]``: wait for the readers that started before now."""
         vm = self.vm
         t_s = self.now
@@ -170,7 +170,7 @@ class Vmm(VmWideActor):
             vm.sink.emit("vsim_synchronize_srcu_done", self.now, VMM_ACTOR_ID, grace)
         return grace
 
-    def kvm_arch_memslots_updated(self, gen: int) -> Generator[object, object, None]:
+    def kvm_arch_memslots_updated(self, gen: int) -> Proc[None]:
         """x86: ``kvm_mmu_invalidate_mmio_sptes``. Without the address-space residue, a 19-bit MMIO
         generation of 0 means it wrapped: old MMIO SPTEs could look current again, so zap all."""
         nr_as = self.vm.cfg.memslots.address_spaces

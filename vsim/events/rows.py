@@ -89,7 +89,7 @@ class RowCodec:
             self.strings.append(s)
         return i
 
-    def encode(self, records: list[tuple[object, ...]]) -> np.ndarray:
+    def encode(self, records: list[tuple[int | str, ...]]) -> np.ndarray:
         """Rows of ``(name, t_ns, vcpu, *fields)`` records."""
         intern = self.intern
         kind_id = KIND_ID
@@ -97,11 +97,11 @@ class RowCodec:
         flat = []
         for r in records:
             flat.append(kind_id[r[0]])  # type: ignore[index]
-            flat.extend([intern(x) if x.__class__ is str else x if x < _U64_TOP else x - _U64 for x in r[1:]])
+            flat.extend([intern(x) if isinstance(x, str) else x if x < _U64_TOP else x - _U64 for x in r[1:]])
             flat.extend(pad[len(r)])
         return np.fromiter(flat, dtype=np.int64, count=len(flat)).reshape(-1, ROW_COLS)
 
-    def decode(self, rows: np.ndarray) -> list[tuple[object, ...]]:
+    def decode(self, rows: np.ndarray) -> list[tuple[int | str, ...]]:
         """The ``(name, t_ns, vcpu, *fields)`` record of each row."""
         out = []
         for row in rows.tolist():

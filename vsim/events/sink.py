@@ -23,7 +23,7 @@ import numpy as np
 from vsim.events.kinds import LEVELS
 from vsim.events.rows import KIND_ID, ROW_COLS, RowCodec
 
-Record = tuple[object, ...]
+Record = tuple[int | str, ...]
 
 
 class EventBatch:
@@ -71,7 +71,7 @@ class EventSink:
         self._next = limit  # buffer length that triggers the next flush
         self.emitted = 0
 
-    def emit(self, *record: object) -> None:
+    def emit(self, *record: int | str) -> None:
         """Append one ``(name, t_ns, vcpu, *fields)`` record."""
         self._py.append(record)
         self._n += 1

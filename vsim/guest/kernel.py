@@ -23,7 +23,6 @@ Frames come from the CPU's ``FramePool``; freed page tables are the next frames 
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,6 +37,7 @@ from vsim.guest.paging import (
     gpte_to_gfn,
     make_gpte,
 )
+from vsim.sched import Proc
 
 if TYPE_CHECKING:
     from vsim.config.schema import ScenarioConfig
@@ -169,7 +169,7 @@ class GuestKernel:
 
     # -- the #PF handler -----------------------------------------------------------------------
     def handle_mm_fault(self, v: ShadowVcpu, proc: GuestProcess, k: int,
-                        write: bool) -> Generator[object, object, None]:  # fmt: skip
+                        write: bool) -> Proc[None]:  # fmt: skip
         """The guest's #PF handler for user page ``k`` of ``proc``."""
         mode, mem = self.mode, self.mem
         pool = self.pools[v.id]
@@ -208,7 +208,7 @@ class GuestKernel:
             proc.owned.append(gfn)
 
     # -- fork and exit -----------------------------------------------------------------------------
-    def fork(self, v: ShadowVcpu, parent: GuestProcess) -> Generator[object, object, GuestProcess]:
+    def fork(self, v: ShadowVcpu, parent: GuestProcess) -> Proc[GuestProcess]:
         """``dup_mmap``: a child sharing every page copy-on-write, then ``flush_tlb_mm(parent)``."""
         mode = self.mode
         pool = self.pools[v.id]
@@ -235,7 +235,7 @@ class GuestKernel:
         return [i for i in self.mem.present(table) if i not in kernel]
 
     def _copy_table(self, v: ShadowVcpu, src: int, dst: int, level: int,
-                    pool: FramePool) -> Generator[object, object, None]:  # fmt: skip
+                    pool: FramePool) -> Proc[None]:  # fmt: skip
         mode, mem = self.mode, self.mem
         if level == 1:  # copy_pte_range → copy_present_pte: COW, both sides read-only
             stores: list[tuple[int, int, int | None]] = []
@@ -259,7 +259,7 @@ class GuestKernel:
             yield from self._copy_table(v, child_src, child_dst, level - 1, pool)
             v.now += v.vm.costs.guest_fork_table
 
-    def exit_mmap(self, v: ShadowVcpu, proc: GuestProcess) -> Generator[object, object, None]:
+    def exit_mmap(self, v: ShadowVcpu, proc: GuestProcess) -> Proc[None]:
         """``exit_mmap``: zap the PTEs, free the page tables bottom-up, then the page directory."""
         pool = self.pools[v.id]
         yield from self._free_table(v, proc.pgd, self.mode.levels, pool)
@@ -270,7 +270,7 @@ class GuestKernel:
         for gfn in proc.owned:
             pool.free(gfn)
 
-    def _free_table(self, v: ShadowVcpu, table: int, level: int, pool: FramePool) -> Generator[object, object, None]:
+    def _free_table(self, v: ShadowVcpu, table: int, level: int, pool: FramePool) -> Proc[None]:
         mode, mem = self.mode, self.mem
         if level == 1:  # zap_pte_range
             yield from v.guest_stores([(table, i, 0) for i in self._user_entries(table, level)])

@@ -33,6 +33,10 @@ class ArchMmu(structref.StructRefProxy):
     """The handle: fields ``p`` (``PoolRef``), ``s`` (``SpsRef``) and ``d`` (``DescsRef``), made by
     ``new_arch_mmu`` (cached, unlike numba's generated constructor)."""
 
+    p: PoolRef
+    s: SpsRef
+    d: DescsRef
+
 
 structref.define_boxing(ArchMmuType, ArchMmu)
 # A VM without shadow pages (the TDP MMU) has an empty hash and no descriptors: empty arrays.
@@ -45,7 +49,7 @@ ARCH_MMU_TYPE = ArchMmuType([("p", POOL_REF_TYPE), ("s", SPS_REF_TYPE), ("d", DE
 
 @njit(cache=True)
 def new_arch_mmu(p: PoolRef, s: SpsRef, d: DescsRef) -> ArchMmu:
-    h = structref.new(ARCH_MMU_TYPE)
+    h: ArchMmu = structref.new(ARCH_MMU_TYPE)  # type: ignore[call-arg]  # an intrinsic: numba passes the typing context
     h.p = p
     h.s = s
     h.d = d

@@ -31,8 +31,8 @@ from vsim.mmu.spte import (
 )
 
 if TYPE_CHECKING:
-    from vsim.mmu.tdp_mmu import TdpMmu
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.mmu.page_tables import PageTables
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
 
 FAST_PF_MAX_RETRIES = 4  # gives up after ++retry_count > 4
 
@@ -77,11 +77,12 @@ def fast_pf_fix(old: int, level: int, write: bool, logged: bool) -> tuple[int, i
     return RET_PF_FIXED, new
 
 
-def fast_page_fault(mmu: TdpMmu, vcpu: Vcpu, fault: KvmPageFault) -> int:
+def fast_page_fault(mmu: PageTables, vcpu: KvmVcpu, fault: KvmPageFault) -> int:
     """Try to fix ``fault`` with a cmpxchg on the last SPTE; ``RET_PF_INVALID`` means go slow."""
     vid = vcpu.id
     t = vcpu.now
     root = vcpu.root
+    assert root is not None
     ret = RET_PF_INVALID
     old = new = 0
     retries = 0

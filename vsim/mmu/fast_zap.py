@@ -14,10 +14,11 @@ The caller must hold ``slots_lock`` (the VMM does, inside ``kvm_set_memory_regio
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import TYPE_CHECKING
 
+from vsim.mmu.tdp_mmu import TdpMmu
 from vsim.requests import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_make_all_cpus_request
+from vsim.sched import Proc
 
 if TYPE_CHECKING:
     from vsim.vmm import Vmm
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 BATCH_ZAP_PAGES = 10
 
 
-def kvm_mmu_zap_all_fast(vmm: Vmm) -> Generator[object, object, int]:
+def kvm_mmu_zap_all_fast(vmm: Vmm) -> Proc[int]:
     """Run the fast zap as the VMM; returns its duration in ns."""
     vm = vmm.vm
     c = vm.costs
@@ -43,9 +44,11 @@ def kvm_mmu_zap_all_fast(vmm: Vmm) -> Generator[object, object, int]:
     # kvm_tdp_mmu_zap_invalidated_roots, under the read lock.
     yield from vmm.mmu_lock_acquire(write=False)
     visited = 0
+    mmu = vm.mmu
+    assert isinstance(mmu, TdpMmu)  # only TDP MMU roots are invalidated
     for root in invalid:
-        visited += vm.mmu.zap_root(root, actor, vmm.now)
-        vm.mmu.put_root(root, actor, vmm.now)  # the TDP MMU's own reference
+        visited += mmu.zap_root(root, actor, vmm.now)
+        mmu.put_root(root, actor, vmm.now)  # the TDP MMU's own reference
     vm.stat.tdp_sptes_zapped += visited
     vmm.now += c.tdp_zap_spte * visited
     yield from vmm.mmu_lock_release(write=False)

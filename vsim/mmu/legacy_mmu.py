@@ -18,7 +18,6 @@ SPTEs through the rmaps (``vsim.mmu.rmap_walks``).
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,18 +37,21 @@ from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.mmio import make_mmio_spte
 from vsim.mmu.mmu_page_view import KvmMmuPage
 from vsim.mmu.page_fault import RET_PF_FIXED, RET_PF_RETRY, KvmPageFault
+from vsim.mmu.page_tables import Root
 from vsim.mmu.rmap_walks import RmapRangeOps
-from vsim.mmu.shadow_page import KVM_REFILL_PAGES, ShadowMmu
+from vsim.mmu.shadow_page import KVM_REFILL_PAGES
 from vsim.mmu.spte import (
     PG_LEVEL_4K,
     TDP_ROOT_LEVEL,
     pages_per_level,
     spte_index,
 )
+from vsim.sched import Proc
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.mmu.tdp_mmu import TdpRoot
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
     from vsim.vm import Vm
     from vsim.vmm import Vmm
 
@@ -57,9 +59,12 @@ BATCH_ZAP_PAGES = 10
 NO_U8 = np.zeros(0, dtype=np.uint8)
 NO_I64 = np.zeros(0, dtype=np.int64)
 NO_I32 = np.zeros(0, dtype=np.int32)
+# What direct_pte_prefetch reads of the faulting slot: (may prefetch, base gfn, end gfn, host offset, host
+# pages resident, their new bases, host pfn base, host span shift, write-track counts).
+PrefetchArgs = tuple[bool, int, int, int, np.ndarray, np.ndarray, int, int, np.ndarray]
 
 
-class LegacyMmu(RmapRangeOps, ShadowMmu):
+class LegacyMmu(RmapRangeOps):
     """The legacy MMU with TDP enabled: direct shadow pages for the EPT."""
 
     mode = "legacy_tdp"
@@ -85,9 +90,10 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         root.root_count += 1
         return root
 
-    def put_root(self, root: KvmMmuPage, vid: int, t: int) -> int:
+    def put_root(self, root: Root, vid: int, t: int) -> int:
         """``mmu_free_root_page``: drop a use; an invalid root goes with its last user (zap, flush,
         free). Returns the time the caller goes on."""
+        assert isinstance(root, KvmMmuPage)
         root.root_count -= 1
         if root.root_count or not root.invalid:
             return t
@@ -95,11 +101,11 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         self.kvm_mmu_prepare_zap_page(root, invalid, vid, t)
         return self.kvm_mmu_commit_zap_page(invalid, vid, t)
 
-    def invalidate_all_roots(self) -> list[object]:
+    def invalidate_all_roots(self) -> list[TdpRoot]:
         """No TDP MMU roots: toggling ``mmu_valid_gen`` made every shadow page obsolete."""
         return []
 
-    def kvm_zap_obsolete_pages(self, vmm: Vmm) -> Generator[object, object, None]:
+    def kvm_zap_obsolete_pages(self, vmm: Vmm) -> Proc[None]:
         """Zap obsolete pages from the tail of ``active_mmu_pages`` (the oldest first; pages made
         after the toggle are at the head and end the walk), in batches of ``BATCH_ZAP_PAGES``
         with ``cond_resched_rwlock_write`` between them, then commit."""
@@ -123,21 +129,21 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         vmm.now = self.kvm_mmu_commit_zap_page(invalid, vmm.actor_id, vmm.now)
 
     # -- the fault -------------------------------------------------------------------------------
-    def page_fault(self, v: Vcpu, fault: KvmPageFault) -> Generator[object, object, int]:
+    def page_fault(self, v: KvmVcpu, fault: KvmPageFault) -> Proc[int]:
         """``direct_page_fault``, as a SimPy generator returning ``RET_PF_*``."""
         r = self.fast_path_and_faultin(v, fault)
         if r is not None:
             return r
         return (yield from self.page_fault_locked(v, fault))
 
-    def page_fault_locked(self, v: Vcpu, fault: KvmPageFault) -> Generator[object, object, int]:
+    def page_fault_locked(self, v: KvmVcpu, fault: KvmPageFault) -> Proc[int]:
         """The fault from ``write_lock(mmu_lock)`` on (where a vCPU group member goes on in Python
         before taking the lock)."""
         if not (yield from self.lock_for_fault(v, fault, write=True)):
             return RET_PF_RETRY
         return (yield from self.page_fault_held(v, fault))
 
-    def page_fault_held(self, v: Vcpu, fault: KvmPageFault) -> Generator[object, object, int]:
+    def page_fault_held(self, v: KvmVcpu, fault: KvmPageFault) -> Proc[int]:
         """The fault from just after ``write_lock(mmu_lock)`` (where a vCPU group member holding
         the lock goes on in Python when the compiled loop cannot finish it): ``is_page_fault_stale``,
         ``make_mmu_pages_available``, ``direct_map``, ``write_unlock``."""
@@ -156,7 +162,7 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         vm.mmu_lock.write_unlock(v.id, v.now)
         return ret
 
-    def direct_map(self, v: Vcpu, root: KvmMmuPage, fault: KvmPageFault) -> int:
+    def direct_map(self, v: KvmVcpu, root: KvmMmuPage, fault: KvmPageFault) -> int:
         """``direct_map`` under the write lock, then ``direct_pte_prefetch`` (``vsim.mmu.direct_map``);
         advances ``v.now`` by the work done."""
         vm = self.vm
@@ -193,7 +199,7 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         v.now = t + work
         return int(ret)
 
-    def _prefetch_args(self, slot: Memslot | None) -> tuple[object, ...]:
+    def _prefetch_args(self, slot: Memslot | None) -> PrefetchArgs:
         """What ``direct_pte_prefetch`` reads of the faulting slot, and whether it may run at all:
         not without a slot, while an invalidation is in progress, or in a dirty-logged slot."""
         if slot is None:
@@ -203,7 +209,7 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
         return (ok, slot.base_gfn, slot.end_gfn, slot.host_offset, host.resident, host.new_base, host.pfn_base,
                 host.span_shift, slot.write_track)  # fmt: skip
 
-    def set_spte_at(self, v: Vcpu, table: int, idx: int, level: int, gfn: int, slot: Memslot | None, pfn: int,
+    def set_spte_at(self, v: KvmVcpu, table: int, idx: int, level: int, gfn: int, slot: Memslot | None, pfn: int,
                     writable: bool, write_fault: bool, t: int) -> tuple[int, int]:  # fmt: skip
         """``mmu_set_spte`` (``vsim.mmu.direct_map``): make the leaf at ``(table, idx)`` map ``gfn``
         (an MMIO SPTE without a slot). ``writable`` is what the host page and the guest's access
@@ -225,11 +231,11 @@ class LegacyMmu(RmapRangeOps, ShadowMmu):
             t = self.drop_or_unlink(status, dt, di, dl, dg, v.id, t)
         return int(ret), self.set_spte_done(v, status, slot, gfn & ~(pages_per_level(level) - 1), level, t)
 
-    def make_spte_writable(self, v: Vcpu, gfn: int, level: int, old: int, t: int) -> bool:
+    def make_spte_writable(self, v: KvmVcpu, gfn: int, level: int, old: int, t: int) -> bool:
         """``make_spte``'s check before it sets W: a direct MMU never shadows guest page tables."""
         return True
 
-    def direct_pte_prefetch(self, v: Vcpu, table: int, idx: int, slot: Memslot | None, t: int) -> int:
+    def direct_pte_prefetch(self, v: KvmVcpu, table: int, idx: int, slot: Memslot | None, t: int) -> int:
         """``direct_pte_prefetch`` (``vsim.mmu.direct_map``) on its own: map the non-present
         neighbours in the faulting SPTE's aligned block of 8 whose host pages are resident.
         Returns the ns spent."""

@@ -17,7 +17,7 @@ from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY
 from vsim.mmu.spte import PFN_SHIFT, SPTE_MMU_PRESENT
 
 if TYPE_CHECKING:
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
 
 VMX_EPT_RWX_MASK = 0b111
 VMX_EPT_MISCONFIG_WX_VALUE = 0b110  # shadow_mmio_value with EPT
@@ -62,7 +62,7 @@ def check_mmio_spte(generation: int, spte: int) -> bool:
     return (generation & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte)
 
 
-def vcpu_cache_mmio_info(vcpu: Vcpu, gfn: int, generation: int) -> None:
+def vcpu_cache_mmio_info(vcpu: KvmVcpu, gfn: int, generation: int) -> None:
     """``vcpu_cache_mmio_info``: remember the MMIO gfn, except while memslots are in flux."""
     if generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
         return
@@ -70,7 +70,7 @@ def vcpu_cache_mmio_info(vcpu: Vcpu, gfn: int, generation: int) -> None:
     vcpu.mmio_gen = generation
 
 
-def handle_mmio_page_fault(vcpu: Vcpu, gfn: int) -> int:
+def handle_mmio_page_fault(vcpu: KvmVcpu, gfn: int) -> int:
     """``handle_mmio_page_fault`` for a direct MMU: the per-vCPU cache, then a lockless walk."""
     vm = vcpu.vm
     gen = vm.memslots.generation

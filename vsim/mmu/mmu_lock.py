@@ -23,12 +23,11 @@ from array import array
 from typing import Protocol
 
 import numpy as np
-import simpy
 from numba.extending import register_jitable
 from simpy.events import Event
 
 from vsim.events.sink import EventSink
-from vsim.sched import GRANT_PRIO
+from vsim.sched import GRANT_PRIO, SimEnv
 
 READ, WRITE = "read", "write"
 
@@ -111,7 +110,7 @@ class MmuLock:
     """A qrwlock; ``actor`` ids are vCPU indices (VM-wide actors use negative ids). ``max_waiters``
     bounds the queue: every actor waits at most once."""
 
-    def __init__(self, env: simpy.Environment, sink: EventSink, max_waiters: int = 64) -> None:
+    def __init__(self, env: SimEnv, sink: EventSink, max_waiters: int = 64) -> None:
         self.env = env
         self.sink = sink
         self.lk = np.zeros(L_COLS, dtype=np.int64)

@@ -95,13 +95,16 @@ class SpsRefType(BundleRefType):
     """The numba type of ``SpsRef``."""
 
 
-class SpsRef(structref.StructRefProxy):
-    """``Sps``'s arrays as one object for compiled code (``ArchMmu.s``): passing the NamedTuple
-    from one compiled function to another reference-counts each of its 18 arrays, this one
-    pointer. The helpers here read ``s.role`` etc. either way. Made by ``new_sps_ref``."""
+if TYPE_CHECKING:
+    SpsRef = Sps  # to the type checker the handle is the bundle it holds: the same fields
+else:
 
+    class SpsRef(structref.StructRefProxy):
+        """``Sps``'s arrays as one object for compiled code (``ArchMmu.s``): passing the NamedTuple
+        from one compiled function to another reference-counts each of its 18 arrays, this one
+        pointer. The helpers here read ``s.role`` etc. either way. Made by ``new_sps_ref``."""
 
-structref.define_boxing(SpsRefType, SpsRef)
+    structref.define_boxing(SpsRefType, SpsRef)
 SPS_REF_TYPE = SpsRefType([(f, typeof(np.zeros((1,) * nd, dtype=dt))) for f, (dt, nd) in SPS_DTYPES.items()])
 
 
@@ -111,7 +114,7 @@ def new_sps_ref(role: np.ndarray, valid_gen: np.ndarray, root_count: np.ndarray,
                 parents: np.ndarray, gfns: np.ndarray, leaf_rmap: np.ndarray, hash_head: np.ndarray,
                 hash_tail: np.ndarray, hash_next: np.ndarray, hash_prev: np.ndarray, act_next: np.ndarray,
                 act_prev: np.ndarray, hdr: np.ndarray) -> SpsRef:  # fmt: skip
-    r = structref.new(SPS_REF_TYPE)
+    r: SpsRef = structref.new(SPS_REF_TYPE)  # type: ignore[call-arg]  # an intrinsic: numba passes the typing context
     r.role = role
     r.valid_gen = valid_gen
     r.root_count = root_count

@@ -9,7 +9,6 @@ bookkeeping of every SPTE change (page stats, the tracepoint, and the invariant 
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,10 +27,11 @@ from vsim.mmu.spte import (
     SPTE_MMU_PRESENT,
 )
 from vsim.mmu.tdp_mmu_map import tdp_walk_to
+from vsim.sched import Proc
 from vsim.stats import ARRAY_STATS
 
 if TYPE_CHECKING:
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
     from vsim.vm import Vm
 
 
@@ -119,7 +119,7 @@ class PageTables:
         """A fault mapped a leaf: vsim's ``refaults`` counts it if a zap had unmapped it."""
         note_mapped(self.pool.p, gfn, level)
 
-    def alloc_vcpu_root(self, v: Vcpu) -> Root:
+    def alloc_vcpu_root(self, v: KvmVcpu) -> Root:
         """The root a vCPU loads (``kvm_mmu_load``): the MMU's shared root of its role."""
         return self.alloc_root()  # type: ignore[attr-defined]
 
@@ -175,7 +175,7 @@ class PageTables:
             self.spte_hooks(gfn, old, new, level, actor, t)
 
     # -- the front of a direct fault ----------------------------------------------------------------
-    def fast_path_and_faultin(self, v: Vcpu, fault: KvmPageFault) -> int | None:
+    def fast_path_and_faultin(self, v: KvmVcpu, fault: KvmPageFault) -> int | None:
         """The part of a direct fault before ``mmu_lock``: ``fast_page_fault``, then
         ``kvm_faultin_pfn`` (snapshot ``mmu_invalidate_seq``, find the slot, resolve the pfn).
         Returns a ``RET_PF_*`` that ends the fault here, or ``None`` to go on under the lock."""
@@ -187,7 +187,7 @@ class PageTables:
                 return r
         return self.kvm_faultin_pfn(v, fault)
 
-    def kvm_faultin_pfn(self, v: Vcpu, fault: KvmPageFault) -> int | None:
+    def kvm_faultin_pfn(self, v: KvmVcpu, fault: KvmPageFault) -> int | None:
         """``mmu_topup_memory_caches``, then ``kvm_faultin_pfn``: snapshot ``mmu_invalidate_seq``,
         find the slot, resolve the pfn. Returns a ``RET_PF_*`` that ends the fault here, or
         ``None`` to go on under the lock."""
@@ -225,35 +225,35 @@ class PageTables:
                 return RET_PF_RETRY
         return None
 
-    def lock_mmu(self, v: Vcpu, write: bool) -> Generator[object, object, None]:
+    def lock_mmu(self, v: KvmVcpu, write: bool) -> Proc[None]:
         """``write_lock``/``read_lock(&kvm->mmu_lock)`` at the vCPU's instant, waiting if contended."""
         ev = v.sync()
         if ev is not None:
             yield ev
         lock = self.vm.mmu_lock
-        ev = (lock.write_lock if write else lock.read_lock)(v.id, v.now)
-        if ev is not None:
-            v.now = yield ev
+        wait = (lock.write_lock if write else lock.read_lock)(v.id, v.now)
+        if wait is not None:
+            v.now = yield wait
 
-    def lock_write(self, v: Vcpu) -> Generator[object, object, None]:
+    def lock_write(self, v: KvmVcpu) -> Proc[None]:
         """``write_lock(&kvm->mmu_lock)`` at the vCPU's instant."""
         yield from self.lock_mmu(v, write=True)
 
-    def unlock_write(self, v: Vcpu) -> Generator[object, object, None]:
+    def unlock_write(self, v: KvmVcpu) -> Proc[None]:
         """``write_unlock`` at the vCPU's instant."""
         ev = v.sync()
         if ev is not None:
             yield ev
         self.vm.mmu_lock.write_unlock(v.id, v.now)
 
-    def lock_for_fault(self, v: Vcpu, fault: KvmPageFault, write: bool) -> Generator[object, object, bool]:
+    def lock_for_fault(self, v: KvmVcpu, fault: KvmPageFault, write: bool) -> Proc[bool]:
         """Take ``mmu_lock`` (read for the TDP MMU, write for shadow pages) at the vCPU's instant,
         then ``is_page_fault_stale`` (``fault_is_stale``). Returns False, with the lock dropped
         again, when the fault must retry."""
         yield from self.lock_mmu(v, write)
         return not self.fault_is_stale(v, fault, write)
 
-    def fault_is_stale(self, v: Vcpu, fault: KvmPageFault, write: bool) -> bool:
+    def fault_is_stale(self, v: KvmVcpu, fault: KvmPageFault, write: bool) -> bool:
         """``is_page_fault_stale`` just after ``mmu_lock`` was taken: an obsolete root, or an
         invalidation of the gfn since the snapshot. A stale fault drops the lock again."""
         vm = self.vm

@@ -15,27 +15,24 @@ re-install the new gpte) and flushed.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import TYPE_CHECKING
 
+from vsim.mmu.shadow_context import ShadowContext
 from vsim.mmu.spte import PG_LEVEL_4K, SPTE_MMU_PRESENT, is_last_spte
+from vsim.sched import Proc
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
     from vsim.mmu.mmu_page_view import KvmMmuPage
-    from vsim.mmu.shadow_mmu import ShadowPagingMmu
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
 
 WRITE_FLOOD_THRESHOLD = 3
 
 
-class PageTrack:
-    """Write tracking and the emulated-write path, mixed into ``ShadowPagingMmu``."""
+class PageTrack(ShadowContext):
+    """Write tracking and the emulated-write path (the layer of ``ShadowPagingMmu`` after its context)."""
 
-    indirect_shadow_pages = 0
-    accounted: dict[int, int]  # gfn -> indirect shadow pages accounted for it
-
-    def account_shadowed(self: ShadowPagingMmu, sp: KvmMmuPage, actor: int, t: int) -> int:
+    def account_shadowed(self, sp: KvmMmuPage, actor: int, t: int) -> int:
         """``account_shadowed``: track (upper levels), disallow huge pages, write-protect the gfn and
         flush if an SPTE lost W. Returns the time the caller goes on."""
         slot = self.vm.memslots.gfn_to_memslot(sp.gfn)
@@ -55,7 +52,7 @@ class PageTrack:
             self.vm.checker.on_write_tracked(sp.gfn, t)
         return t
 
-    def unaccount_shadowed(self: ShadowPagingMmu, sp: KvmMmuPage) -> None:
+    def unaccount_shadowed(self, sp: KvmMmuPage) -> None:
         """``unaccount_shadowed``: drop the tracking; the SPTEs stay read-only until re-faulted."""
         self.indirect_shadow_pages -= 1
         n = self.accounted[sp.gfn] - 1
@@ -75,8 +72,8 @@ class PageTrack:
         return slot is not None and bool(slot.write_track[gfn - slot.base_gfn])
 
     # -- the emulated write ------------------------------------------------------------------------
-    def kvm_mmu_track_write(self: ShadowPagingMmu, v: Vcpu, gfn: int, offset: int, nbytes: int,
-                            writes: int = 1) -> Generator[object, object, None]:  # fmt: skip
+    def kvm_mmu_track_write(self, v: KvmVcpu, gfn: int, offset: int, nbytes: int,
+                            writes: int = 1) -> Proc[None]:  # fmt: skip
         """``kvm_mmu_track_write`` for ``writes`` emulated writes of ``nbytes`` at byte ``offset`` of
         guest page ``gfn`` (a string instruction writes consecutive units in one exit)."""
         vm = self.vm
@@ -112,7 +109,7 @@ class PageTrack:
                 v.now = self.flush_remote(v.id, v.now)
         yield from self.unlock_write(v)
 
-    def kvm_mmu_unprotect_page(self: ShadowPagingMmu, v: Vcpu, gfn: int) -> Generator[object, object, None]:
+    def kvm_mmu_unprotect_page(self, v: KvmVcpu, gfn: int) -> Proc[None]:
         """``kvm_mmu_unprotect_gfn_and_retry``: zap every shadow page with gptes at ``gfn``, so the
         retried instruction writes the page natively."""
         yield from self.lock_write(v)
@@ -123,7 +120,7 @@ class PageTrack:
         v.now = self.kvm_mmu_commit_zap_page(invalid, v.id, v.now)
         yield from self.unlock_write(v)
 
-    def mmu_page_zap_pte(self: ShadowPagingMmu, sp: KvmMmuPage, i: int, actor: int, t: int) -> None:
+    def mmu_page_zap_pte(self, sp: KvmMmuPage, i: int, actor: int, t: int) -> None:
         """``mmu_page_zap_pte``: drop a leaf, or unlink a child page table."""
         spte = self.spt.item(sp.table, i)
         if is_last_spte(spte, sp.level):

@@ -18,7 +18,7 @@ the same source in compiled code.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from numba import njit, typeof
@@ -32,11 +32,11 @@ D_NDESC, D_NFREE = 0, 1  # the pool's header: descriptors handed out, entries on
 
 
 class Descs(NamedTuple):
-    """The descriptor pool: ``sptes[d, :count[d]]`` are descriptor ``d``'s entries; ``more[d]`` is
+    """The descriptor pool: ``sptes[d, :spte_count[d]]`` are descriptor ``d``'s entries; ``more[d]`` is
     the next descriptor (-1 at the end)."""
 
     sptes: np.ndarray  # (descs, PTE_LIST_EXT) int64
-    count: np.ndarray  # (descs,) int64
+    spte_count: np.ndarray  # (descs,) int64: pte_list_desc.spte_count
     more: np.ndarray  # (descs,) int64
     free: np.ndarray  # (descs,) int64: freed descriptors, reused first
     hdr: np.ndarray  # (2,) int64
@@ -47,22 +47,25 @@ class DescsRefType(BundleRefType):
     """The numba type of ``DescsRef``."""
 
 
-class DescsRef(structref.StructRefProxy):
-    """``Descs``'s arrays as one object for compiled code (``ArchMmu.d``), as ``SpsRef`` is for
-    ``Sps``. Made by ``new_descs_ref``."""
+if TYPE_CHECKING:
+    DescsRef = Descs  # to the type checker the handle is the bundle it holds: the same fields
+else:
 
+    class DescsRef(structref.StructRefProxy):
+        """``Descs``'s arrays as one object for compiled code (``ArchMmu.d``), as ``SpsRef`` is for
+        ``Sps``. Made by ``new_descs_ref``."""
 
-structref.define_boxing(DescsRefType, DescsRef)
+    structref.define_boxing(DescsRefType, DescsRef)
 DESCS_DTYPES = {f: (np.int64, 2) if f == "sptes" else (np.int64, 1) for f in Descs._fields}
 DESCS_REF_TYPE = DescsRefType([(f, typeof(np.zeros((1,) * nd, dtype=dt))) for f, (dt, nd) in DESCS_DTYPES.items()])
 
 
 @njit(cache=True)
-def new_descs_ref(sptes: np.ndarray, count: np.ndarray, more: np.ndarray, free: np.ndarray,
+def new_descs_ref(sptes: np.ndarray, spte_count: np.ndarray, more: np.ndarray, free: np.ndarray,
                   hdr: np.ndarray) -> DescsRef:  # fmt: skip
-    r = structref.new(DESCS_REF_TYPE)
+    r: DescsRef = structref.new(DESCS_REF_TYPE)  # type: ignore[call-arg]  # an intrinsic: numba passes the typing context
     r.sptes = sptes
-    r.count = count
+    r.spte_count = spte_count
     r.more = more
     r.free = free
     r.hdr = hdr
@@ -99,12 +102,12 @@ def pte_list_add(d: Descs, heads: np.ndarray, i: int, sptep: int) -> int:
         desc = _desc_alloc(d)
         d.sptes[desc, 0] = v - 1
         d.sptes[desc, 1] = sptep
-        d.count[desc] = 2
+        d.spte_count[desc] = 2
         d.more[desc] = -1
         heads[i] = -(desc + 1)
         return 1
     head = -v - 1
-    n = d.count[head]
+    n = d.spte_count[head]
     total = n
     nxt = d.more[head]
     while nxt >= 0:  # the descriptors behind the head are full (KVM keeps this count in tail_count)
@@ -113,12 +116,12 @@ def pte_list_add(d: Descs, heads: np.ndarray, i: int, sptep: int) -> int:
     if n == PTE_LIST_EXT:
         desc = _desc_alloc(d)
         d.more[desc] = head
-        d.count[desc] = 0
+        d.spte_count[desc] = 0
         heads[i] = -(desc + 1)
         head = desc
         n = 0
     d.sptes[head, n] = sptep
-    d.count[head] = n + 1
+    d.spte_count[head] = n + 1
     return int(total)
 
 
@@ -137,11 +140,11 @@ def pte_list_remove(d: Descs, heads: np.ndarray, i: int, sptep: int) -> bool:
     head = -v - 1
     desc = head
     while desc >= 0:
-        for k in range(d.count[desc]):
+        for k in range(d.spte_count[desc]):
             if d.sptes[desc, k] == sptep:
-                last = d.count[head] - 1
+                last = d.spte_count[head] - 1
                 d.sptes[desc, k] = d.sptes[head, last]  # the head's last entry fills the hole
-                d.count[head] = last
+                d.spte_count[head] = last
                 if last == 0:
                     nxt = d.more[head]
                     heads[i] = 0 if nxt < 0 else -(nxt + 1)
@@ -160,7 +163,7 @@ def pte_list_count(d: Descs, heads: np.ndarray, i: int) -> int:
     n = 0
     desc = -v - 1
     while desc >= 0:
-        n += d.count[desc]
+        n += d.spte_count[desc]
         desc = d.more[desc]
     return int(n)
 
@@ -172,7 +175,7 @@ def pte_list_entries(d: Descs, heads: np.ndarray, i: int) -> list[int]:
         return [v - 1] if v else []
     out: list[int] = []
     desc = -v - 1
-    count, sptes, more = d.count, d.sptes, d.more
+    count, sptes, more = d.spte_count, d.sptes, d.more
     while desc >= 0:
         out.extend(sptes[desc, : count[desc]].tolist())
         desc = int(more[desc])
@@ -193,7 +196,7 @@ class DescPool:
         self._set(
             Descs(
                 sptes=np.zeros((descs, PTE_LIST_EXT), dtype=np.int64),
-                count=np.zeros(descs, dtype=np.int64),
+                spte_count=np.zeros(descs, dtype=np.int64),
                 more=np.full(descs, -1, dtype=np.int64),
                 free=np.zeros(descs, dtype=np.int64),
                 hdr=np.zeros(2, dtype=np.int64),
@@ -207,15 +210,16 @@ class DescPool:
     def reserve(self, descs: int) -> None:
         """Room for ``descs`` more descriptors (before a compiled operation, which cannot grow)."""
         d = self.d
-        room = int(d.hdr[D_NFREE]) + len(d.count) - int(d.hdr[D_NDESC])
+        room = int(d.hdr[D_NFREE]) + len(d.spte_count) - int(d.hdr[D_NDESC])
         if room >= descs:
             return
-        add = max(len(d.count), descs - room)
+        add = max(len(d.spte_count), descs - room)
 
         def more(a: np.ndarray, fill: int = 0) -> np.ndarray:
             return np.concatenate([a, np.full((add,) + a.shape[1:], fill, dtype=a.dtype)])
 
-        self._set(d._replace(sptes=more(d.sptes), count=more(d.count), more=more(d.more, -1), free=more(d.free)))
+        self._set(d._replace(sptes=more(d.sptes), spte_count=more(d.spte_count), more=more(d.more, -1),
+                             free=more(d.free)))  # fmt: skip
 
     def add(self, heads: np.ndarray, i: int, table: int, idx: int) -> int:
         """``pte_list_add`` of ``(table, idx)``; the count before."""

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vsim.mmu.hugepage import kvm_mmu_max_mapping_level
-from vsim.mmu.pte_list import DescPool, iter_pte_list
+from vsim.mmu.pte_list import iter_pte_list
 from vsim.mmu.rmap import gfn_to_rmap_index
+from vsim.mmu.shadow_page import ShadowMmu
 from vsim.mmu.spte import (
     PG_LEVEL_1G,
     PG_LEVEL_2M,
@@ -40,19 +41,13 @@ from vsim.mmu.spte import (
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
-    from vsim.mmu.mmu_page_view import KvmMmuPage
-    from vsim.vm import Vm
 
 RmapSpte = tuple[int, int, int, int]  # (table, index, level, gfn)
 
 
-class RmapRangeOps:
-    """The range operations, mixed into ``LegacyMmu``."""
+class RmapRangeOps(ShadowMmu):
+    """The range operations over the rmaps, the layer of ``LegacyMmu`` over the shadow pages."""
 
-    vm: Vm
-    spt: np.ndarray
-    sp_of: dict[int, KvmMmuPage]
-    descs: DescPool
     _flush_on_mmu_writable = True
 
     def _rmap_sptes(self, start: int, end: int, level: int) -> Iterator[RmapSpte]:
@@ -75,7 +70,7 @@ class RmapRangeOps:
         for table, idx, level, gfn in sptes:
             old = self.spt.item(table, idx)
             if old & bits:
-                self.set_spte(table, idx, level, gfn, old, old & ~bits, actor, t)  # type: ignore[attr-defined]
+                self.set_spte(table, idx, level, gfn, old, old & ~bits, actor, t)
                 changed = True
         return changed
 
@@ -84,7 +79,7 @@ class RmapRangeOps:
         self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # __walk_slot_rmaps / kvm_unmap_gfn_range
         sptes = self._all_levels(start, end)
         for table, idx, level, gfn in sptes:
-            self.drop_spte(table, idx, level, gfn, actor, t)  # type: ignore[attr-defined]
+            self.drop_spte(table, idx, level, gfn, actor, t)
         return len(sptes), bool(sptes)
 
     def age_gfn(self, gfn: int, actor: int, t: int) -> tuple[int, bool]:
@@ -95,7 +90,7 @@ class RmapRangeOps:
         for table, idx, level, g in sptes:
             old = self.spt.item(table, idx)
             if spte_is_young(old, ad):
-                self.set_spte(table, idx, level, g, old, age_spte(old, ad), actor, t)  # type: ignore[attr-defined]
+                self.set_spte(table, idx, level, g, old, age_spte(old, ad), actor, t)
                 young = True
         return len(sptes), young
 
@@ -145,15 +140,15 @@ class RmapRangeOps:
         """``shadow_mmu_split_huge_page``: fill a child page with the huge leaf's translation, then
         link it in place of the leaf (``drop_large_spte`` without a flush)."""
         huge = self.spt.item(table, idx)
-        rmap = self.leaf_rmap(table, idx)  # type: ignore[attr-defined]
-        child = self.kvm_mmu_get_shadow_page(gfn, level - 1, True)  # type: ignore[attr-defined]
+        rmap = self.leaf_rmap(table, idx)
+        child = self.kvm_mmu_get_shadow_page(gfn, level - 1, True)
         span = pages_per_level(level - 1)
         for k in range(SPTE_ENT_PER_PAGE):
             if not self.spt.item(child.table, k):
-                self.set_leaf(rmap, child.table, k, level - 1, gfn + k * span,  # type: ignore[attr-defined]
+                self.set_leaf(rmap, child.table, k, level - 1, gfn + k * span,
                               make_huge_page_split_spte(huge, level, k), actor, t)  # fmt: skip
-        self.drop_spte(table, idx, level, gfn, actor, t)  # type: ignore[attr-defined]
-        self.link_shadow_page(table, idx, child, actor, t)  # type: ignore[attr-defined]
+        self.drop_spte(table, idx, level, gfn, actor, t)
+        self.link_shadow_page(table, idx, child, actor, t)
         return SPTE_ENT_PER_PAGE
 
     def recover_huge_pages(self, slot: Memslot, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
@@ -167,6 +162,6 @@ class RmapRangeOps:
                 visited += 1
                 sp = self.sp_of[table]
                 if sp.direct and sp.level < kvm_mmu_max_mapping_level(slot, sp.gfn, PG_LEVEL_1G):
-                    self.drop_spte(table, idx, lvl, gfn, actor, t)  # type: ignore[attr-defined]
+                    self.drop_spte(table, idx, lvl, gfn, actor, t)
                     flush = True
         return visited, flush

@@ -1,26 +1,22 @@
-"""What the invariant checker asks of shadow paging (spec §13.3, §13.8), mixed into
+"""What the invariant checker asks of shadow paging (spec §13.3, §13.8), a layer of
 ``ShadowPagingMmu``: which TLB entries could translate to a gfn (from the gfn's rmaps up the
 ``parent_ptes`` chains to the roots), role discipline, and write tracking against the SPTEs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from vsim.mmu.rmap import rmap_entries
 from vsim.mmu.spte import PG_LEVEL_4K, PT_WRITABLE
-
-if TYPE_CHECKING:
-    from vsim.mmu.shadow_mmu import ShadowPagingMmu
+from vsim.mmu.unsync import UnsyncOps
 
 
-class ShadowChecks:
+class ShadowChecks(UnsyncOps):
     """Inspection for the checker; nothing here changes state."""
 
-    def tlb_keys_of_gfn(self: ShadowPagingMmu, gfn: int) -> list[tuple[int, int]]:
+    def tlb_keys_of_gfn(self, gfn: int) -> list[tuple[int, int]]:
         """``(size_class, key)`` of the guest virtual pages whose shadow leaves map ``gfn``: from
         each leaf on the gfn's rmaps up its ``parent_ptes`` to the roots."""
-        keys = []
+        keys: list[tuple[int, int]] = []
         slot = self.vm.memslots.gfn_to_memslot(gfn)
         if slot is None:
             return keys
@@ -30,7 +26,7 @@ class ShadowChecks:
                     keys.append((level - 1, gvpn >> (9 * (level - 1))))
         return keys
 
-    def _gvpns_of(self: ShadowPagingMmu, table: int, low: int) -> list[int]:
+    def _gvpns_of(self, table: int, low: int) -> list[int]:
         """The virtual pages reaching entry bits ``low`` of page ``table`` from a root."""
         sp = self.sp_of[table]
         if sp.pae_index is not None:  # a PAE root: its place in pae_root gives gva bits 31:30
@@ -42,7 +38,7 @@ class ShadowChecks:
             out += self._gvpns_of(ptable, low | pidx << (9 * sp.level))
         return out
 
-    def check_shadow(self: ShadowPagingMmu) -> list[tuple[str, str]]:
+    def check_shadow(self) -> list[tuple[str, str]]:
         """Role discipline (§13.8): only indirect 4K pages are unsync, and each unsync page is
         marked in its parents' ``unsync_child_bitmap`` up to a root. Write tracking (§13.3): no
         writable SPTE maps a gfn that a synced indirect page shadows."""

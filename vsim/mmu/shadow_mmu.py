@@ -20,17 +20,16 @@ A non-paging guest is shadowed by a direct MMU over ``gva == gpa`` (``nonpaging_
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vsim.guest.paging import ACC_ALL, ACC_WRITE_MASK, PagingMode, gpte_access, gpte_to_gfn
+from vsim.guest.paging import ACC_ALL, ACC_WRITE_MASK, gpte_access, gpte_to_gfn
 from vsim.mmu.direct_map import prefetch_may_be_writable
 from vsim.mmu.hugepage import kvm_mmu_hugepage_adjust
 from vsim.mmu.legacy_mmu import PTE_PREFETCH_NUM, LegacyMmu
 from vsim.mmu.mmu_page_view import KvmMmuPage
 from vsim.mmu.page_fault import RET_PF_EMULATE, RET_PF_RETRY, KvmPageFault
-from vsim.mmu.page_track import PageTrack
+from vsim.mmu.page_tables import Root
 from vsim.mmu.paging_tmpl import (
     GuestWalker,
     gpte_index,
@@ -41,8 +40,6 @@ from vsim.mmu.paging_tmpl import (
 )
 from vsim.mmu.shadow_checks import ShadowChecks
 from vsim.mmu.spte import (
-    PFN_MASK,
-    PFN_SHIFT,
     PG_LEVEL_4K,
     PT_WRITABLE,
     SPTE_MMU_PRESENT,
@@ -53,14 +50,10 @@ from vsim.mmu.spte import (
     pages_per_level,
     spte_index,
 )
-from vsim.mmu.unsync import UnsyncOps
-from vsim.requests import kvm_flush_remote_tlbs
+from vsim.sched import Proc
 
 if TYPE_CHECKING:
-    from vsim.guest.memory import GuestMemory
-    from vsim.memslots import Memslot
-    from vsim.vcpu.vcpu import Vcpu
-    from vsim.vm import Vm
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
 
 KVM_MMU_NUM_PREV_ROOTS = 3
 
@@ -79,34 +72,11 @@ class ShadowRoot:
         return any(sp is not None and sp.invalid for sp in self.sps)
 
 
-class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
+class ShadowPagingMmu(ShadowChecks):
     """The shadow MMU: indirect shadow pages from the guest's page tables, faults under the write lock."""
 
-    mode = "shadow"
-    indirect = True
-
-    def __init__(self, vm: Vm, guest_mode: PagingMode, guest_mem: GuestMemory, initial_tables: int = 64) -> None:
-        super().__init__(vm, initial_tables)
-        self.guest_mode = guest_mode
-        self.guest_mem = guest_mem
-        self.track_slot: dict[KvmMmuPage, Memslot | None] = {}
-        self.accounted: dict[int, int] = {}
-        c = vm.costs
-        self._c_gpte = c.walk_gpte
-        self._c_track = c.track_write
-        self._c_sync = c.sync_spte
-        self._flush_on_mmu_writable = vm.cfg.mmu.wrprot_flush_on_mmu_writable  # False brings back R5
-
-    # -- helpers -----------------------------------------------------------------------------------
-    @staticmethod
-    def child_table(spte: int) -> int:
-        return (spte & PFN_MASK) >> PFN_SHIFT
-
-    def flush_remote(self, actor: int, t: int) -> int:
-        return kvm_flush_remote_tlbs(self.vm, t, me=actor)
-
     # -- roots ---------------------------------------------------------------------------------------
-    def alloc_vcpu_root(self, v: Vcpu) -> ShadowRoot:
+    def alloc_vcpu_root(self, v: KvmVcpu) -> ShadowRoot:
         """``mmu_alloc_shadow_roots`` (``mmu_alloc_direct_roots`` for a non-paging guest) for the
         vCPU's CR3; advances ``v.now`` by any flush ``account_shadowed`` needed."""
         mode = self.guest_mode
@@ -137,9 +107,10 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
             sps.append(sp)
         return ShadowRoot(pml4, cr3, sps, (pml4, pae))
 
-    def put_root(self, root: ShadowRoot, vid: int, t: int) -> int:  # type: ignore[override]
+    def put_root(self, root: Root, vid: int, t: int) -> int:
         """``mmu_free_root_page`` for each root page (an invalid one goes with its last user), and
         the PAE root pages."""
+        assert isinstance(root, ShadowRoot)
         invalid: list[KvmMmuPage] = []
         for sp in root.sps:
             if sp is None:
@@ -184,7 +155,7 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
         return sp, self.account_shadowed(sp, actor, t)
 
     # -- the fault ---------------------------------------------------------------------------------
-    def page_fault(self, v: Vcpu, fault: KvmPageFault) -> Generator[object, object, int]:
+    def page_fault(self, v: KvmVcpu, fault: KvmPageFault) -> Proc[int]:
         """``FNAME(page_fault)`` (``nonpaging_page_fault`` for a non-paging guest)."""
         mode = self.guest_mode
         if mode.levels == 0:
@@ -216,7 +187,7 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
         yield from self.unlock_write(v)
         return ret
 
-    def shadow_page_table_clear_flood(self, v: Vcpu, gvpn: int) -> None:
+    def shadow_page_table_clear_flood(self, v: KvmVcpu, gvpn: int) -> None:
         """``shadow_page_table_clear_flood``: the pages on the address's shadow walk are in use."""
         for table, _ in self._shadow_path(v.root, gvpn):  # type: ignore[arg-type]
             sp = self.sp_of.get(table)
@@ -235,7 +206,7 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
                 return path
             table, level = self.child_table(spte), level - 1
 
-    def fetch(self, v: Vcpu, w: GuestWalker, fault: KvmPageFault) -> Generator[object, object, int]:
+    def fetch(self, v: KvmVcpu, w: GuestWalker, fault: KvmPageFault) -> Proc[int]:
         """``FNAME(fetch)`` under the write lock: link the shadow pages down to the leaf, map it."""
         vm = self.vm
         mode = self.guest_mode
@@ -310,7 +281,7 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
         self.drop_spte(table, idx, level, self.sp_of[table].get_gfn(idx), actor, t)
         return self.flush_remote(actor, t)
 
-    def kvm_mmu_invalidate_addr(self, v: Vcpu, root: ShadowRoot, gvpn: int, t: int) -> int:
+    def kvm_mmu_invalidate_addr(self, v: KvmVcpu, root: ShadowRoot, gvpn: int, t: int) -> int:
         """``__kvm_mmu_invalidate_addr`` on one root: on the address's path, sync the entry of each
         unsync page (zapping it if its gpte is gone, with a flush), down to the last page with
         unsync children. Returns the time."""
@@ -324,13 +295,13 @@ class ShadowPagingMmu(ShadowChecks, PageTrack, UnsyncOps, LegacyMmu):
                 break
         return t + self._c_sync
 
-    def make_spte_writable(self, v: Vcpu, gfn: int, level: int, old: int, t: int) -> bool:
+    def make_spte_writable(self, v: KvmVcpu, gfn: int, level: int, old: int, t: int) -> bool:
         """``make_spte``: an SPTE that was writable stays so; else ``mmu_try_to_unsync_pages``."""
         if old & SPTE_MMU_PRESENT and old & PT_WRITABLE:
             return True
         return self.mmu_try_to_unsync_pages(v.gfn_to_memslot(gfn), gfn, True)
 
-    def pte_prefetch(self, v: Vcpu, table: int, idx: int) -> int:
+    def pte_prefetch(self, v: KvmVcpu, table: int, idx: int) -> int:
         """``FNAME(pte_prefetch)``: map the empty neighbours in the leaf's group of 8 from their
         gptes, stopping at the first that cannot be (invalid gpte, no slot, host page absent, or a
         write-logged slot). Returns the ns spent."""

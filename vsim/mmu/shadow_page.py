@@ -53,7 +53,7 @@ from vsim.stats import K_MMU_CACHE_MISS
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
     from vsim.vm import Vm
 
 NO_HEADS = np.zeros(0, dtype=np.int64)
@@ -182,7 +182,7 @@ class ShadowMmu(PageTables):
             self.set_spte(table, idx, level, gfn, old, 0, actor, t)
         return kvm_flush_remote_tlbs(self.vm, t, me=actor)
 
-    def set_spte_done(self, v: Vcpu, status: int, slot: Memslot | None, gfn: int, level: int, t: int) -> int:
+    def set_spte_done(self, v: KvmVcpu, status: int, slot: Memslot | None, gfn: int, level: int, t: int) -> int:
         """The end of ``mmu_set_spte``: count an MMIO SPTE, flush for an SPTE that lost W, recycle a
         head past ``RMAP_RECYCLE_THRESHOLD`` (then note the mapping). Returns the time."""
         if status & MS_MMIO_CREATED:

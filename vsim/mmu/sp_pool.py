@@ -20,7 +20,7 @@ every change whichever code made it.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from numba import njit, typeof, types
@@ -70,14 +70,17 @@ class PoolRefType(BundleRefType):
     """The numba type of ``PoolRef``."""
 
 
-class PoolRef(structref.StructRefProxy):
-    """``Pool``'s arrays as one object for compiled entry points: it unboxes as one pointer, and
-    compiled code that takes it compiles several times faster than with the 9-array tuple. The
-    helpers here read ``p.spt`` etc. either way, so they serve both. Made by ``new_pool_ref``
-    (a cached compiled constructor: numba's generated one would compile in every process)."""
+if TYPE_CHECKING:
+    PoolRef = Pool  # to the type checker the handle is the bundle it holds: the same fields
+else:
 
+    class PoolRef(structref.StructRefProxy):
+        """``Pool``'s arrays as one object for compiled entry points: it unboxes as one pointer, and
+        compiled code that takes it compiles several times faster than with the 9-array tuple. The
+        helpers here read ``p.spt`` etc. either way, so they serve both. Made by ``new_pool_ref``
+        (a cached compiled constructor: numba's generated one would compile in every process)."""
 
-structref.define_boxing(PoolRefType, PoolRef)
+    structref.define_boxing(PoolRefType, PoolRef)
 _DTYPES = (("spt", np.int64, 2), ("sp_level", np.int8, 1), ("sp_gfn", np.int64, 1), ("sp_gen", np.int64, 1),
            ("free", np.int64, 1), ("hdr", np.int64, 1), ("counts", np.int64, 1), ("chg", np.int64, 2),
            ("zapped", np.bool_, 1))  # fmt: skip
@@ -87,7 +90,7 @@ POOL_REF_TYPE = PoolRefType([(name, typeof(np.zeros((1,) * nd, dtype=dt))) for n
 @njit(cache=True)
 def new_pool_ref(spt: np.ndarray, sp_level: np.ndarray, sp_gfn: np.ndarray, sp_gen: np.ndarray, free: np.ndarray,
                  hdr: np.ndarray, counts: np.ndarray, chg: np.ndarray, zapped: np.ndarray) -> PoolRef:  # fmt: skip
-    r = structref.new(POOL_REF_TYPE)
+    r: PoolRef = structref.new(POOL_REF_TYPE)  # type: ignore[call-arg]  # an intrinsic: numba passes the typing context
     r.spt = spt
     r.sp_level = sp_level
     r.sp_gfn = sp_gfn

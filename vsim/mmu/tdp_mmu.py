@@ -12,7 +12,6 @@ fault is ``RET_PF_SPURIOUS``. That is how two vCPUs faulting the same gfn end in
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,7 @@ from vsim.mmu.page_fault import (
     RET_PF_RETRY,
     KvmPageFault,
 )
-from vsim.mmu.page_tables import PageTables
+from vsim.mmu.page_tables import Root
 from vsim.mmu.spte import (
     REMOVED_SPTE,
     SPTE_ENT_PER_PAGE,
@@ -36,16 +35,17 @@ from vsim.mmu.spte import (
     pages_per_level,
     spte_to_pfn,
 )
-from vsim.mmu.tdp_mmu_map import count_entries, handle_removed_pt, tdp_mmu_map_install, tdp_zap_table
+from vsim.mmu.tdp_mmu_map import count_entries, tdp_mmu_map_install, tdp_zap_table
 from vsim.mmu.tdp_range_ops import TdpRangeOps
 from vsim.requests import kvm_flush_remote_tlbs
+from vsim.sched import Proc
 
 if TYPE_CHECKING:
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
     from vsim.vm import Vm
     from vsim.vmm import Vmm
 
-FaultGen = Generator[object, object, int]
+FaultGen = Proc[int]
 
 
 @dataclass(eq=False)
@@ -58,7 +58,7 @@ class TdpRoot:
     invalid: bool = False
 
 
-class TdpMmu(TdpRangeOps, PageTables):
+class TdpMmu(TdpRangeOps):
     """The VM's TDP MMU: ``kvm->arch.tdp_mmu_roots`` and their page tables."""
 
     mode = "tdp_mmu"
@@ -86,9 +86,10 @@ class TdpMmu(TdpRangeOps, PageTables):
         self.roots.append(root)
         return root
 
-    def put_root(self, root: TdpRoot, vid: int, t: int) -> int:
+    def put_root(self, root: Root, vid: int, t: int) -> int:
         """``kvm_tdp_mmu_put_root``: drop a reference; the last one frees the (zapped) root.
         Returns the time the caller goes on (no flush: the root is already unused)."""
+        assert isinstance(root, TdpRoot)
         root.refcount -= 1
         if root.refcount == 0:
             self.roots.remove(root)
@@ -103,7 +104,7 @@ class TdpMmu(TdpRangeOps, PageTables):
             r.invalid = True
         return invalid
 
-    def kvm_zap_obsolete_pages(self, vmm: Vmm) -> Generator[object, object, None]:
+    def kvm_zap_obsolete_pages(self, vmm: Vmm) -> Proc[None]:
         """The TDP MMU puts no pages on ``active_mmu_pages``: nothing to zap there."""
         return
         yield
@@ -122,7 +123,7 @@ class TdpMmu(TdpRangeOps, PageTables):
         return int(visited)
 
     # -- the fault -------------------------------------------------------------------------------
-    def page_fault(self, v: Vcpu, fault: KvmPageFault) -> FaultGen:
+    def page_fault(self, v: KvmVcpu, fault: KvmPageFault) -> FaultGen:
         """``kvm_tdp_mmu_page_fault`` (spec §1.4), as a SimPy generator returning ``RET_PF_*``."""
         # 1-4. page tracking (nothing is write-tracked without shadow pages), fast_page_fault,
         # mmu_topup_memory_caches and kvm_faultin_pfn.
@@ -131,7 +132,7 @@ class TdpMmu(TdpRangeOps, PageTables):
             return r
         return (yield from self.page_fault_locked(v, fault))
 
-    def page_fault_locked(self, v: Vcpu, fault: KvmPageFault) -> FaultGen:
+    def page_fault_locked(self, v: KvmVcpu, fault: KvmPageFault) -> FaultGen:
         """The fault from ``read_lock(mmu_lock)`` on (where a vCPU group member that found the lock
         contended goes on in Python)."""
         vm = self.vm
@@ -141,6 +142,7 @@ class TdpMmu(TdpRangeOps, PageTables):
             return RET_PF_RETRY
         lock = vm.mmu_lock
         root = v.root
+        assert root is not None
         # 8. kvm_tdp_mmu_map: read the path now, install after the map work.
         kvm_mmu_hugepage_adjust(fault)
         last = self.walk_to(root, gfn, fault.goal_level)
@@ -161,7 +163,7 @@ class TdpMmu(TdpRangeOps, PageTables):
         lock.read_unlock(v.id, v.now)
         return ret
 
-    def _map_install(self, v: Vcpu, fault: KvmPageFault, last: tuple[int, int, int, int]) -> int:
+    def _map_install(self, v: KvmVcpu, fault: KvmPageFault, last: tuple[int, int, int, int]) -> int:
         """The cmpxchg half of ``kvm_tdp_mmu_map`` (``tdp_mmu_map_install``) against the entry its
         walk ended at earlier; then the flush a collapsed page table needs."""
         table, idx, level, old = last
@@ -196,11 +198,3 @@ class TdpMmu(TdpRangeOps, PageTables):
         if ret == RET_PF_EMULATE:
             v.stat.pf_mmio_spte_created += 1
         return int(ret)
-
-    def handle_removed_pt(self, table: int, gfn: int, vid: int, t: int) -> int:
-        """``handle_removed_pt`` (``vsim.mmu.tdp_mmu_map``): the present leaves the table held."""
-        if self.logging:
-            self.pool.reserve_changes(count_entries(self.pool.ref, table))
-        leaves = handle_removed_pt(self.pool.ref, table, gfn, self._stat, vid, t)
-        self.replay_changes()
-        return int(leaves)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vsim.mmu.hugepage import kvm_mmu_max_mapping_level
+from vsim.mmu.page_tables import PageTables
 from vsim.mmu.spte import (
     PFN_MASK,
     PFN_SHIFT,
@@ -44,26 +45,28 @@ from vsim.mmu.spte import (
     pages_per_level,
     spte_is_young,
 )
-from vsim.mmu.tdp_mmu_map import tdp_split_huge_page
+from vsim.mmu.tdp_mmu_map import count_entries, handle_removed_pt, tdp_split_huge_page
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
-    from vsim.mmu.sp_pool import SpPool
     from vsim.mmu.tdp_mmu import TdpRoot
-    from vsim.vm import Vm
 
 
 Collapsible = tuple[int, int, int, int, int, int]  # (table, index, level, gfn, spte, first leaf)
 
 
-class TdpRangeOps:
-    """The range operations, mixed into ``TdpMmu`` (they walk ``self.roots``)."""
+class TdpRangeOps(PageTables):
+    """The range operations, the layer of ``TdpMmu`` over the pool (they walk ``self.roots``)."""
 
-    vm: Vm
-    spt: np.ndarray
-    roots: list[TdpRoot]
-    pool: SpPool
-    _stat: int
+    roots: list[TdpRoot]  # kvm->arch.tdp_mmu_roots (TdpMmu sets it)
+
+    def handle_removed_pt(self, table: int, gfn: int, vid: int, t: int) -> int:
+        """``handle_removed_pt`` (``vsim.mmu.tdp_mmu_map``): the present leaves the table held."""
+        if self.logging:
+            self.pool.reserve_changes(count_entries(self.pool.ref, table))
+        leaves = handle_removed_pt(self.pool.ref, table, gfn, self._stat, vid, t)
+        self.replay_changes()
+        return int(leaves)
 
     def _entries(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
         """``(table, index, level, gfn, spte)`` of every present entry overlapping ``[start, end)``

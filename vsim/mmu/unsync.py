@@ -11,7 +11,7 @@ INVLPG for the one entry on the invalidated address's path.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,6 +26,7 @@ from vsim.guest.paging import (
     gpte_access,
     gpte_to_gfn,
 )
+from vsim.mmu.page_track import PageTrack
 from vsim.mmu.paging_tmpl import gpte_index, prefetch_invalid_gpte, protect_clean_gpte
 from vsim.mmu.spte import (
     PG_LEVEL_4K,
@@ -36,20 +37,20 @@ from vsim.mmu.spte import (
     is_last_spte,
 )
 from vsim.requests import KVM_REQ_MMU_SYNC
+from vsim.sched import Proc
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
     from vsim.mmu.mmu_page_view import KvmMmuPage
-    from vsim.mmu.shadow_mmu import ShadowPagingMmu
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
 
 KVM_PAGE_ARRAY_NR = 16
 
 
-class UnsyncOps:
-    """Unsync and sync, mixed into ``ShadowPagingMmu``."""
+class UnsyncOps(PageTrack):
+    """Unsync and sync (the layer of ``ShadowPagingMmu`` after write tracking)."""
 
-    def mmu_try_to_unsync_pages(self: ShadowPagingMmu, slot: Memslot | None, gfn: int, can_unsync: bool) -> bool:
+    def mmu_try_to_unsync_pages(self, slot: Memslot | None, gfn: int, can_unsync: bool) -> bool:
         """``mmu_try_to_unsync_pages``: may an SPTE mapping ``gfn`` be writable? Unsyncs the 4K
         shadow pages of ``gfn`` when it may; a write-tracked gfn, or a sync in progress, keeps it
         read-only. (A prefetch, which never unsyncs, asks ``prefetch_may_be_writable``.)"""
@@ -65,12 +66,12 @@ class UnsyncOps:
             self.kvm_unsync_page(sp)
         return True
 
-    def kvm_unsync_page(self: ShadowPagingMmu, sp: KvmMmuPage) -> None:
+    def kvm_unsync_page(self, sp: KvmMmuPage) -> None:
         self.vm.stat.mmu_unsync += 1
         sp.unsync = True
         self.kvm_mmu_mark_parents_unsync(sp)
 
-    def kvm_mmu_mark_parents_unsync(self: ShadowPagingMmu, sp: KvmMmuPage) -> None:
+    def kvm_mmu_mark_parents_unsync(self, sp: KvmMmuPage) -> None:
         """``mark_unsync`` on every parent SPTE, propagating while counts go 0 → 1."""
         for table, idx in sp.parent_ptes:
             parent = self.sp_of[table]
@@ -81,7 +82,7 @@ class UnsyncOps:
             if parent.unsync_children == 1:
                 self.kvm_mmu_mark_parents_unsync(parent)
 
-    def mmu_unsync_walk(self: ShadowPagingMmu, sp: KvmMmuPage, out: list[KvmMmuPage]) -> None:
+    def mmu_unsync_walk(self, sp: KvmMmuPage, out: list[KvmMmuPage]) -> None:
         """``mmu_unsync_walk``: the unsync pages below ``sp``; stale bitmap bits are cleared."""
         for idx in sorted(sp.unsync_child_bitmap):
             spte = self.spt.item(sp.table, idx)
@@ -104,7 +105,7 @@ class UnsyncOps:
             sp.unsync_child_bitmap.discard(idx)
             sp.unsync_children -= 1
 
-    def mmu_zap_unsync_children(self: ShadowPagingMmu, sp: KvmMmuPage, invalid_list: list[KvmMmuPage], actor: int,
+    def mmu_zap_unsync_children(self, sp: KvmMmuPage, invalid_list: list[KvmMmuPage], actor: int,
                                 t: int) -> int:  # fmt: skip
         """``mmu_zap_unsync_children``: zap the unsync pages below a page being zapped."""
         if not sp.unsync_children:
@@ -117,8 +118,8 @@ class UnsyncOps:
                 visited += self.kvm_mmu_prepare_zap_page(child, invalid_list, actor, t)
         return visited
 
-    def mmu_sync_children(self: ShadowPagingMmu, v: Vcpu, parent: KvmMmuPage,
-                          can_yield: bool) -> Generator[object, object, bool]:  # fmt: skip
+    def mmu_sync_children(self, v: KvmVcpu, parent: KvmMmuPage,
+                          can_yield: bool) -> Proc[bool]:  # fmt: skip
         """``mmu_sync_children`` under the write lock: in batches of ``KVM_PAGE_ARRAY_NR``,
         write-protect the unsync pages' gfns (flushing if an SPTE lost W), then sync each one.
         Between batches it yields to waiters; if it may not yield it sets ``KVM_REQ_MMU_SYNC`` and
@@ -151,13 +152,13 @@ class UnsyncOps:
                 yield from self.lock_write(v)
         return True
 
-    def kvm_sync_page(self: ShadowPagingMmu, v: Vcpu, sp: KvmMmuPage, invalid: list[KvmMmuPage]) -> bool:
+    def kvm_sync_page(self, v: KvmVcpu, sp: KvmMmuPage, invalid: list[KvmMmuPage]) -> bool:
         """``kvm_sync_page``: re-read every gpte behind the page's SPTEs (``FNAME(sync_spte)``).
         Returns whether an SPTE lost a permission (the caller flushes).
 
         The entries whose gpte still maps the same gfn with the same write permission are found
         with numpy first; ``sync_spte`` runs on the others only (the result is the same)."""
-        gfns = sp.gfns or {}
+        gfns: Mapping[int, int] = sp.gfns or {}
         if not gfns:
             return False
         idxs = np.fromiter(gfns.keys(), dtype=np.int64, count=len(gfns))
@@ -187,7 +188,7 @@ class UnsyncOps:
         v.now += len(gfns) * self._c_sync
         return flush
 
-    def sync_spte(self: ShadowPagingMmu, v: Vcpu, sp: KvmMmuPage, idx: int) -> bool:
+    def sync_spte(self, v: KvmVcpu, sp: KvmMmuPage, idx: int) -> bool:
         """``FNAME(sync_spte)``: drop the SPTE if its gpte is gone or maps another gfn, else rebuild
         its permissions (``make_spte(synchronizing)``: no unsync from here). Returns whether to
         flush."""

@@ -16,17 +16,17 @@ when more than 10% of a vCPU's pages are still idle when it marks them again.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vsim.requests import kvm_flush_remote_tlbs
+from vsim.sched import Proc
 from vsim.selftests.memstress import ACCESS, MemstressHost
 from vsim.vcpu.workloads import vcpu_region
 
 if TYPE_CHECKING:
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
     from vsim.vm import Vm
     from vsim.vmm import Vmm
 
@@ -56,11 +56,11 @@ class AccessTrackingPerf(MemstressHost):
         for v in self.vm.vcpus:
             v.workload.pass_write_percent = [wp for kind, wp, _ in ITERATIONS if kind == ACCESS]
 
-    def run(self, vmm: Vmm) -> Generator[object, object, None]:
+    def run(self, vmm: Vmm) -> Proc[None]:
         for k, (_, _, name) in enumerate(ITERATIONS):
             yield from self.run_iteration(vmm, k, name)
 
-    def vcpu_task(self, v: Vcpu, k: int) -> Generator[object, object, None]:
+    def vcpu_task(self, v: KvmVcpu, k: int) -> Proc[None]:
         """``mark_vcpu_memory_idle`` on the vCPU thread, for iteration ``k``."""
         vm = self.vm
         c = vm.costs
@@ -76,9 +76,9 @@ class AccessTrackingPerf(MemstressHost):
             ev = v.sync()
             if ev is not None:
                 yield ev
-            ev = lock.write_lock(v.id, v.now)
-            if ev is not None:
-                v.now = yield ev
+            wait = lock.write_lock(v.id, v.now)
+            if wait is not None:
+                v.now = yield wait
             visited = 0
             if self.idle[i]:  # is_page_idle: still flagged idle, unless a mapping is young
                 visited, young = vm.mmu.test_age_gfn(gfn)

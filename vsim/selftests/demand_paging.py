@@ -7,9 +7,9 @@ demand paging rate: X pgs/sec`` (pages faulted in, over that time).
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import TYPE_CHECKING
 
+from vsim.sched import Proc
 from vsim.selftests.memstress import ACCESS, MemstressHost
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ class DemandPaging(MemstressHost):
     def __init__(self, vm: Vm) -> None:
         super().__init__(vm, [ACCESS])
 
-    def run(self, vmm: Vmm) -> Generator[object, object, None]:
+    def run(self, vmm: Vmm) -> Proc[None]:
         yield from self.run_iteration(vmm, 0, "Total guest execution time")
 
     def counts(self) -> dict[str, object]:

@@ -18,13 +18,13 @@ measures from "start" until the slowest vCPU finishes.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vsim.config.schema import MemslotOp
 from vsim.dirty_log import kvm_clear_dirty_log, kvm_get_dirty_log
+from vsim.sched import Proc
 from vsim.selftests.memstress import ACCESS, MemstressHost
 
 if TYPE_CHECKING:
@@ -41,11 +41,11 @@ class DirtyLogPerf(MemstressHost):
         self.dirty_pages: list[int] = []  # pages GET reported per iteration
         self.cleared_pages: list[int] = []
 
-    def _set_logging(self, vmm: Vmm, on: bool) -> Generator[object, object, None]:
+    def _set_logging(self, vmm: Vmm, on: bool) -> Proc[None]:
         for slot in list(self.vm.memslots.slots):
             yield from vmm.kvm_set_memory_region(MemslotOp(at=vmm.now, op="flags", slot=slot.id, log_dirty=on))
 
-    def run(self, vmm: Vmm) -> Generator[object, object, None]:
+    def run(self, vmm: Vmm) -> Proc[None]:
         vm = self.vm
         manual = vm.cfg.dirty_log.manual_protect
         yield from self.run_iteration(vmm, 0, "Populate memory time")

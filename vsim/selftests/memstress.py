@@ -12,16 +12,16 @@ A vCPU thread reaches the handshake at each ``GUEST_SYNC`` (``Vcpu.guest_sync`` 
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 from simpy.events import Event
 
-from vsim.sched import GRANT_PRIO, At
+from vsim.sched import GRANT_PRIO, At, Proc
 from vsim.vcpu.vcpu import NEVER
 
 if TYPE_CHECKING:
-    from vsim.vcpu.vcpu import Vcpu
+    from vsim.vcpu.kvm_vcpu import KvmVcpu
     from vsim.vm import Vm
     from vsim.vmm import Vmm
 
@@ -35,7 +35,7 @@ def fire(ev: Event, t: int) -> None:
     ev.env.schedule(ev, GRANT_PRIO, t - ev.env.now)
 
 
-class MemstressHost:
+class MemstressHost(ABC):
     """The iteration handshake between the main thread and the vCPU threads; ``kinds[k]`` says
     what iteration ``k`` asks of a vCPU thread (``ACCESS`` or a program-defined host task)."""
 
@@ -58,11 +58,15 @@ class MemstressHost:
     def counts(self) -> dict[str, object]:
         return {}
 
-    def set_workloads(self) -> None:
+    @abstractmethod
+    def run(self, vmm: Vmm) -> Proc[None]:
+        """The test's main thread, run by the VMM: its iterations and host-side work."""
+
+    def set_workloads(self) -> None:  # noqa: B027 - a hook whose default changes nothing
         """Adjust the vCPUs' guest passes once they exist (by default they run as configured)."""
 
     # -- vCPU threads ------------------------------------------------------------------------------
-    def vcpu_sync(self, v: Vcpu) -> Generator[object, object, None]:
+    def vcpu_sync(self, v: KvmVcpu) -> Proc[None]:
         """At ``GUEST_SYNC``: record the iteration, then do host-side iterations until the next one
         that runs the guest (or the last)."""
         k = self._iteration.get(v.id, 0)
@@ -80,7 +84,7 @@ class MemstressHost:
             yield from self.vcpu_task(v, k)
             self._record(k, v.now)
 
-    def vcpu_task(self, v: Vcpu, k: int) -> Generator[object, object, None]:
+    def vcpu_task(self, v: KvmVcpu, k: int) -> Proc[None]:
         """The vCPU thread's own work in iteration ``k`` (whose kind is not ``ACCESS``)."""
         raise ValueError(f"{type(self).__name__} has no vCPU-thread task {self.kinds[k]!r}")
 
@@ -91,7 +95,7 @@ class MemstressHost:
             fire(self._all_done[k], self._last[k])
 
     # -- main thread -------------------------------------------------------------------------------
-    def run_iteration(self, vmm: Vmm, k: int, name: str) -> Generator[object, object, None]:
+    def run_iteration(self, vmm: Vmm, k: int, name: str) -> Proc[None]:
         """Bump to iteration ``k`` (0: the vCPUs are already running it) and wait for all vCPUs;
         the time it took is phase ``name``."""
         t = vmm.now

@@ -29,7 +29,7 @@ _EMPTY = -1
 
 
 @njit(cache=True, inline="always")
-def _lookup(tags, wr, sets, ways, c, key, write):  # type: ignore[no-untyped-def]
+def _lookup(tags, wr, sets, ways, c, key, write):
     """0: miss; 1: hit (moved to the front of its set); 2: present but not usable for a write
     (read-only, or writable with D clear: the CPU walks to set D)."""
     row = key % sets[c]
@@ -52,7 +52,7 @@ def _lookup(tags, wr, sets, ways, c, key, write):  # type: ignore[no-untyped-def
 
 
 @njit(cache=True, inline="always")
-def _insert(tags, wr, sets, ways, count, c, key, writable):  # type: ignore[no-untyped-def]
+def _insert(tags, wr, sets, ways, count, c, key, writable):
     """Put ``key`` at the front of its set: replace its old entry, or evict the set's LRU way."""
     row = key % sets[c]
     n = ways[c]
@@ -203,7 +203,7 @@ def run_accesses(
 
 
 @njit(cache=True, inline="always")
-def _note_write(written, wmap, k):  # type: ignore[no-untyped-def]
+def _note_write(written, wmap, k):
     """The invariant checker's record of completed writes (an empty array when it is off)."""
     if wmap.shape[0]:
         if not 0 <= k < wmap.shape[0]:
@@ -214,7 +214,7 @@ def _note_write(written, wmap, k):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _add_counters(counters, accesses, hits, walks, walk_refs):  # type: ignore[no-untyped-def]
+def _add_counters(counters, accesses, hits, walks, walk_refs):
     counters[0] += accesses
     counters[1] += hits
     counters[2] += walks

@@ -8,9 +8,6 @@ the pending requests, drops SRCU and publishes ``IN_GUEST_MODE``. Mixed into ``V
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import TYPE_CHECKING
-
 from vsim.memslots import KVM_MEMSLOT_INVALID
 from vsim.mmu.mmio import handle_mmio_page_fault
 from vsim.mmu.page_fault import (
@@ -25,10 +22,9 @@ from vsim.mmu.page_fault import (
     ept_violation_error_code,
 )
 from vsim.requests import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
-from vsim.vcpu.group_state import LEAVE_LOCK, LEAVE_LOCKED
-
-if TYPE_CHECKING:
-    from vsim.vcpu.vcpu import Vcpu
+from vsim.sched import Proc
+from vsim.vcpu.group_state import LEAVE_LOCK, LEAVE_LOCKED, NEVER
+from vsim.vcpu.vcpu_requests import VcpuRequests
 
 EXIT_REASON_EPT_VIOLATION = "EPT_VIOLATION"
 EXIT_REASON_EPT_MISCONFIG = "EPT_MISCONFIG"
@@ -36,13 +32,11 @@ EXIT_REASON_EXTERNAL_INTERRUPT = "EXTERNAL_INTERRUPT"
 EXIT_REASON_PML_FULL = "PML_FULL"
 EXIT_REASON_IO_INSTRUCTION = "IO_INSTRUCTION"
 
-NEVER = 1 << 62
 
-
-class VcpuExits:
+class VcpuExits(VcpuRequests):
     """The exit and entry side of ``Vcpu``."""
 
-    def _exit(self: Vcpu, reason: str, gfn: int, refs: int) -> tuple[int, int, int]:
+    def _exit(self, reason: str, gfn: int, refs: int) -> tuple[int, int, int]:
         """VM exit at the end of a walk of ``refs`` references: leave guest mode, enter KVM under
         ``kvm->srcu``. Returns ``(exit_id, t_exit, srcu_token)``."""
         vm = self.vm
@@ -62,7 +56,7 @@ class VcpuExits:
         self.now = t_exit + vm.costs.vmexit
         return exit_id, t_exit, token
 
-    def _reenter(self: Vcpu, exit_id: int, token: int) -> Generator[object, object, None]:
+    def _reenter(self, exit_id: int, token: int) -> Proc[None]:
         """``vcpu_enter_guest``: service pending requests, drop ``kvm->srcu``, enter the guest.
 
         Entry publishes ``IN_GUEST_MODE`` and then reads the requests, so it happens at a synced
@@ -80,22 +74,20 @@ class VcpuExits:
         self.vm.srcu.read_unlock(token, self.now)
         self.enter_guest(exit_id)
 
-    def handle_pml_full(self: Vcpu, gfn: int, refs: int) -> Generator[object, object, None]:
+    def handle_pml_full(self, gfn: int, refs: int) -> Proc[None]:
         """A PML-full exit: the buffer is drained at the exit, and the write is retried."""
         exit_id, _, token = self._exit(EXIT_REASON_PML_FULL, gfn, refs)
         self.stat.pml_full_exits += 1
         yield from self._reenter(exit_id, token)
 
-    def handle_external_interrupt(self: Vcpu) -> Generator[object, object, None]:
+    def handle_external_interrupt(self) -> Proc[None]:
         """The kick's IPI arrives: exit (``EXTERNAL_INTERRUPT``), acknowledge it, re-enter."""
         self.now = max(self.now, self.kick_at)
         exit_id, _, token = self._exit(EXIT_REASON_EXTERNAL_INTERRUPT, 0, 0)  # acknowledges the kick
         self.stat.irq_exits += 1
         yield from self._reenter(exit_id, token)
 
-    def handle_ept_violation(
-        self: Vcpu, gfn: int, write: bool, present: bool, refs: int
-    ) -> Generator[object, object, bool]:
+    def handle_ept_violation(self, gfn: int, write: bool, present: bool, refs: int) -> Proc[bool]:
         """``handle_ept_violation`` → ``kvm_mmu_page_fault``, and re-entry. Returns True if the
         access was completed by emulation (MMIO) rather than to be retried by the guest."""
         exit_id, t_exit, token = self._exit(EXIT_REASON_EPT_VIOLATION, gfn, refs)
@@ -104,9 +96,7 @@ class VcpuExits:
         r = yield from self.kvm_mmu_do_page_fault(fault)
         return (yield from self._ept_violation_done(r, gfn, write, exit_id, t_exit, token))
 
-    def _ept_violation_done(
-        self: Vcpu, r: int, gfn: int, write: bool, exit_id: int, t_exit: int, token: int
-    ) -> Generator[object, object, bool]:
+    def _ept_violation_done(self, r: int, gfn: int, write: bool, exit_id: int, t_exit: int, token: int) -> Proc[bool]:
         """The end of ``handle_ept_violation``: emulate an MMIO access, re-enter, and record the
         fault's service time."""
         done = r == RET_PF_EMULATE and self.emulate_mmio(gfn, write)
@@ -114,7 +104,7 @@ class VcpuExits:
         self.stat.fault_service_ns.append(self.now - t_exit)
         return done
 
-    def resume_group_fault(self: Vcpu, why: int, f: dict) -> Generator[object, object, None]:
+    def resume_group_fault(self, why: int, f: dict) -> Proc[None]:
         """Go on with an exit that a vCPU group member began in compiled code (a not-present EPT
         violation, or an IPI's): from ``read_lock(mmu_lock)`` when the lock was contended
         (``LEAVE_LOCK``), from just after ``write_lock`` when the legacy MMU's locked section needs
@@ -135,7 +125,7 @@ class VcpuExits:
             self._page_fault_ret(fault, r)
         yield from self._ept_violation_done(r, f["gfn"], f["write"], f["exit_id"], f["t_exit"], f["token"])
 
-    def handle_ept_misconfig(self: Vcpu, gfn: int, write: bool, refs: int) -> Generator[object, object, bool]:
+    def handle_ept_misconfig(self, gfn: int, write: bool, refs: int) -> Proc[bool]:
         """``handle_ept_misconfig``: an MMIO SPTE. ``handle_mmio_page_fault`` first; a stale
         generation goes down the full fault path with ``PFERR_RSVD_MASK``."""
         exit_id, t_exit, token = self._exit(EXIT_REASON_EPT_MISCONFIG, gfn, refs)
@@ -148,7 +138,7 @@ class VcpuExits:
         yield from self._reenter(exit_id, token)
         return done
 
-    def kvm_mmu_do_page_fault(self: Vcpu, fault: KvmPageFault) -> Generator[object, object, int]:
+    def kvm_mmu_do_page_fault(self, fault: KvmPageFault) -> Proc[int]:
         """``kvm_mmu_do_page_fault``: count ``pf_taken``, run the MMU's pipeline, count the outcome."""
         st = self.stat
         sink = self.vm.sink
@@ -159,7 +149,7 @@ class VcpuExits:
         self._page_fault_ret(fault, r)
         return r
 
-    def _page_fault_ret(self: Vcpu, fault: KvmPageFault, r: int) -> None:
+    def _page_fault_ret(self, fault: KvmPageFault, r: int) -> None:
         """``kvm_mmu_do_page_fault``'s outcome: the ``pf_*`` count and the return tracepoint."""
         st = self.stat
         sink = self.vm.sink
@@ -174,7 +164,7 @@ class VcpuExits:
         if sink.faults:
             sink.emit("vsim_page_fault_ret", self.now, self.id, fault.id, RET_PF_NAMES[r], fault.goal_level)
 
-    def emulate_mmio(self: Vcpu, gfn: int, write: bool) -> bool:
+    def emulate_mmio(self, gfn: int, write: bool) -> bool:
         """``x86_emulate_instruction`` on an MMIO access: no device in KVM claims it, so it exits
         to userspace (``KVM_EXIT_MMIO``) and the VMM completes it. The access is then done."""
         vm = self.vm
@@ -195,7 +185,7 @@ class VcpuExits:
         self.counters[0] += 1
         return True
 
-    def enter_guest(self: Vcpu, exit_id: int) -> None:
+    def enter_guest(self, exit_id: int) -> None:
         """VM entry (after ``vcpu_enter_guest`` serviced the requests)."""
         vm = self.vm
         if vm.checker is not None:
@@ -213,7 +203,7 @@ class VcpuExits:
         if self.vm.sink.all:
             self.vm.sink.emit("kvm_entry", self.now, self.id, exit_id)
 
-    def guest_sync(self: Vcpu) -> Generator[object, object, None]:
+    def guest_sync(self) -> Proc[None]:
         """memstress ``GUEST_SYNC``: a ucall port I/O that exits to userspace and comes back."""
         ev = self.sync()  # the exit changes state others read (mode, requests, SRCU)
         if ev is not None:

@@ -36,11 +36,14 @@ from vsim.mmu.page_fault import RET_PF_NAMES
 from vsim.mmu.shadow_mmu import ShadowPagingMmu
 from vsim.sched import GRANT_PRIO, At
 from vsim.vcpu import group_state as k
-from vsim.vcpu.group_direct import DIRECT_MAP_DESCS, DIRECT_MAP_TABLES
+from vsim.vcpu import group_transfer as xfer
+from vsim.vcpu.group_direct import DIRECT_MAP_DESCS, DIRECT_MAP_TABLES, new_slot_lists
 from vsim.vcpu.group_kernel import run_group
-from vsim.vcpu.group_transfer import NOT_SIMPLE, GroupTransfer
+from vsim.vcpu.group_transfer import NOT_SIMPLE, NoHost
 
 if TYPE_CHECKING:
+    from vsim.host_mm import HostMapping
+    from vsim.memslots import Memslot
     from vsim.vcpu.vcpu import Vcpu
     from vsim.vm import Vm
 
@@ -61,7 +64,7 @@ def group_enabled(vm: Vm) -> bool:
     )
 
 
-class VcpuGroup(GroupTransfer):
+class VcpuGroup:
     """The VM's vCPU group: member state in arrays, and the SimPy wake-ups that run it."""
 
     def __init__(self, vm: Vm) -> None:
@@ -140,11 +143,12 @@ class VcpuGroup(GroupTransfer):
         self._fault_slot: list[object] = [None] * nv  # the memslot each member's fault found
         self._slots_key: tuple[int, int] | None = None
         self._slots = np.zeros((0, 5), dtype=np.int64)  # (group_state.SL_* columns)
-        self._host = None
-        self._bitmap_slot = None
+        self._host: HostMapping | NoHost = NoHost()  # the 4K host mapping the loop faults in from
+        self._bitmap_slot: Memslot | None = None
         self._bitmap = np.zeros(0, dtype=np.uint8)
+        self._rmaps, self._wtracks = new_slot_lists()
         self._uffd = vm.uffd
-        self._load_slots()  # picks the 4K host mapping
+        xfer.load_slots(self)  # picks the 4K host mapping
         self._wakes: list[tuple[int, int]] = []  # keys of the scheduled wake-ups
         self.members = 0
         self.faults = 0  # faults taken in compiled code
@@ -186,7 +190,7 @@ class VcpuGroup(GroupTransfer):
             return False
         slot = v.gfn_to_memslot(gfn)
         if present:
-            self._load_slots()  # (the dirty-logged slot whose bitmap the loop has, for these memslots)
+            xfer.load_slots(self)  # (the dirty-logged slot whose bitmap the loop has, for these memslots)
             return (
                 write
                 and slot is not None
@@ -288,7 +292,7 @@ class VcpuGroup(GroupTransfer):
         self._wakes.remove(key)
         if not self.members:
             return
-        self._read_in()
+        xfer.read_in(self)
         g = self.g
         vm = self.vm
         lock = vm.mmu_lock
@@ -303,7 +307,7 @@ class VcpuGroup(GroupTransfer):
                       self._slots, self._rmaps, self._wtracks, host.resident, host.moved, host.new_base,
                       self._bitmap, self.evbuf, self.srvbuf, self.srcubuf, self.lwbuf, self._written, self.wmaps,
                       self._pml_n)  # fmt: skip
-            self._drain()
+            xfer.drain(self)
             stop = int(g[k.G_STOP])
             if stop == k.GS_GROW:
                 if isinstance(mmu, LegacyMmu):
@@ -316,7 +320,7 @@ class VcpuGroup(GroupTransfer):
                 break
             if time.perf_counter() > until:
                 break
-        self._write_out()
+        xfer.write_out(self)
         for m in self.left[: g[k.G_NLEFT]].tolist():
             self._leave(m)
         g[k.G_NLEFT] = 0

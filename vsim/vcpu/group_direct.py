@@ -89,7 +89,7 @@ MS_PYTHON = MS_DROP | MS_UNLINK | MS_FLUSH | MS_RECYCLE | MS_MMIO_CREATED
 
 
 @njit(cache=True)
-def direct_lock(m, ms, lk, q):  # type: ignore[no-untyped-def]
+def direct_lock(m, ms, lk, q):
     """``write_lock(mmu_lock)`` at the member's key: True if taken at once (the locked section runs
     now), else the member is queued (``PH_LOCKWAIT``) until a release hands it the lock."""
     if lock_acquire(lk, q, True, m, ms[m, M_NOW], True):
@@ -100,7 +100,7 @@ def direct_lock(m, ms, lk, q):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _needs_python(h, ms, m, g):  # type: ignore[no-untyped-def]
+def _needs_python(h, ms, m, g):
     """The locked section would zap shadow pages (``make_mmu_pages_available``), drop an SPTE on the
     path (``direct_map``'s ``MS_DROP``: a huge leaf above 4K, or a leaf of another pfn), or, with the
     checker on, map into an obsolete root (which it checks)."""
@@ -124,13 +124,13 @@ def _needs_python(h, ms, m, g):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def direct_locked(m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):  # type: ignore[no-untyped-def]
+def direct_locked(m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):
     """``page_fault_held``: the locked section at the member's key. Returns ``GS_GROW`` or
     ``GS_FLUSH`` before doing anything when the arrays need room, ``GS_LEAVE`` when Python must go
     on from here, else ``hand_over``'s code (a stale fault drops the lock at once)."""
     p, d = h.p, h.d
     if p.hdr[H_NFREE] + p.spt.shape[0] - p.hdr[H_NTABLES] < DIRECT_MAP_TABLES or (
-        d.hdr[D_NFREE] + d.count.shape[0] - d.hdr[D_NDESC] < DIRECT_MAP_DESCS
+        d.hdr[D_NFREE] + d.spte_count.shape[0] - d.hdr[D_NDESC] < DIRECT_MAP_DESCS
     ):
         return GS_GROW
     if g[G_NLW] + 1 > lwbuf.shape[0]:
@@ -163,7 +163,7 @@ def direct_locked(m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resid
 
 
 @njit(cache=True)
-def direct_unlock(m, ms, ss, lk, q, lwbuf, g, evbuf):  # type: ignore[no-untyped-def]
+def direct_unlock(m, ms, ss, lk, q, lwbuf, g, evbuf):
     """``write_unlock`` at the member's key, then ``kvm_mmu_do_page_fault``'s outcome; returns
     ``hand_over``'s code (or ``GS_FLUSH`` first if a lock wait might not fit)."""
     if g[G_NLW] + 1 > lwbuf.shape[0]:
@@ -173,7 +173,7 @@ def direct_unlock(m, ms, ss, lk, q, lwbuf, g, evbuf):  # type: ignore[no-untyped
     return r
 
 
-def direct_step(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):  # type: ignore[no-untyped-def]
+def direct_step(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):
     """Member ``m``'s legacy-MMU step at its key, by its phase: ``direct_lock`` (``PH_LOCK``),
     ``direct_locked`` or ``direct_unlock``, returning their codes (0 after ``direct_lock``).
 
@@ -183,16 +183,17 @@ def direct_step(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks,
     raise NotImplementedError("direct_step runs in compiled code only")
 
 
-@overload(direct_step, jit_options={"cache": True}, inline="always")
-def _direct_step(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):  # type: ignore[no-untyped-def]
+# (numba's stubs leave "cache" out of jit_options, which overload hands on to njit.)
+@overload(direct_step, jit_options={"cache": True}, inline="always")  # type: ignore[typeddict-unknown-key]
+def _direct_step(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):
     if isinstance(legacy, types.NoneType):
 
-        def none(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):  # type: ignore[no-untyped-def]
+        def none(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):
             return 0
 
         return none
 
-    def impl(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):  # type: ignore[no-untyped-def]
+    def impl(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap, evbuf):
         phase = ms[m, M_PHASE]
         if phase == PH_LOCKED:
             return direct_locked(m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks, resident, new_base, bitmap,
@@ -205,19 +206,19 @@ def _direct_step(legacy, m, ms, ss, h, lk, q, lwbuf, g, c, slots, rmaps, wtracks
     return impl
 
 
-# The memslots' rmaps and write-track counts as the loop takes them (``GroupTransfer._load_slots``):
+# The memslots' rmaps and write-track counts as the loop takes them (``group_transfer.load_slots``):
 # typed lists made and filled in cached compiled code (numba's own list code, called from Python,
 # would compile in every process).
 _RMAP_TYPE = types.Tuple((types.int64[::1], types.int64[::1], types.int64[::1], types.int64, types.int64))
 
 
 @njit(cache=True)
-def new_slot_lists():  # type: ignore[no-untyped-def]
+def new_slot_lists():
     """Empty lists of rmaps (``ShadowMmu.rmap_args``) and write-track arrays, one item per slot row."""
     return List.empty_list(_RMAP_TYPE), List.empty_list(types.int32[::1])
 
 
 @njit(cache=True)
-def slot_lists_append(rmaps, wtracks, h4k, h2m, h1g, base, number, wtrack):  # type: ignore[no-untyped-def]
+def slot_lists_append(rmaps, wtracks, h4k, h2m, h1g, base, number, wtrack):
     rmaps.append((h4k, h2m, h1g, base, number))
     wtracks.append(wtrack)

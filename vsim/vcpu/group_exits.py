@@ -49,7 +49,7 @@ from vsim.vcpu.tlb import EMPTY
 
 
 @njit(cache=True)
-def vm_exit(m, ms, ss, g, c, t_token, t_exit, in_fault):  # type: ignore[no-untyped-def]
+def vm_exit(m, ms, ss, g, c, t_token, t_exit, in_fault):
     """``VcpuExits._exit``: leave guest mode at ``t_exit``, enter KVM under ``kvm->srcu`` (a read
     side from ``t_token``); the member's clock goes on after the exit's cost."""
     ms[m, M_MODE] = 0  # OUTSIDE_GUEST_MODE
@@ -65,7 +65,7 @@ def vm_exit(m, ms, ss, g, c, t_token, t_exit, in_fault):  # type: ignore[no-unty
 
 
 @njit(cache=True)
-def guest_sync(m, ms, ss, g, c, srcubuf):  # type: ignore[no-untyped-def]
+def guest_sync(m, ms, ss, g, c, srcubuf):
     """``VcpuExits.guest_sync`` with no selftest program: the ucall's port I/O exits to userspace
     (``KVM_EXIT_IO``), ``KVM_RUN`` returns and is called again; entry and the next chunk follow."""
     now = ms[m, M_NOW]
@@ -89,7 +89,7 @@ def guest_sync(m, ms, ss, g, c, srcubuf):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def irq_exit(m, ms, ss, g, c):  # type: ignore[no-untyped-def]
+def irq_exit(m, ms, ss, g, c):
     """``handle_external_interrupt``: the kick's IPI arrives in guest mode; exit (``EXTERNAL_INTERRUPT``,
     under ``kvm->srcu``) and acknowledge it; entry comes next."""
     now = max(ms[m, M_NOW], ms[m, M_KICK])
@@ -99,7 +99,7 @@ def irq_exit(m, ms, ss, g, c):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def service_flush(m, ms, ss, c, tags, wr, count):  # type: ignore[no-untyped-def]
+def service_flush(m, ms, ss, c, tags, wr, count):
     """``vcpu_enter_guest``'s ``KVM_REQ_TLB_FLUSH`` (``kvm_vcpu_flush_tlb_all``) or
     ``KVM_REQ_TLB_FLUSH_CURRENT``: this vCPU's TLB empties (the only requests pending)."""
     req = ms[m, M_REQ]
@@ -113,7 +113,7 @@ def service_flush(m, ms, ss, c, tags, wr, count):  # type: ignore[no-untyped-def
 
 
 @njit(cache=True)
-def entry(m, ms, g, c, srvbuf, srcubuf):  # type: ignore[no-untyped-def]
+def entry(m, ms, g, c, srvbuf, srcubuf):
     """``vcpu_enter_guest`` with no request pending: ``srcu_read_unlock``, the IPIs taken in the host,
     VM entry, and a fault's service time."""
     now = ms[m, M_NOW]

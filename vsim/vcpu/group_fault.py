@@ -91,7 +91,7 @@ from vsim.vcpu.group_state import (
 
 
 @njit(cache=True)
-def retry_gfn(g, mmu_seq, gfn):  # type: ignore[no-untyped-def]
+def retry_gfn(g, mmu_seq, gfn):
     """``mmu_invalidate_retry_gfn``."""
     if g[G_INV_IN_PROGRESS] and g[G_INV_START] <= gfn < g[G_INV_END]:
         return True
@@ -99,7 +99,7 @@ def retry_gfn(g, mmu_seq, gfn):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def find_slot(slots, gfn):  # type: ignore[no-untyped-def]
+def find_slot(slots, gfn):
     for s in range(slots.shape[0]):
         if slots[s, 0] <= gfn < slots[s, 0] + slots[s, 1]:
             return s
@@ -107,7 +107,7 @@ def find_slot(slots, gfn):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, write, refs, present):  # type: ignore[no-untyped-def]
+def fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, write, refs, present):
     """``VcpuExits._exit`` for an EPT violation, then ``kvm_mmu_do_page_fault``'s count and
     tracepoint; returns the time the fault handling starts."""
     now = ms[m, M_NOW]
@@ -126,7 +126,7 @@ def fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, write, refs, present):  # 
 
 
 @njit(cache=True)
-def fast_fault(m, ms, ss, counters, pool, g, c, evbuf, bitmap, gfn, refs, table, idx, level, old, new, bit):  # type: ignore[no-untyped-def]
+def fast_fault(m, ms, ss, counters, pool, g, c, evbuf, bitmap, gfn, refs, table, idx, level, old, new, bit):
     """``fast_page_fault`` when ``fast_pf_fix`` said it fixes the fault with ``new`` (a write to a
     write-protected, MMU-writable leaf: dirty logging): the lockless cmpxchg, and the page marked
     dirty (``bitmap[bit]``, or no bitmap when ``bit`` < 0)."""
@@ -140,7 +140,7 @@ def fast_fault(m, ms, ss, counters, pool, g, c, evbuf, bitmap, gfn, refs, table,
 
 
 @njit(cache=True)
-def fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, write, refs, hidx):  # type: ignore[no-untyped-def]
+def fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, write, refs, hidx):
     """``VcpuExits._exit`` + ``kvm_mmu_do_page_fault`` + ``kvm_faultin_pfn``, up to ``mmu_lock``."""
     now = fault_exit(m, ms, ss, counters, g, c, evbuf, gfn, write, refs, False)
     # kvm_faultin_pfn (fast_page_fault cannot serve a not-present fault with A/D bits on).
@@ -165,7 +165,7 @@ def fault_begin(m, ms, ss, counters, g, c, resident, evbuf, gfn, write, refs, hi
 
 
 @njit(cache=True)
-def fault_lock(m, ms, ss, pool, lk, q, g, c, evbuf):  # type: ignore[no-untyped-def]
+def fault_lock(m, ms, ss, pool, lk, q, g, c, evbuf):
     """``read_lock(mmu_lock)`` (uncontended: the caller checked), ``is_page_fault_stale``, then
     ``kvm_tdp_mmu_map``'s walk and map work, up to the install."""
     lock_acquire(lk, q, False, m, ms[m, M_NOW], True)
@@ -189,7 +189,7 @@ def fault_lock(m, ms, ss, pool, lk, q, g, c, evbuf):  # type: ignore[no-untyped-
 
 
 @njit(cache=True)
-def fault_install(m, ms, ss, pool, lk, q, lwbuf, g, bitmap, evbuf):  # type: ignore[no-untyped-def]
+def fault_install(m, ms, ss, pool, lk, q, lwbuf, g, bitmap, evbuf):
     """The cmpxchg half of ``kvm_tdp_mmu_map`` (``tdp_mmu_map_install``), then ``read_unlock``;
     returns ``hand_over``'s code."""
     table = ms[m, M_TABLE]
@@ -206,7 +206,7 @@ def fault_install(m, ms, ss, pool, lk, q, lwbuf, g, bitmap, evbuf):  # type: ign
 
 
 @njit(cache=True)
-def hand_over(ms, lk, q, lwbuf, g, t):  # type: ignore[no-untyped-def]
+def hand_over(ms, lk, q, lwbuf, g, t):
     """``mmu_lock`` was released at ``t`` with waiters: hand it to the members queued at the head
     (each resumes at ``(t, GRANT_PRIO)``, holding it). Returns ``HANDED`` if a member got it (an
     action now comes before the releaser's key), ``GS_GRANT`` if a Python waiter is next (the
@@ -236,7 +236,7 @@ def hand_over(ms, lk, q, lwbuf, g, t):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def fault_end(m, ms, ss, g, evbuf, ret):  # type: ignore[no-untyped-def]
+def fault_end(m, ms, ss, g, evbuf, ret):
     """``kvm_mmu_do_page_fault``'s outcome count and tracepoint; the member goes on to entry."""
     if ret == RET_PF_FIXED:
         ss[m, S_PF_FIXED] += 1
@@ -251,7 +251,7 @@ def fault_end(m, ms, ss, g, evbuf, ret):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def record_event(g, evbuf, kind, t, m, fid, a, b):  # type: ignore[no-untyped-def]
+def record_event(g, evbuf, kind, t, m, fid, a, b):
     """A record in the sink's row format (``vsim.events.rows``)."""
     k = g[G_NEV]
     evbuf[k, 0] = g[G_EV_KIND + kind]

@@ -122,12 +122,12 @@ from vsim.vcpu.group_state import (
 
 
 @njit(cache=True, inline="always")
-def _before(t, p, t2, p2):  # type: ignore[no-untyped-def]
+def _before(t, p, t2, p2):
     return t < t2 or (t == t2 and p < p2)
 
 
 @njit(cache=True)
-def _horizon(ms, g, c, m):  # type: ignore[no-untyped-def]
+def _horizon(ms, g, c, m):
     """``Vm.horizon`` for member ``m``: the VM-wide actors' wake-ups; while one of them waits on
     something, the head of the queue, where the other members are queued too. In lockstep
     (``G_LOCKSTEP``: vCPUs may restrict SPTEs) the queue's head and every other member's key, as
@@ -186,7 +186,7 @@ def run_group(legacy, ms, ss, touched, left, gfns, writes, tags, wr, geo, count,
 
 
 @njit(cache=True)
-def _next_member(ms, g):  # type: ignore[no-untyped-def]
+def _next_member(ms, g):
     """The member with the smallest key (-1 if none); its key goes to ``g[G_NEXT_T/P]``."""
     m = -1
     bt = NEVER
@@ -208,7 +208,7 @@ def _next_member(ms, g):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _leaves_now(ms, g, lk, m):  # type: ignore[no-untyped-def]
+def _leaves_now(ms, g, lk, m):
     """Member ``m``'s next action is to leave, touching nothing (``_step``'s first checks)."""
     ph = ms[m, M_PHASE]
     if ph == PH_DONE:
@@ -221,14 +221,14 @@ def _leaves_now(ms, g, lk, m):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _log_full(pool):  # type: ignore[no-untyped-def]
+def _log_full(pool):
     """The SPTE change log (kept while the checker is on) may not hold one more fault's changes:
     the driver replays it to the checker first (``GS_FLUSH``)."""
     return pool.hdr[H_LOG] != 0 and pool.hdr[H_NCHG] + CHG_ROOM > pool.chg.shape[0]
 
 
 @njit(cache=True)
-def _root_obsolete(h, ms, g, m):  # type: ignore[no-untyped-def]
+def _root_obsolete(h, ms, g, m):
     """Member ``m``'s root is obsolete: a shadow page a fast zap made obsolete (the legacy MMU), or
     a TDP MMU root that ``kvm_tdp_mmu_invalidate_all_roots`` marked (``F_ROOT_INVALID``)."""
     if g[G_LEGACY]:
@@ -237,20 +237,20 @@ def _root_obsolete(h, ms, g, m):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _lock_busy(lk):  # type: ignore[no-untyped-def]
+def _lock_busy(lk):
     """A writer holds ``mmu_lock`` or someone waits for it: a reader would queue."""
     return lk[L_WRITER] != NO_WRITER or lk[L_QLEN] > 0
 
 
 @njit(cache=True)
-def _gsync_in_python(ms, g, m):  # type: ignore[no-untyped-def]
+def _gsync_in_python(ms, g, m):
     """A pass end's GUEST_SYNC goes to Python: a selftest program takes it, or a kick or other
     requests are due first."""
     return g[G_PROGRAM] != 0 or ms[m, M_KICK] <= ms[m, M_NOW] or ms[m, M_FLAGS] & F_LEAVE != 0
 
 
 @njit(cache=True)
-def _leave(ms, m, why):  # type: ignore[no-untyped-def]
+def _leave(ms, m, why):
     ms[m, M_LEAVE] = why
     return GS_LEAVE
 

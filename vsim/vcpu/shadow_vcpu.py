@@ -17,7 +17,6 @@ Context switches and forks happen on the guest's clock (``guest.context_switch_i
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,14 +29,16 @@ from vsim.mmu.page_fault import (
     RET_PF_EMULATE,
     KvmPageFault,
 )
-from vsim.mmu.shadow_mmu import KVM_MMU_NUM_PREV_ROOTS
+from vsim.mmu.shadow_mmu import KVM_MMU_NUM_PREV_ROOTS, ShadowRoot
 from vsim.requests import KVM_REQ_MMU_SYNC, KVM_REQ_TLB_FLUSH_CURRENT
+from vsim.sched import Proc
 from vsim.vcpu.vcpu import NEVER, Vcpu
 from vsim.vcpu.workloads import Workload
 
 if TYPE_CHECKING:
     from vsim.guest.kernel import GuestKernel, GuestProcess
-    from vsim.mmu.shadow_mmu import ShadowPagingMmu, ShadowRoot
+    from vsim.mmu.page_tables import Root
+    from vsim.mmu.shadow_mmu import ShadowPagingMmu
     from vsim.vm import Vm
 
 EXIT_REASON_EXCEPTION_NMI = "EXCEPTION_NMI"
@@ -69,7 +70,6 @@ class ShadowVcpu(Vcpu):
         self.next_switch = self._switch_every or NEVER
         self.next_fork = self._fork_every or NEVER
         self.guest_event_at = min(self.next_switch, self.next_fork)
-        self.prev_roots: list[ShadowRoot] = []
 
     @property
     def mmu(self) -> ShadowPagingMmu:
@@ -82,7 +82,7 @@ class ShadowVcpu(Vcpu):
         self.wmap = proc.frames
 
     # -- the #PF intercept ---------------------------------------------------------------------------
-    def handle_ept_violation(self, gfn: int, write: bool, present: bool, refs: int) -> Generator[object, object, bool]:
+    def handle_ept_violation(self, gfn: int, write: bool, present: bool, refs: int) -> Proc[bool]:
         """``handle_exception_nmi`` for a #PF: ``kvm_mmu_page_fault`` on the guest virtual page
         ``gfn``; an injected #PF runs the guest's handler after re-entry."""
         gvpn = gfn
@@ -111,7 +111,7 @@ class ShadowVcpu(Vcpu):
         """``kvm_inject_emulated_page_fault``: the guest takes a #PF at its next entry."""
         self.injected = (gvpn, error_code)
 
-    def emulate_write(self, fault: KvmPageFault) -> Generator[object, object, bool]:
+    def emulate_write(self, fault: KvmPageFault) -> Proc[bool]:
         """``x86_emulate_instruction`` on a store to a write-protected guest page: the emulator
         writes guest memory (``emulator_write_phys``) and reports it to ``kvm_mmu_track_write``.
         A string store (``clear_page``) is not a page-table-writing instruction: KVM unprotects
@@ -160,7 +160,7 @@ class ShadowVcpu(Vcpu):
             self.written[k] = 1
 
     # -- guest kernel code ---------------------------------------------------------------------------
-    def guest_stores(self, stores: list[tuple[int, int, int | None]]) -> Generator[object, object, None]:
+    def guest_stores(self, stores: list[tuple[int, int, int | None]]) -> Proc[None]:
         """Guest kernel stores through the direct map, in order: ``(gfn, index, gpte)`` is a
         ``set_pte``, ``(gfn, 0, None)`` a ``clear_page`` string store. They run as guest accesses
         (TLB hits, shadow walks, exits); a store that is not emulated reaches memory at the end
@@ -184,15 +184,15 @@ class ShadowVcpu(Vcpu):
                 self._apply(store)
         self._stores = None
 
-    def guest_store(self, gfn: int, idx: int, value: int) -> Generator[object, object, None]:
+    def guest_store(self, gfn: int, idx: int, value: int) -> Proc[None]:
         """One ``set_pte``."""
         yield from self.guest_stores([(gfn, idx, value)])
 
-    def guest_clear_page(self, gfn: int) -> Generator[object, object, None]:
+    def guest_clear_page(self, gfn: int) -> Proc[None]:
         """``clear_page``: a string store over the page."""
         yield from self.guest_stores([(gfn, 0, None)])
 
-    def guest_page_fault(self) -> Generator[object, object, None]:
+    def guest_page_fault(self) -> Proc[None]:
         """The guest's #PF handler for the fault KVM injected."""
         assert self.injected is not None and self.kernel is not None
         gvpn, code = self.injected
@@ -205,7 +205,7 @@ class ShadowVcpu(Vcpu):
         yield from self.kernel.handle_mm_fault(self, self.proc, k, bool(code & PFERR_WRITE_MASK))
         self.guest_event_at = due
 
-    def guest_write_cr3(self, pgd: int) -> Generator[object, object, None]:
+    def guest_write_cr3(self, pgd: int) -> Proc[None]:
         """MOV to CR3: the exit, ``kvm_set_cr3``, re-entry."""
         ev = self.sync()
         if ev is not None:
@@ -220,27 +220,31 @@ class ShadowVcpu(Vcpu):
         self.requests |= KVM_REQ_MMU_SYNC | KVM_REQ_TLB_FLUSH_CURRENT
         yield from self._reenter(exit_id, token)
 
-    def kvm_mmu_new_pgd(self, pgd: int) -> Generator[object, object, None]:
+    def kvm_mmu_new_pgd(self, pgd: int) -> Proc[None]:
         """``kvm_mmu_new_pgd``: ``fast_pgd_switch`` among the current and three previous roots
         (4-level roots only; a PAE root is always freed), else free and load a new root."""
         mmu = self.mmu
         self.mmio_gfn = -1  # vcpu_clear_mmio_info
         root = self.root
-        assert root is not None
-        evicted: list[ShadowRoot] = []
+        assert isinstance(root, ShadowRoot)
+        evicted: list[Root] = []
         if mmu.guest_mode.root_level == 4:
-            hit = next((r for r in self.prev_roots if r.pgd == pgd and not r.invalid), None)
-            self.prev_roots.insert(0, root)  # type: ignore[arg-type]
+            hit = next(
+                (r for r in self.prev_roots if isinstance(r, ShadowRoot) and r.pgd == pgd and not r.invalid), None
+            )
+            self.prev_roots.insert(0, root)
             if hit is not None:
                 self.prev_roots.remove(hit)
                 self.root = hit
                 self.cr3 = pgd
-                hit.sps[0].write_flooding_count = 0  # type: ignore[union-attr]
+                top = hit.sps[0]
+                assert top is not None  # a 4-level root's top page
+                top.write_flooding_count = 0
                 return
             evicted = self.prev_roots[KVM_MMU_NUM_PREV_ROOTS:]
             del self.prev_roots[KVM_MMU_NUM_PREV_ROOTS:]
         else:
-            evicted = [root]  # type: ignore[list-item]
+            evicted = [root]
         self.root = None
         self.cr3 = pgd
         yield from mmu.lock_write(self)
@@ -250,7 +254,7 @@ class ShadowVcpu(Vcpu):
         self.root = mmu.alloc_vcpu_root(self)
         yield from mmu.unlock_write(self)
 
-    def kvm_mmu_sync_roots(self) -> Generator[object, object, None]:
+    def kvm_mmu_sync_roots(self) -> Proc[None]:
         """``kvm_mmu_sync_roots``: if a root has unsync children (the lockless ``is_unsync_root``),
         take the write lock and ``mmu_sync_children`` from it."""
         root = self.root
@@ -265,7 +269,7 @@ class ShadowVcpu(Vcpu):
             yield from mmu.mmu_sync_children(self, sp, can_yield=True)
         yield from mmu.unlock_write(self)
 
-    def guest_invlpg(self, gvpn: int) -> Generator[object, object, None]:
+    def guest_invlpg(self, gvpn: int) -> Proc[None]:
         """INVLPG: the exit and ``kvm_mmu_invlpg`` for the current and previous roots."""
         ev = self.sync()
         if ev is not None:
@@ -276,13 +280,14 @@ class ShadowVcpu(Vcpu):
         yield from mmu.lock_write(self)
         for root in [self.root, *self.prev_roots]:
             if root is not None:
-                self.now = mmu.kvm_mmu_invalidate_addr(self, root, gvpn, self.now)  # type: ignore[arg-type]
+                assert isinstance(root, ShadowRoot)
+                self.now = mmu.kvm_mmu_invalidate_addr(self, root, gvpn, self.now)
         yield from mmu.unlock_write(self)
         self.tlb.invalidate(gvpn)  # flush_tlb_gva
         yield from self._reenter(exit_id, token)
 
     # -- the guest's clock ---------------------------------------------------------------------------
-    def guest_event(self) -> Generator[object, object, None]:
+    def guest_event(self) -> Proc[None]:
         """A context switch or a fork whose time has come (the fork first when both are due)."""
         assert self.kernel is not None
         self.guest_event_at = NEVER  # the kernel finishes this before it looks at its timers again
@@ -297,7 +302,7 @@ class ShadowVcpu(Vcpu):
             self.next_switch = self.now + self._switch_every  # a full time slice for the next one
         self.guest_event_at = min(self.next_switch, self.next_fork)
 
-    def guest_fork(self) -> Generator[object, object, None]:
+    def guest_fork(self) -> Proc[None]:
         """fork(): copy the address space, run the child for ``guest.child_writes`` page writes,
         then the child exits and the parent runs again."""
         kernel = self.kernel

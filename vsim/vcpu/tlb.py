@@ -84,7 +84,7 @@ class RefTlb:
     def __init__(self, entries: tuple[int, int, int], ways: tuple[int, int, int]) -> None:
         self.ways = ways
         self.nsets = tuple(e // w for e, w in zip(entries, ways, strict=True))
-        self.sets: list[list[list[list[object]]]] = [[[] for _ in range(n)] for n in self.nsets]
+        self.sets: list[list[list[list[int]]]] = [[[] for _ in range(n)] for n in self.nsets]
 
     def lookup(self, gfn: int, write: bool) -> bool:
         """A hit moves the entry to the front of its set; a write to a read-only entry misses."""
@@ -116,7 +116,7 @@ class RefTlb:
     def peek(self, size_class: int, key: int) -> int:
         for entry in self.sets[size_class][key % self.nsets[size_class]]:
             if entry[0] == key:
-                return int(entry[1])  # type: ignore[call-overload]
+                return int(entry[1])
         return -1
 
     def invalidate(self, page: int) -> None:
@@ -134,4 +134,4 @@ class RefTlb:
                 row.clear()
 
     def entries(self) -> list[tuple[int, int, bool]]:
-        return [(c, int(k), bool(w)) for c in range(NCLASSES) for row in self.sets[c] for k, w in row]  # type: ignore[call-overload]
+        return [(c, int(k), bool(w)) for c in range(NCLASSES) for row in self.sets[c] for k, w in row]

@@ -16,19 +16,16 @@ legacy MMU and shadow paging each supply their own pipeline (``ShadowVcpu`` adds
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vsim.mmu.shadow_page import ShadowMmu
 from vsim.mmu.spte import SPTE_ACCESSED, SPTE_DIRTY
 from vsim.requests import (
     IN_GUEST_MODE,
     OUTSIDE_GUEST_MODE,
 )
-from vsim.sched import VCPU_PRIO_BASE, Actor, At
-from vsim.stats import VcpuStat
+from vsim.sched import At, Proc
 from vsim.vcpu.batch import (
     PML_LOG_NR_ENTRIES,
     STOP_DONE,
@@ -38,85 +35,20 @@ from vsim.vcpu.batch import (
     STOP_SET_ACCESSED,
     run_accesses,
 )
-from vsim.vcpu.exits import NEVER, VcpuExits
-from vsim.vcpu.group_state import LEAVE_PYFAULT
+from vsim.vcpu.exits import VcpuExits
+from vsim.vcpu.group_state import LEAVE_PYFAULT, NEVER
 from vsim.vcpu.tlb import RefTlb, Tlb
-from vsim.vcpu.vcpu_requests import VcpuRequests
-from vsim.vcpu.walk import MISCONFIG, guest_refs_2d, walk_2d
-from vsim.vcpu.workloads import Workload
+from vsim.vcpu.walk import MISCONFIG, walk_2d
 
 if TYPE_CHECKING:
-    from vsim.mmu.tdp_mmu import TdpRoot
-    from vsim.vm import Vm
+    pass
 
 
-class Vcpu(VcpuExits, VcpuRequests, Actor):
+class Vcpu(VcpuExits):
     """``struct kvm_vcpu`` with its run loop."""
 
-    def __init__(self, vm: Vm, vcpu_id: int, workload: Workload) -> None:
-        super().__init__(vm.env, VCPU_PRIO_BASE + vcpu_id, vm.cfg.sim.mode == "reference")
-        self.vm = vm
-        self.id = vcpu_id
-        self.mode = OUTSIDE_GUEST_MODE
-        self.requests = 0
-        self.root: TdpRoot | None = None
-        self.workload = workload
-        self.stat = VcpuStat()
-        t = vm.cfg.tlb
-        self.tlb: Tlb | RefTlb = (RefTlb if self.reference else Tlb)(t.entries, t.ways)
-        self.counters = np.zeros(4, dtype=np.int64)
-        # Completed writes for the invariant checker's dirty-log check (empty when it is off).
-        self.written = vm.checker.written if vm.checker is not None else np.zeros(0, dtype=np.uint8)
-        self.wbase = vm.region_base_gfn
-        # The PML buffer (the VMCS's PML address and index), empty while PML is off.
-        self.pml_buf = np.zeros(0, dtype=np.int64)
-        self.pml_n = np.zeros(1, dtype=np.int64)
-        self.pml_on = False
-        # The hardware walk: references besides the walk below the root, and the largest TLB size
-        # class (the guest's leaf under EPT; shadow paging caches the shadow leaf's size).
-        self.guest_refs = guest_refs_2d(vm.guest_level)
-        self.max_class = vm.guest_level - 1
-        self.wmap = np.zeros(0, dtype=np.int64)  # access key -> written index (empty: the key is a gfn)
-        self.prev_roots: list = []  # shadow paging's cached previous roots
-        self.finished_at = -1
-        self.last_used_slot = None
-        self.last_used_slot_gen = 0
-        self.ipis: list[int] = []  # arrival times of IPIs sent to this vCPU, in order
-        self.kick_at = NEVER  # the first of them
-        self.guest_event_at = NEVER  # the guest kernel's next scheduled action (shadow paging)
-        self.nested = 0  # > 0 while the guest kernel runs its own accesses (shadow paging): not the workload's
-        self.cur_access = 0  # index in the current stretch of the access being handled
-        self.mmio_gfn = -1  # the per-vCPU MMIO cache (vcpu->arch.mmio_gfn / mmio_gen)
-        self.mmio_gen = -1
-        # Span ids are per vCPU, so allocating one never touches state another vCPU can see.
-        self._exit_seq = 0
-        self._fault_seq = 0
-
-    def _next_exit_id(self) -> int:
-        self._exit_seq += 1
-        return self._exit_seq
-
-    def _next_fault_id(self) -> int:
-        self._fault_seq += 1
-        return self._fault_seq
-
-    def gfn_to_memslot(self, gfn: int):  # type: ignore[no-untyped-def]
-        """``kvm_vcpu_gfn_to_memslot``: try the vCPU's ``last_used_slot`` before searching; a new
-        memslots generation drops it."""
-        slots = self.vm.memslots
-        if self.last_used_slot_gen != slots.generation:
-            self.last_used_slot = None
-            self.last_used_slot_gen = slots.generation
-        slot = self.last_used_slot
-        if slot is not None and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
-            return slot
-        slot = slots.gfn_to_memslot(gfn)
-        if slot is not None:
-            self.last_used_slot = slot
-        return slot
-
     # -- KVM_RUN ---------------------------------------------------------------------------------
-    def run(self) -> Generator[object, object, None]:
+    def run(self) -> Proc[None]:
         """One ``KVM_RUN`` session: (re)load the MMU, then run the guest until its workload ends.
 
         A VM may run its vCPUs again with new workloads; a session starts at the current time.
@@ -149,26 +81,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
         self.fold_counters()
         self.finished_at = self.now
 
-    def kvm_mmu_load(self) -> Generator[object, object, None]:
-        """``kvm_mmu_reload`` → ``kvm_mmu_load``: get the shared root of the MMU's role, flush the
-        context. Shadow pages are allocated under the write lock, after ``make_mmu_pages_available``
-        (``mmu_alloc_direct_roots``, ``mmu_alloc_shadow_roots``); a TDP MMU root is not (vsim
-        leaves out the read lock that ``kvm_tdp_mmu_alloc_root`` takes since 6.10)."""
-        mmu = self.vm.mmu
-        if isinstance(mmu, ShadowMmu):
-            yield from mmu.lock_write(self)
-            self.now = mmu.make_mmu_pages_available(self.id, self.now)
-            self.root = mmu.alloc_vcpu_root(self)
-            yield from mmu.unlock_write(self)
-        else:
-            self.root = mmu.alloc_vcpu_root(self)
-        self.tlb.flush()  # flush_tlb_current, called directly: KVM does not count it in tlb_flush
-        if self.vm.checker is not None:
-            self.vm.checker.on_local_flush(self)
-
-    def _run_batched(
-        self, gfns: np.ndarray, writes: np.ndarray, pass_end: bool = False
-    ) -> Generator[object, object, bool]:
+    def _run_batched(self, gfns: np.ndarray, writes: np.ndarray, pass_end: bool = False) -> Proc[bool]:
         tlb = self.tlb
         assert isinstance(tlb, Tlb)
         c = self.vm.costs
@@ -199,7 +112,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
                 and group.takes_wait(self)
             ):  # fmt: skip
                 # Sync by joining the group; it hands the vCPU back where Python must go on.
-                why, chunk, i, synced, fault = yield group.join(self, gfns, writes, pass_end, j, synced)  # type: ignore[misc]
+                why, chunk, i, synced, fault = yield group.join(self, gfns, writes, pass_end, j, synced)
                 gfns, writes, pass_end = chunk
                 n = len(gfns)
                 no_join = i if why == LEAVE_PYFAULT else -1
@@ -248,9 +161,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
                 i = j + 1
         return pass_end
 
-    def _run_reference(
-        self, gfns: np.ndarray, writes: np.ndarray, pass_end: bool = False
-    ) -> Generator[object, object, bool]:
+    def _run_reference(self, gfns: np.ndarray, writes: np.ndarray, pass_end: bool = False) -> Proc[bool]:
         """One SimPy event per access: the plain model the batched path must reproduce exactly."""
         tlb = self.tlb
         assert isinstance(tlb, RefTlb)
@@ -275,6 +186,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
                 st[1] += 1
                 i += 1
                 continue
+            assert self.root is not None
             ok, refs, leaf, writable = walk_2d(mmu.spt, self.root.table, g, w, self.guest_refs)
             if not ok:
                 if leaf == MISCONFIG:
@@ -293,7 +205,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
                 self.pml_buf[self.pml_n[0]] = g
                 self.pml_n[0] += 1
             # The CPU sets A on the leaf it used (aging may have cleared it), and D for a write.
-            table, idx, _, spte = mmu.walk_last(self.root, g)  # type: ignore[arg-type]
+            table, idx, _, spte = mmu.walk_last(self.root, g)
             new = spte | SPTE_ACCESSED | (SPTE_DIRTY if set_d else 0)
             if new != spte:
                 mmu.spt[table, idx] = new
@@ -308,25 +220,7 @@ class Vcpu(VcpuExits, VcpuRequests, Actor):
             i += 1
         return pass_end
 
-    def guest_event(self) -> Generator[object, object, None]:
+    def guest_event(self) -> Proc[None]:
         """The guest kernel's scheduled work (context switches, forks): ``ShadowVcpu`` only."""
         raise AssertionError("a guest event without a guest kernel")
         yield
-
-    def _note_write(self, key: int, write: bool) -> None:
-        k = key - self.wbase
-        if not write:
-            return
-        if len(self.wmap):
-            if not 0 <= k < len(self.wmap):
-                return
-            k = int(self.wmap[k])
-        if 0 <= k < len(self.written):
-            self.written[k] = 1
-
-    def fold_counters(self) -> None:
-        """Copy the compiled code's access counters into the stats (at the end of ``KVM_RUN``, or of a
-        run stopped early)."""
-        st = self.stat
-        ctr = self.counters
-        st.accesses, st.tlb_hits, st.hw_walks, st.walk_refs = (int(x) for x in ctr)

@@ -7,12 +7,10 @@ the dirty bitmaps at every exit (``vmx_flush_pml_buffer``). Mixed into ``Vcpu``.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from vsim.dirty_log import mark_page_dirty_in_slot
+from vsim.mmu.shadow_page import ShadowMmu
 from vsim.requests import (
     KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
     KVM_REQ_MMU_SYNC,
@@ -20,16 +18,15 @@ from vsim.requests import (
     KVM_REQ_TLB_FLUSH_CURRENT,
     KVM_REQ_UPDATE_CPU_DIRTY_LOGGING,
 )
+from vsim.sched import Proc
 from vsim.vcpu.batch import PML_LOG_NR_ENTRIES
-
-if TYPE_CHECKING:
-    from vsim.vcpu.vcpu import Vcpu
+from vsim.vcpu.kvm_vcpu import KvmVcpu
 
 
-class VcpuRequests:
+class VcpuRequests(KvmVcpu):
     """The request, IPI and PML side of ``Vcpu``."""
 
-    def service_requests(self: Vcpu) -> Generator[object, object, None]:
+    def service_requests(self) -> Proc[None]:
         """The ``KVM_REQ_*`` handled at the top of ``vcpu_enter_guest``, in the kernel's order."""
         req = self.requests
         self.requests = 0
@@ -57,7 +54,7 @@ class VcpuRequests:
             if self.vm.checker is not None:
                 self.vm.checker.on_local_flush(self)
 
-    def kvm_mmu_free_obsolete_roots(self: Vcpu) -> Generator[object, object, None]:
+    def kvm_mmu_free_obsolete_roots(self) -> Proc[None]:
         """``kvm_mmu_free_obsolete_roots`` → ``kvm_mmu_free_roots`` under ``mmu_lock`` (read for
         a TDP MMU root, write for shadow pages), then ``kvm_mmu_reload`` before entry."""
         vm = self.vm
@@ -66,9 +63,9 @@ class VcpuRequests:
         ev = self.sync()
         if ev is not None:
             yield ev
-        ev = (lock.write_lock if write else lock.read_lock)(self.id, self.now)
-        if ev is not None:
-            self.now = yield ev
+        wait = (lock.write_lock if write else lock.read_lock)(self.id, self.now)
+        if wait is not None:
+            self.now = yield wait
         for r in [r for r in self.prev_roots if r.invalid]:  # KVM_MMU_ROOTS_ALL: the cached ones too
             self.prev_roots.remove(r)
             self.now = vm.mmu.put_root(r, self.id, self.now)
@@ -83,12 +80,12 @@ class VcpuRequests:
         if reload:
             yield from self.kvm_mmu_load()
 
-    def kvm_mmu_sync_roots(self: Vcpu) -> Generator[object, object, None]:
+    def kvm_mmu_sync_roots(self) -> Proc[None]:
         """``KVM_REQ_MMU_SYNC``: only shadow paging has unsync pages (``ShadowVcpu``)."""
         return
         yield
 
-    def kvm_vcpu_flush_tlb_all(self: Vcpu) -> None:
+    def kvm_vcpu_flush_tlb_all(self) -> None:
         """``kvm_vcpu_flush_tlb_all``: drop every translation of this vCPU (INVEPT all contexts)."""
         self.stat.tlb_flush += 1
         self.tlb.flush()
@@ -96,17 +93,34 @@ class VcpuRequests:
         if self.vm.checker is not None:
             self.vm.checker.on_local_flush(self)
 
-    def post_ipi(self: Vcpu, arrival: int) -> None:
+    def post_ipi(self, arrival: int) -> None:
         """An IPI sent to this vCPU's CPU arrives at ``arrival``: in guest mode it forces an exit."""
         ipis = self.ipis
         ipis.append(arrival)
         ipis.sort()
         self.kick_at = ipis[0]
 
-    def kvm_flush_pml_buffer(self: Vcpu) -> None:
+    def kvm_flush_pml_buffer(self) -> None:
         """``vmx_flush_pml_buffer`` at every exit: each logged gpa is marked dirty in its slot."""
         n = int(self.pml_n[0])
         for gfn in self.pml_buf[:n].tolist():
             mark_page_dirty_in_slot(self.gfn_to_memslot(gfn), gfn)
         self.pml_n[0] = 0
         self.now += n * self.vm.costs.pml_drain_entry
+
+    def kvm_mmu_load(self) -> Proc[None]:
+        """``kvm_mmu_reload`` → ``kvm_mmu_load``: get the shared root of the MMU's role, flush the
+        context. Shadow pages are allocated under the write lock, after ``make_mmu_pages_available``
+        (``mmu_alloc_direct_roots``, ``mmu_alloc_shadow_roots``); a TDP MMU root is not (vsim
+        leaves out the read lock that ``kvm_tdp_mmu_alloc_root`` takes since 6.10)."""
+        mmu = self.vm.mmu
+        if isinstance(mmu, ShadowMmu):
+            yield from mmu.lock_write(self)
+            self.now = mmu.make_mmu_pages_available(self.id, self.now)
+            self.root = mmu.alloc_vcpu_root(self)
+            yield from mmu.unlock_write(self)
+        else:
+            self.root = mmu.alloc_vcpu_root(self)
+        self.tlb.flush()  # flush_tlb_current, called directly: KVM does not count it in tlb_flush
+        if self.vm.checker is not None:
+            self.vm.checker.on_local_flush(self)
