@@ -43,6 +43,7 @@ from vsim.mmu.tdp_mmu_map import (
     count_entries,
     handle_removed_pt,
     tdp_mmu_map_install,
+    tdp_range_entries,
     tdp_split_huge_page,
     tdp_walk_to,
     tdp_zap_table,
@@ -289,3 +290,35 @@ def test_fast_page_fault_fixes_only_what_it_may_without_the_lock() -> None:
     assert fast_pf_fix(aged, 1, False, False) == (RET_PF_FIXED, ro)
     assert fast_pf_fix(0, 1, True, False) == (RET_PF_INVALID, 0)
     assert fast_pf_fix(make_nonleaf_spte(3), 2, True, False)[0] == RET_PF_INVALID
+
+
+def test_range_entries_walk_each_root_in_pre_order_over_the_range_only() -> None:
+    """``for_each_tdp_pte`` over a range: every present entry overlapping it, parents first, in
+    index order, root after root; entries outside the range, frozen and non-present ones are not
+    visited, and a huge leaf has nothing under it."""
+    pool = _pool()
+    root = sp_alloc(pool.p, 4, 0, K)
+    g = REGION  # 1 GiB: PML4 index 0, PDPT index 1
+    assert _map(pool, root, g + 3, 1, make_spte(0x100, 1, True))[0] == RET_PF_FIXED
+    assert _map(pool, root, g + 5, 1, make_spte(0x101, 1, True))[0] == RET_PF_FIXED
+    assert _map(pool, root, g + 512, 2, make_spte(0x400, 2, True))[0] == RET_PF_FIXED  # a 2M leaf
+    pdpt = _child(int(pool.p.spt[root, 0]))
+    pd = _child(int(pool.p.spt[pdpt, 1]))
+    pt = _child(int(pool.p.spt[pd, 0]))
+    pool.p.spt[pt, 4] = REMOVED_SPTE  # frozen: skipped
+    pool.p.spt[pt, 6] = make_mmio_spte(g + 6, 0)  # not present to the MMU: skipped
+    rows = tdp_range_entries(pool.p.spt, np.array([root], dtype=np.int64), g + 4, g + 1024).tolist()
+    assert [(t, i, lvl, gfn) for t, i, lvl, gfn, _ in rows] == [
+        (root, 0, 4, 0), (pdpt, 1, 3, g), (pd, 0, 2, g), (pt, 5, 1, g + 5), (pd, 1, 2, g + 512),
+    ]  # fmt: skip
+    assert rows[3][4] == int(pool.p.spt[pt, 5]) and rows[4][4] & PT_PAGE_SIZE
+    # The leaf at g + 3 is outside [g + 4, ...); a second root is walked after the first.
+    other = sp_alloc(pool.p, 4, 0, K)
+    assert _map(pool, other, g + 3, 1, make_spte(0x200, 1, True))[0] == RET_PF_FIXED
+    other_pt = int(tdp_walk_to(pool.p.spt, other, g + 3, 1)[0])
+    both = tdp_range_entries(pool.p.spt, np.array([root, other], dtype=np.int64), g + 3, g + 4).tolist()
+    assert [(t, lvl, gfn) for t, _, lvl, gfn, _ in both] == [
+        (root, 4, 0), (pdpt, 3, g), (pd, 2, g), (pt, 1, g + 3),
+        (other, 4, 0), (int(both[5][0]), 3, g), (int(both[6][0]), 2, g), (other_pt, 1, g + 3),
+    ]  # fmt: skip
+    assert tdp_range_entries(pool.p.spt, np.zeros(0, dtype=np.int64), 0, 1 << 40).shape == (0, 5)

@@ -8,6 +8,7 @@ work on the pool's arrays (``vsim.mmu.sp_pool.Pool``) and change SPTEs only thro
 invariant checker; a Python caller replays the log (``PageTables.replay_changes``) when it is on.
 
 * ``tdp_walk_to``: the walk of ``kvm_tdp_mmu_map`` / ``tdp_mmu_for_each_pte`` down to a level.
+* ``tdp_range_entries``: ``for_each_tdp_pte`` over a gfn range in each root, for the range operations.
 * ``tdp_split_huge_page``: ``tdp_mmu_split_huge_page``'s new child table, filled before it is linked.
 * ``tdp_mmu_map_install``: the cmpxchg half of ``kvm_tdp_mmu_map``: ``tdp_mmu_link_sp`` for each
   missing level, then ``tdp_mmu_map_handle_target_level``.
@@ -41,6 +42,46 @@ from vsim.mmu.spte import (
 from vsim.stats import K_PAGES_4K
 
 MAX_DEPTH = TDP_ROOT_LEVEL + 1  # frames of the explicit stacks below (a root and its levels)
+
+
+@njit(cache=True)
+def tdp_range_entries(spt: np.ndarray, roots: np.ndarray, start: int, end: int) -> np.ndarray:
+    """``for_each_tdp_pte`` over ``[start, end)`` in each root of ``roots`` (valid roots, in order):
+    a row ``(table, index, level, gfn, spte)`` for every present entry overlapping the range,
+    each parent before the entries under it and entries in index order (pre-order)."""
+    out = np.empty((64, 5), dtype=np.int64)
+    n = 0
+    # The explicit stack of tables being walked: table, level, first gfn, next index, end index.
+    st = np.empty((MAX_DEPTH, 5), dtype=np.int64)
+    for r in range(roots.shape[0]):
+        depth = 0
+        span = pages_per_level(TDP_ROOT_LEVEL)
+        st[0, 0], st[0, 1], st[0, 2] = roots[r], TDP_ROOT_LEVEL, 0
+        st[0, 3], st[0, 4] = max(0, start // span), min(SPTE_ENT_PER_PAGE, -(-end // span))
+        while depth >= 0:
+            table, level, base, i, hi = st[depth, 0], st[depth, 1], st[depth, 2], st[depth, 3], st[depth, 4]
+            if i >= hi:
+                depth -= 1
+                continue
+            st[depth, 3] = i + 1
+            spte = spt[table, i]
+            if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
+                continue
+            span = pages_per_level(level)
+            gfn = base + i * span
+            if n == out.shape[0]:
+                grown = np.empty((2 * n, 5), dtype=np.int64)
+                grown[:n] = out
+                out = grown
+            out[n, 0], out[n, 1], out[n, 2], out[n, 3], out[n, 4] = table, i, level, gfn, spte
+            n += 1
+            if level > 1 and not spte & PT_PAGE_SIZE:
+                child_span = pages_per_level(level - 1)
+                depth += 1
+                st[depth, 0], st[depth, 1], st[depth, 2] = (spte & PFN_MASK) >> PFN_SHIFT, level - 1, gfn
+                st[depth, 3] = max(0, (start - gfn) // child_span)
+                st[depth, 4] = min(SPTE_ENT_PER_PAGE, -(-(end - gfn) // child_span))
+    return out[:n]
 
 
 @njit(cache=True)

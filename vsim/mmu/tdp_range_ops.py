@@ -20,7 +20,6 @@ time passes between the pieces as it does in the kernel.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,14 +37,13 @@ from vsim.mmu.spte import (
     SPTE_ENT_PER_PAGE,
     SPTE_MMU_PRESENT,
     SPTE_MMU_WRITABLE,
-    TDP_ROOT_LEVEL,
     age_spte,
     is_last_spte,
     make_nonleaf_spte,
     pages_per_level,
     spte_is_young,
 )
-from vsim.mmu.tdp_mmu_map import count_entries, handle_removed_pt, tdp_split_huge_page
+from vsim.mmu.tdp_mmu_map import count_entries, handle_removed_pt, tdp_range_entries, tdp_split_huge_page
 
 if TYPE_CHECKING:
     from vsim.memslots import Memslot
@@ -68,28 +66,12 @@ class TdpRangeOps(PageTables):
         self.replay_changes()
         return int(leaves)
 
-    def _entries(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    def _entries(self, start: int, end: int) -> list[list[int]]:
         """``(table, index, level, gfn, spte)`` of every present entry overlapping ``[start, end)``
-        in every valid root, parents before children (``for_each_tdp_pte``)."""
-        for root in self.roots:
-            if not root.invalid:
-                yield from self._walk(root.table, TDP_ROOT_LEVEL, 0, start, end)
-
-    def _walk(
-        self, table: int, level: int, base: int, start: int, end: int
-    ) -> Iterator[tuple[int, int, int, int, int]]:
-        span = pages_per_level(level)
-        lo = max(0, (start - base) // span)
-        hi = min(SPTE_ENT_PER_PAGE, -(-(end - base) // span))
-        row = self.spt[table]
-        for i in (np.flatnonzero(row[lo:hi]) + lo).tolist():
-            spte = int(row[i])
-            if not spte & SPTE_MMU_PRESENT or spte == REMOVED_SPTE:
-                continue
-            gfn = base + i * span
-            yield table, i, level, gfn, spte
-            if level > PG_LEVEL_4K and not spte & PT_PAGE_SIZE:
-                yield from self._walk((spte & PFN_MASK) >> PFN_SHIFT, level - 1, gfn, start, end)
+        in every valid root, parents before children (``for_each_tdp_pte``: ``tdp_range_entries``).
+        The list is read before the caller changes anything, as each operation's walk would."""
+        roots = np.array([r.table for r in self.roots if not r.invalid], dtype=np.int64)
+        return tdp_range_entries(self.spt, roots, start, end).tolist()
 
     def zap_leafs(self, start: int, end: int, actor: int, t: int) -> tuple[int, bool]:
         """``tdp_mmu_zap_leafs``: clear every leaf overlapping ``[start, end)`` (page tables stay).
@@ -97,7 +79,7 @@ class TdpRangeOps(PageTables):
         self.vm.mmu_lock.lockdep_assert_held(actor, write=True)  # tdp_mmu_zap_leafs
         visited = 0
         flush = False
-        for table, i, level, gfn, spte in list(self._entries(start, end)):
+        for table, i, level, gfn, spte in self._entries(start, end):
             visited += 1
             if is_last_spte(spte, level):
                 self.set_spte(table, i, level, gfn, spte, 0, actor, t)
@@ -111,7 +93,7 @@ class TdpRangeOps(PageTables):
         visited = 0
         young = False
         ad = self.vm.cfg.mmu.ept_ad
-        for table, i, level, g, spte in list(self._entries(gfn, gfn + 1)):
+        for table, i, level, g, spte in self._entries(gfn, gfn + 1):
             visited += 1
             if is_last_spte(spte, level) and spte_is_young(spte, ad):
                 self.set_spte(table, i, level, g, spte, age_spte(spte, ad), actor, t)
@@ -137,7 +119,7 @@ class TdpRangeOps(PageTables):
         mask = PT_WRITABLE | (SPTE_MMU_WRITABLE if clear_mmu_writable else 0)
         visited = 0
         flush = False
-        for table, i, level, gfn, spte in list(self._entries(start, end)):
+        for table, i, level, gfn, spte in self._entries(start, end):
             visited += 1
             if level < min_level or not is_last_spte(spte, level) or not spte & mask:
                 continue
@@ -156,7 +138,7 @@ class TdpRangeOps(PageTables):
             return 0, False
         bit = SPTE_DIRTY if pml else PT_WRITABLE
         wanted = set(gfns.tolist())
-        for table, i, level, gfn, spte in list(self._entries(int(gfns[0]), int(gfns[-1]) + 1)):
+        for table, i, level, gfn, spte in self._entries(int(gfns[0]), int(gfns[-1]) + 1):
             if level != PG_LEVEL_4K or gfn not in wanted:
                 continue
             visited += 1
@@ -170,7 +152,7 @@ class TdpRangeOps(PageTables):
         self.vm.mmu_lock.lockdep_assert_held(actor, write=None)  # (shared or exclusive, as the caller took it)
         visited = 0
         flush = False
-        for table, i, level, gfn, spte in list(self._entries(start, end)):
+        for table, i, level, gfn, spte in self._entries(start, end):
             visited += 1
             if level == PG_LEVEL_4K and spte & SPTE_DIRTY:
                 self.set_spte(table, i, level, gfn, spte, spte & ~SPTE_DIRTY, actor, t)
@@ -183,7 +165,7 @@ class TdpRangeOps(PageTables):
         SPTEs created."""
         self.vm.mmu_lock.lockdep_assert_held(actor, write=None)  # kvm_lockdep_assert_mmu_lock_held(kvm, shared)
         created = 0
-        for table, i, level, gfn, spte in list(self._entries(start, end)):
+        for table, i, level, gfn, spte in self._entries(start, end):
             if level > target_level and is_last_spte(spte, level):
                 created += self._split(table, i, level, gfn, spte, (start, end, target_level), actor, t)
         return created
@@ -208,7 +190,7 @@ class TdpRangeOps(PageTables):
     ) -> tuple[int, list[tuple[int, int, int, int, int, int]]]:
         """The entries visited, and the page tables under entries the slot may now map huge with a
         present leaf below them: ``(table, index, level, gfn, spte, first_leaf)``."""
-        entries = list(self._entries(start, end))
+        entries = self._entries(start, end)
         found: list[Collapsible] = []
         for table, i, level, gfn, spte in entries:
             if level == PG_LEVEL_4K or level > 3 or is_last_spte(spte, level):
