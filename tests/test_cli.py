@@ -91,6 +91,55 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "runs").exists()
 
 
+def test_path_and_file_errors_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 item 6: a config that is a FIFO or a device (which would block or never end), one
+    too large to be a config, one that is not UTF-8, a path through a file, an ``--out`` name or
+    path too long for the file system, and a Dask scheduler nobody answers each give one line and
+    exit 2, quickly and before anything is written."""
+    import os
+    import threading
+    import time
+
+    from vsim.sweeps import sweeper
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    # Should vsim ever read the FIFO, a writer unblocks it after a while, so the test fails, not hangs.
+    unblock = threading.Timer(10, lambda: fifo.write_text("[vm]\n"))
+    unblock.daemon = True
+    unblock.start()
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 200_000)  # 2 MB of comments: valid TOML, not a config
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"# caf\xe9\n")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["run", str(fifo)], "not a regular file"),
+        (["run", "/dev/zero"], "not a regular file"),
+        (["run", str(tmp_path)], "a directory"),
+        (["run", str(big)], "too large for a config file"),
+        (["run", str(latin)], "not UTF-8"),
+        (["run", str(afile / "x.toml")], "Not a directory"),
+        (["run", *SMALL, "--out", str(tmp_path / ("a" * 300))], "File name too long"),
+        (["run", *SMALL, "--out", str(tmp_path / "/".join(["b" * 200] * 25))], "too long"),
+    ]
+    for args, expect in cases:
+        code, err = main_in_process(capsys, args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expect in lines[0], (args, err)
+    monkeypatch.setattr(sweeper, "SCHEDULER_CONNECT_S", 1)
+    t0 = time.monotonic()
+    code, err = main_in_process(capsys, ["sweep", "configs/sweep_mmu_scaling.toml", "--scheduler", "tcp://127.0.0.1:9",
+                                         "--out", str(tmp_path / "sweep")])  # fmt: skip
+    assert code == 2 and "cannot connect within 1 s" in err and len(err.strip().splitlines()) == 1, err
+    assert time.monotonic() - t0 < 15
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["afile", "big.toml", "fifo.toml", "latin.toml"]
+    unblock.cancel()
+
+
 def test_an_existing_run_is_replaced_whole_only_with_force(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

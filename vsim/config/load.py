@@ -6,7 +6,9 @@ CLI can print exactly one line and exit 2.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ import tomli_w
 from pydantic import ValidationError
 
 from vsim.config.schema import ScenarioConfig
+
+MAX_CONFIG_BYTES = 1 << 20  # a scenario file is a few KiB; anything past this is not one
 
 
 class ConfigError(Exception):
@@ -25,11 +29,20 @@ def read_toml(path: str | Path) -> tuple[dict[str, Any], str]:
     """The parsed TOML of a scenario file and its text."""
     source = str(path)
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a device (/dev/zero) never end
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ConfigError(f"{source}: cannot read config file ({kind})")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{source}: {st.st_size} bytes is too large for a config file "
+                              f"(at most {MAX_CONFIG_BYTES // 2**20} MiB)")  # fmt: skip
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{source}: no such config file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{source}: cannot read config file ({e.__class__.__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: cannot read config file (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except OSError as e:  # permission, a path through a file, a name too long, ...
+        raise ConfigError(f"{source}: cannot read config file ({e.strerror or e.__class__.__name__})") from None
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:

@@ -83,16 +83,28 @@ def _done(d: Path) -> Task | None:
     return r if r.get("status") == "ok" else None
 
 
-def _execute(tasks: list[Task], jobs: int, scheduler: str | None, on_done: Callable[[Task], None],
-             on_start: Callable[[int], None]) -> None:  # fmt: skip
-    if scheduler is not None:
-        try:
-            from distributed import Client
-            from distributed import as_completed as dask_completed
-        except ImportError:
-            raise SweepError("--scheduler needs Dask distributed: pip install 'vsim[cluster]'") from None
+SCHEDULER_CONNECT_S = 5  # how long --scheduler may take to answer before the sweep gives up
 
-        with Client(scheduler, timeout="20s") as client:
+
+def _connect(scheduler: str) -> Any:
+    """A Dask ``Client`` of ``scheduler``, before the sweep writes anything; one line if it cannot."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise SweepError("--scheduler needs Dask distributed: pip install 'vsim[cluster]'") from None
+    try:
+        return Client(scheduler, timeout=f"{SCHEDULER_CONNECT_S}s")
+    except (OSError, TimeoutError) as e:
+        raise SweepError(f"--scheduler {scheduler}: cannot connect within {SCHEDULER_CONNECT_S} s ({e})") from None
+
+
+def _execute(tasks: list[Task], jobs: int, client: Any, on_done: Callable[[Task], None],
+             on_start: Callable[[int], None]) -> None:  # fmt: skip
+    """Run ``tasks`` on the Dask ``client`` (``_connect``), else on ``jobs`` local processes."""
+    if client is not None:
+        from distributed import as_completed as dask_completed
+
+        with client:
             futures = client.map(run_point, tasks, pure=False)
             on_start(len(tasks))
             for f in dask_completed(futures):
@@ -151,6 +163,7 @@ def run_sweep(config: str | Path | None, sets: list[str], spec: SweepSpec | None
         why = sweep_refusal(named, min(jobs, len(todo)), scheduler is None, out_dir)
         if why:
             raise SweepError(why)
+    client = _connect(scheduler) if todo and scheduler is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
     show = console.is_terminal if progress is None else progress
@@ -179,7 +192,7 @@ def run_sweep(config: str | Path | None, sets: list[str], spec: SweepSpec | None
             bar.update(tid, advance=1, status=status())
 
         if todo:
-            _execute(todo, jobs, scheduler, finished, started)
+            _execute(todo, jobs, client, finished, started)
     rows = [_row(p, results[p.id], spec) for p in points]
     write_table(out_dir, rows)
     write_atomic(out_dir / "sweep.json", json.dumps({"factors": spec.factors, "metrics": list(spec.metrics),
