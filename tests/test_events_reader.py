@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -65,19 +66,27 @@ def test_truncated_last_line_yields_everything_before(run_all: Path, tmp_path: P
             lambda h, b: (h, b + '{"event": "kvm_entry", "t_ns": 1, "vcpu": 0, "exit_id": 1, "x": 2}\n'),
             "kvm_entry: unknown field 'x'",
         ),
+        # Issue 15 item 6: a malformed line in the middle, not only at the end, names its line.
+        (lambda h, b: (h, re.sub(r'"t_ns": (\d+)', r'"t_ns": "\1"', b, count=1)), ":2: .*'t_ns' is str"),
+        (
+            lambda h, b: (h, b + '{"event": "kvm_entry", "t_ns": 1, "vcpu": true, "exit_id": 1}\n' + b),
+            "'vcpu' is bool, not int",
+        ),  # fmt: skip
+        (lambda h, b: (h, b.replace("kvm_", "kvm\udcff", 1)), ":2: not UTF-8 text"),  # one byte 0xff
     ],
 )
-def test_bad_logs_are_one_line_errors(run_all: Path, tmp_path: Path, mutate, expect: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_logs_are_one_line_errors(  # type: ignore[no-untyped-def]
+    run_all: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], mutate, expect: str
+) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(run_all, bad)
     head, _, body = (bad / "events.jsonl").read_text().partition("\n")
     h, b = mutate(head + "\n", body)
-    (bad / "events.jsonl").write_text(h + b)
+    (bad / "events.jsonl").write_bytes((h + b).encode("utf-8", "surrogateescape"))
     with pytest.raises(EventLogError, match=expect):
         list(iter_events(bad))
-    p = vsim("events", str(bad), "summary")
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and expect in p.stderr
+    code, err = main_in_process(capsys, ["events", str(bad), "summary"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(expect, err), err
 
 
 def test_cli_argument_errors(run_all: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

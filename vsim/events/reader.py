@@ -69,11 +69,10 @@ def iter_lines(
 ) -> Iterator[tuple[str, Event]]:
     """Yield ``(line, record)`` for each selected record, in log order."""
     path = events_path(run_dir)
-    with path.open(encoding="utf-8") as f:
-        head = f.readline()
+    with path.open("rb") as f:
         try:
-            header = json.loads(head)
-        except json.JSONDecodeError:
+            header = json.loads(f.readline())
+        except ValueError:  # not JSON, or not UTF-8
             header = None
         if not isinstance(header, dict) or header.get("event") != "vsim_log_header":
             raise EventLogError(f"{path}:1: not a vsim event log (no header line)")
@@ -83,15 +82,17 @@ def iter_lines(
                 f"this vsim reads version {SCHEMA_VERSION}"
             )
         n = 0
-        for lineno, line in enumerate(f, start=2):
+        for lineno, raw in enumerate(f, start=2):
             try:
+                line = raw.decode("utf-8")
                 ev = json.loads(line)
-            except json.JSONDecodeError:
-                if not line.endswith("\n"):
+            except ValueError as e:  # UnicodeDecodeError and JSONDecodeError
+                if not raw.endswith(b"\n"):
                     if warn is not None:
                         warn(f"{path}:{lineno}: truncated last line (a killed run?); read the {n} records before it")
                     return
-                raise EventLogError(f"{path}:{lineno}: not a JSON record") from None
+                what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "not a JSON record"
+                raise EventLogError(f"{path}:{lineno}: {what}") from None
             _check(ev, path, lineno)
             n += 1
             t = ev["t_ns"]
@@ -121,6 +122,11 @@ def _check(ev: Any, path: Path, lineno: int) -> None:
         extra = sorted(set(ev) - set(COMMON) - set(kind.fields))
         what = f"unknown field '{extra[0]}'" if extra else "missing fields"
         raise EventLogError(f"{path}:{lineno}: {kind.name}: {what}; fields: {', '.join(kind.fields)}")
+    for name in (*COMMON[1:], *kind.fields):  # (JSON's true and false are not integers here)
+        want = str if name in kind.str_fields else int
+        if type(ev[name]) is not want:
+            raise EventLogError(f"{path}:{lineno}: {kind.name}: field '{name}' is {type(ev[name]).__name__}, "
+                                f"not {want.__name__}")  # fmt: skip
 
 
 # Fields holding 64-bit addresses or SPTEs: a shadow-paging guest's virtual addresses (kernel
