@@ -104,6 +104,37 @@ def test_failure_is_isolated_and_resume_reruns_only_what_is_not_done(tmp_path: P
     assert read_table(out)[1]["vcpu_total.pf_fixed"] == 2 * 64
 
 
+def test_results_csv_grows_as_points_finish(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Issue 15 item 7: a sweep stopped after two points (here a Ctrl-C in the third) leaves a
+    results.csv with the two, and a resume completes it."""
+    real = sweeper_mod.run_scenario
+
+    def stop_at_third(cfg, out, timeout):  # type: ignore[no-untyped-def]
+        if cfg.vm.vcpus == 3:
+            raise KeyboardInterrupt
+        return real(cfg, out, timeout)
+
+    monkeypatch.setattr(sweeper_mod, "run_scenario", stop_at_third)
+    s = spec(grid={"vm.vcpus": [1, 2, 3]})
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(None, SMALL, s, tmp_path / "s", 1, None, False)
+    done = read_table(tmp_path / "s")
+    assert [(r["vm.vcpus"], r["status"]) for r in done] == [(1, "ok"), (2, "ok")]
+    monkeypatch.setattr(sweeper_mod, "run_scenario", real)
+    rows, out = run_sweep(None, SMALL, s, tmp_path / "s", 1, None, False)
+    assert [r["vm.vcpus"] for r in read_table(out)] == [1, 2, 3] and all(r["status"] == "ok" for r in rows)
+
+
+def test_force_still_refuses_a_point_whose_clock_could_wrap(tmp_path: Path) -> None:
+    """``vsim sweep --force`` overrides the memory, disk and time estimates, not the int64 bound
+    that ``vsim run --force`` keeps too."""
+    sets = ["workload.kind=uniform", "workload.accesses=1000000000000", "events.level=off"]
+    s = spec(grid={"costs.guest_access": ["1ns", "1s"]}, timeout_ns=2 * 10**9)  # (were it run, it would end)
+    with pytest.raises(SweepError, match="integer clocks"):
+        run_sweep(None, sets, s, tmp_path / "s", 1, None, False, True)
+    assert not (tmp_path / "s").exists()
+
+
 def test_timeout_and_exit_status_count_failures(tmp_path: Path) -> None:
     # (Long enough that neither finishes within the first steps: a run that ends is not a timeout.)
     p = vsim_cli("sweep", "--grid", "vm.vcpus=2,3", "--set", "workload.per_vcpu_memory=8MiB", "--set",

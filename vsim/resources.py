@@ -201,10 +201,18 @@ def overflow_refusal(cfg: ScenarioConfig, est: Estimate) -> str | None:
     )
 
 
-def sweep_refusal(points: list[tuple[str, ScenarioConfig]], at_once: int, local: bool, sweep_dir: Path) -> str | None:
+def sweep_refusal(points: list[tuple[str, ScenarioConfig]], at_once: int, local: bool, sweep_dir: Path,
+                  force: bool = False) -> str | None:  # fmt: skip
     """Why a sweep cannot finish here: the first point (``(id, config)``) that cannot, with
     ``at_once`` points running together in local worker processes (``local``; on a Dask cluster
-    only the wall time is checked), or None."""
+    only the wall time is checked), or None. ``force`` (``--force``) leaves only the refusal it
+    cannot override: a point whose clocks could overflow (``overflow_refusal``)."""
+    if force:
+        for pid, cfg in points:
+            why = overflow_refusal(cfg, estimate(cfg))
+            if why:
+                return f"point {pid}: {why}"
+        return None
     memory = available_memory() if local else None
     budget = None if memory is None else memory // max(1, at_once)
     disk = free_disk(sweep_dir) if local else None

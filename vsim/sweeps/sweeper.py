@@ -156,11 +156,11 @@ def run_sweep(config: str | Path | None, sets: list[str], spec: SweepSpec | None
         else:
             todo.append(_task(p, d, spec))
     jobs = jobs or os.cpu_count() or 1
-    if todo and not force:
+    if todo:
         pending = {t["id"] for t in todo}
         named = [(" ".join(f"{k}={v}" for k, v in p.factors.items()) or p.id, p.config) for p in points
                  if p.id in pending]  # fmt: skip
-        why = sweep_refusal(named, min(jobs, len(todo)), scheduler is None, out_dir)
+        why = sweep_refusal(named, min(jobs, len(todo)), scheduler is None, out_dir, force)
         if why:
             raise SweepError(why)
     client = _connect(scheduler) if todo and scheduler is not None else None
@@ -190,6 +190,8 @@ def run_sweep(config: str | Path | None, sets: list[str], spec: SweepSpec | None
             left = len(points) - counts["done"] - counts["failed"]
             counts["running"] = min(workers[0], left)
             bar.update(tid, advance=1, status=status())
+            # results.csv grows as points finish (in point order), so a stopped sweep has one.
+            write_table(out_dir, [_row(p, results[p.id], spec) for p in points if p.id in results], parquet=False)
 
         if todo:
             _execute(todo, jobs, client, finished, started)

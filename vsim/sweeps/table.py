@@ -24,12 +24,16 @@ def spec_for(config: str | Path | None, spec: SweepSpec | None) -> SweepSpec:
     return spec
 
 
-def write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+def write_table(out_dir: Path, rows: list[dict[str, Any]], parquet: bool = True) -> None:
+    """``results.csv`` (and, with ``parquet`` and pyarrow installed, ``results.parquet``) of ``rows``,
+    each file replaced atomically."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     write_atomic(out_dir / "results.csv", buf.getvalue())
+    if not parquet:
+        return
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
