@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -209,3 +210,72 @@ def test_dask_loopback_cluster_matches_local(tmp_path: Path) -> None:
         for proc in (worker, sched):
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            kids.update(int(x) for x in task.read_text().split())
+    return kids
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(p)
+    return alive
+
+
+def _start_sweep(out: Path) -> tuple[subprocess.Popen[str], set[int]]:
+    """A local sweep of 8 points on 2 workers, once it has finished a point: ``(process, workers)``."""
+    args = [sys.executable, "-m", "vsim", "sweep", "--grid", "vm.vcpus=1,2,3,4,5,6,7,8", "--set",
+            "workload.per_vcpu_memory=48MiB", "--set", "events.level=off", "--jobs", "2",
+            "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: set[int] = set()
+    before = len(list(out.glob("points/*/result.json")))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers |= _children(proc.pid)
+        if len(list(out.glob("points/*/result.json"))) > before:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep ended before it could be stopped"
+    return proc, workers | _children(proc.pid)
+
+
+def test_ctrl_c_and_kill_stop_a_sweep_and_its_workers_and_resume_runs_each_point_once(tmp_path: Path) -> None:
+    """Issue 15 item 4: SIGINT stops a sweep within a couple of seconds with one line, no traceback
+    and no worker left; SIGKILL of the sweep takes its workers with it (no orphan runs the queue);
+    the points finished before are kept, and the resume runs only the others."""
+    import signal
+
+    out = tmp_path / "s"
+    proc, workers = _start_sweep(out)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5 and proc.returncode == 130
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "interrupted" in err, err
+    time.sleep(0.5)
+    assert workers and not _alive(workers)
+    kept = {p.parent.name: p.stat().st_mtime_ns for p in (out / "points").glob("*/result.json")}
+    assert 1 <= len(kept) < 8 and len(read_table(out)) == len(kept)
+    proc, workers = _start_sweep(out)  # the resume; killed outright this time
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    time.sleep(1)
+    assert workers and not _alive(workers)
+    r = vsim_cli("sweep", "--grid", "vm.vcpus=1,2,3,4,5,6,7,8", "--set", "workload.per_vcpu_memory=48MiB",
+                 "--set", "events.level=off", "--jobs", "2", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    done = {p.parent.name: p.stat().st_mtime_ns for p in (out / "points").glob("*/result.json")}
+    assert len(done) == 8 and all(done[k] == t for k, t in kept.items())  # none of the first ones ran again
+    assert [row["status"] for row in read_table(out)] == ["ok"] * 8

@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     for w in resources.warnings(est):
         print(f"vsim: warning: {w}", file=sys.stderr)
     # SIGTERM unwinds like Ctrl-C, so the unfinished run's directory is removed either way.
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         with RunProgress(est.accesses) as progress:
             result = run_scenario(cfg, out, on_compile=_say_compiling, progress=progress.update, max_wall_s=max_wall)
@@ -132,10 +132,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vsim: error: out of memory (the estimate was about {resources.size_text(est.memory)}); lower the "
               f"sizes. {out} {_kept(out)}", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    except (KeyboardInterrupt, _Terminated) as e:
-        print(f"vsim: {'terminated' if isinstance(e, _Terminated) else 'interrupted'}: {out} {_kept(out)}",
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"vsim: {'terminated' if isinstance(e, Terminated) else 'interrupted'}: {out} {_kept(out)}",
               file=sys.stderr)  # fmt: skip
-        return 143 if isinstance(e, _Terminated) else 130
+        return 143 if isinstance(e, Terminated) else 130
     if not args.quiet:
         print_summary(result.stats, result.timing, f"vsim run: {name} (seed {cfg.seed})")
     if "partial" in result.stats:
@@ -148,12 +148,12 @@ def _kept(out: Path) -> str:
     return "keeps the earlier run" if (out / "config.toml").is_file() else "was not written"
 
 
-class _Terminated(Exception):
+class Terminated(Exception):
     """SIGTERM, raised where the run is so that it unwinds."""
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise _Terminated
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 # What a run directory holds (``runner.run_scenario``, ``vsim report``), and its writers' temporaries.

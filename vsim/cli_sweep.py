@@ -4,6 +4,8 @@ finished sweep exits with the number of failed points (capped at 100; 0 when all
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
 
 from vsim.sweeps.spec import SweepError, SweepSpec
@@ -58,12 +60,20 @@ def _spec(args: argparse.Namespace) -> SweepSpec:
 
 
 def run_sweep_cli(args: argparse.Namespace) -> int:
+    from vsim.cli import Terminated, raise_terminated
     from vsim.sweeps.plot import plot
     from vsim.sweeps.sweeper import run_sweep
 
     sets = list(args.sets) + ([f"seed={args.seed}"] if args.seed is not None else [])
     spec = _spec(args)
-    rows, out = run_sweep(args.config, sets, spec, args.out, args.jobs, args.scheduler, None, args.force)
+    signal.signal(signal.SIGTERM, raise_terminated)  # unwinds like Ctrl-C: the workers stop with the sweep
+    try:
+        rows, out = run_sweep(args.config, sets, spec, args.out, args.jobs, args.scheduler, None, args.force)
+    except (KeyboardInterrupt, Terminated) as e:
+        word = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"vsim: {word}: the points finished so far are kept (results.csv); the same command resumes the "
+              "sweep", file=sys.stderr)  # fmt: skip
+        return 143 if isinstance(e, Terminated) else 130
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"{len(rows) - failed} of {len(rows)} points ok, {failed} failed")
     for r in rows:

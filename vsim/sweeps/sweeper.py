@@ -10,8 +10,11 @@ columns first, then the metrics from ``stats.json``, the status and the wall tim
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -115,11 +118,32 @@ def _execute(tasks: list[Task], jobs: int, client: Any, on_done: Callable[[Task]
             on_start(1)
             on_done(run_point(t))
         return
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         futs = [pool.submit(run_point, t) for t in tasks]
         on_start(min(jobs, len(tasks)))
         for f in as_completed(futs):
             on_done(f.result())
+    except BaseException:  # Ctrl-C, SIGTERM, a failure here: stop the workers now, not after the queue
+        for proc in list(pool._processes.values()):
+            proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
+def _worker_init(parent: int) -> None:
+    """A local pool worker: Ctrl-C is the sweep's to handle (it stops the workers at once, so none
+    prints a traceback), and the worker dies with the sweep (``PR_SET_PDEATHSIG``), so a killed
+    sweep leaves no orphan running its queue."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the sweep died before the prctl
+        os._exit(1)
 
 
 def sweep(config: str | Path | None = None, sets: list[str] | None = None, spec: SweepSpec | None = None,
