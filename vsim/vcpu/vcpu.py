@@ -16,8 +16,6 @@ legacy MMU and shadow paging each supply their own pipeline (``ShadowVcpu`` adds
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from vsim.mmu.spte import SPTE_ACCESSED, SPTE_DIRTY
@@ -40,12 +38,10 @@ from vsim.vcpu.group_state import LEAVE_PYFAULT, NEVER
 from vsim.vcpu.tlb import RefTlb, Tlb
 from vsim.vcpu.walk import MISCONFIG, walk_2d
 
-if TYPE_CHECKING:
-    pass
-
 
 class Vcpu(VcpuExits):
-    """``struct kvm_vcpu`` with its run loop."""
+    """A vCPU thread: ``KVM_RUN``'s loop over the guest's accesses (``struct kvm_vcpu``'s state is
+    ``KvmVcpu``'s, its exits ``VcpuExits``')."""
 
     # -- KVM_RUN ---------------------------------------------------------------------------------
     def run(self) -> Proc[None]:
