@@ -101,6 +101,7 @@ def test_failure_is_isolated_and_resume_reruns_only_what_is_not_done(tmp_path: P
     calls.extend([0] * 10)  # the injected failure is over
     rows2, _ = run_sweep(None, SMALL, s, tmp_path / "s", 1, None, False)
     assert calls[10:] == [2, 3]  # point 1 was done; the failed and the killed ones ran again
+    assert not list(p3.glob(".*.tmp"))  # the rerun replaced the point's directory whole, temporaries too
     assert [r["status"] for r in rows2] == ["ok", "ok", "ok"]
     assert read_table(out)[1]["vcpu_total.pf_fixed"] == 2 * 64
 
