@@ -234,11 +234,15 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+# A local sweep of 8 points on 2 workers that runs for a few seconds (faults in Python, so that a
+# second command can start while it runs).
+EIGHT_POINTS = ["sweep", "--grid", "vm.vcpus=1,2,3,4,5,6,7,8", "--set", "workload.per_vcpu_memory=32MiB", "--set",
+                "sim.fault_kernel=false", "--set", "events.level=off", "--jobs", "2"]  # fmt: skip
+
+
 def _start_sweep(out: Path) -> tuple[subprocess.Popen[str], set[int]]:
     """A local sweep of 8 points on 2 workers, once it has finished a point: ``(process, workers)``."""
-    args = [sys.executable, "-m", "vsim", "sweep", "--grid", "vm.vcpus=1,2,3,4,5,6,7,8", "--set",
-            "workload.per_vcpu_memory=48MiB", "--set", "events.level=off", "--jobs", "2",
-            "--out", str(out)]  # fmt: skip
+    args = [sys.executable, "-m", "vsim", *EIGHT_POINTS, "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers: set[int] = set()
     before = len(list(out.glob("points/*/result.json")))
@@ -274,9 +278,26 @@ def test_ctrl_c_and_kill_stop_a_sweep_and_its_workers_and_resume_runs_each_point
     proc.communicate(timeout=30)
     time.sleep(1)
     assert workers and not _alive(workers)
-    r = vsim_cli("sweep", "--grid", "vm.vcpus=1,2,3,4,5,6,7,8", "--set", "workload.per_vcpu_memory=48MiB",
-                 "--set", "events.level=off", "--jobs", "2", "--out", str(out))  # fmt: skip
+    r = vsim_cli(*EIGHT_POINTS, "--out", str(out))
     assert r.returncode == 0, r.stderr
     done = {p.parent.name: p.stat().st_mtime_ns for p in (out / "points").glob("*/result.json")}
     assert len(done) == 8 and all(done[k] == t for k, t in kept.items())  # none of the first ones ran again
     assert [row["status"] for row in read_table(out)] == ["ok"] * 8
+
+
+def test_a_second_sweep_on_the_same_directory_refuses_and_no_point_runs_twice(tmp_path: Path) -> None:
+    """Issue 15 item 5: while a sweep runs, another on its directory refuses with one line (exit 2)
+    and writes nothing; the first runs every point once; afterwards the same command finds all
+    done and runs none."""
+    out = tmp_path / "s"
+    first, _ = _start_sweep(out)
+    r = vsim_cli(*EIGHT_POINTS, "--out", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"another sweep (pid {first.pid}) is running" in r.stderr
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    done = {p.parent.name: p.stat().st_mtime_ns for p in (out / "points").glob("*/result.json")}
+    assert len(done) == 8 and [row["status"] for row in read_table(out)] == ["ok"] * 8
+    again = vsim_cli(*EIGHT_POINTS, "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert {p.parent.name: p.stat().st_mtime_ns for p in (out / "points").glob("*/result.json")} == done

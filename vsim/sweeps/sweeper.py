@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -170,15 +171,7 @@ def run_sweep(config: str | Path | None, sets: list[str], spec: SweepSpec | None
     points = expand(str(config) if config is not None else None, sets, spec)
     check_metrics(points[0].config, spec.metrics)
     out_dir = Path(out) if out is not None else _default_dir(config, points)
-    results: dict[str, Task] = {}
-    todo: list[Task] = []
-    for p in points:
-        d = out_dir / "points" / p.id
-        prev = _done(d)
-        if prev is not None and sorted(prev.get("metrics", {})) == sorted(spec.metrics):
-            results[p.id] = prev
-        else:
-            todo.append(_task(p, d, spec))
+    results, todo = _scan(points, out_dir, spec)
     jobs = jobs or os.cpu_count() or 1
     if todo:
         pending = {t["id"] for t in todo}
@@ -189,41 +182,80 @@ def run_sweep(config: str | Path | None, sets: list[str], spec: SweepSpec | None
             raise SweepError(why)
     client = _connect(scheduler) if todo and scheduler is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    console = Console(stderr=True)
-    show = console.is_terminal if progress is None else progress
-    bar = Progress(TextColumn("[bold]sweep"), BarColumn(), TextColumn("{task.fields[status]}"),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                   disable=not show)  # fmt: skip
-    counts = {"done": len(results), "failed": 0, "running": 0}
-    workers = [1]
+    with _locked(out_dir):
+        # Under the lock, what is done is final: read it again (another sweep may have just ended).
+        results, todo = _scan(points, out_dir, spec)
+        if client is not None and not todo:
+            client.close()
+        console = Console(stderr=True)
+        show = console.is_terminal if progress is None else progress
+        bar = Progress(TextColumn("[bold]sweep"), BarColumn(), TextColumn("{task.fields[status]}"),
+                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                       disable=not show)  # fmt: skip
+        counts = {"done": len(results), "failed": 0, "running": 0}
+        workers = [1]
 
-    def status() -> str:
-        return f"{counts['done']}/{len(points)} done, {counts['failed']} failed, {counts['running']} running"
+        def status() -> str:
+            return f"{counts['done']}/{len(points)} done, {counts['failed']} failed, {counts['running']} running"
 
-    with bar:
-        tid = bar.add_task("sweep", total=len(points), completed=len(results), status=status())
+        with bar:
+            tid = bar.add_task("sweep", total=len(points), completed=len(results), status=status())
 
-        def started(n: int) -> None:
-            workers[0] = n
-            counts["running"] = min(n, len(todo))
-            bar.update(tid, status=status())
+            def started(n: int) -> None:
+                workers[0] = n
+                counts["running"] = min(n, len(todo))
+                bar.update(tid, status=status())
 
-        def finished(r: Task) -> None:
-            results[r["id"]] = r
-            counts["done" if r["status"] == "ok" else "failed"] += 1
-            left = len(points) - counts["done"] - counts["failed"]
-            counts["running"] = min(workers[0], left)
-            bar.update(tid, advance=1, status=status())
-            # results.csv grows as points finish (in point order), so a stopped sweep has one.
-            write_table(out_dir, [_row(p, results[p.id], spec) for p in points if p.id in results], parquet=False)
+            def finished(r: Task) -> None:
+                results[r["id"]] = r
+                counts["done" if r["status"] == "ok" else "failed"] += 1
+                left = len(points) - counts["done"] - counts["failed"]
+                counts["running"] = min(workers[0], left)
+                bar.update(tid, advance=1, status=status())
+                # results.csv grows as points finish (in point order), so a stopped sweep has one.
+                write_table(out_dir, [_row(p, results[p.id], spec) for p in points if p.id in results], parquet=False)
 
-        if todo:
-            _execute(todo, jobs, client, finished, started)
-    rows = [_row(p, results[p.id], spec) for p in points]
-    write_table(out_dir, rows)
-    write_atomic(out_dir / "sweep.json", json.dumps({"factors": spec.factors, "metrics": list(spec.metrics),
-                                                     "points": len(points)}, indent=1) + "\n")  # fmt: skip
-    return rows, out_dir
+            if todo:
+                _execute(todo, jobs, client, finished, started)
+        rows = [_row(p, results[p.id], spec) for p in points]
+        write_table(out_dir, rows)
+        write_atomic(out_dir / "sweep.json", json.dumps({"factors": spec.factors, "metrics": list(spec.metrics),
+                                                         "points": len(points)}, indent=1) + "\n")  # fmt: skip
+        return rows, out_dir
+
+
+def _scan(points: list[Point], out_dir: Path, spec: SweepSpec) -> tuple[dict[str, Task], list[Task]]:
+    """The points already done (their results, by id) and the tasks of the others."""
+    results: dict[str, Task] = {}
+    todo: list[Task] = []
+    for p in points:
+        d = out_dir / "points" / p.id
+        prev = _done(d)
+        if prev is not None and sorted(prev.get("metrics", {})) == sorted(spec.metrics):
+            results[p.id] = prev
+        else:
+            todo.append(_task(p, d, spec))
+    return results, todo
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    """Hold ``SWEEP_DIR/.lock`` while the sweep runs, so that a second sweep on the directory
+    refuses instead of running its points again. (``flock``: the kernel drops the lock when the
+    process ends, however it ends, so a killed sweep never leaves the directory locked.)"""
+    with open(out_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise SweepError(f"{out_dir}: another sweep (pid {holder}) is running in this directory; wait for it, "
+                             "or give another --out") from None  # fmt: skip
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def _task(p: Point, d: Path, spec: SweepSpec) -> Task:
