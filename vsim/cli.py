@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import signal
 import sys
 from pathlib import Path
@@ -169,7 +167,7 @@ def _out_problem(out: Path, explicit: bool, force: bool) -> str | None:
         if out.exists() and not out.is_dir():
             return "exists and is not a directory"
         if not out.is_dir():
-            return _name_problem(out)
+            return None
         entries = list(out.iterdir())
     except OSError as e:  # a name or path too long, no permission to look, a loop of links
         return e.strerror or str(e)
@@ -184,22 +182,6 @@ def _out_problem(out: Path, explicit: bool, force: bool) -> str | None:
     if out.resolve() == Path.cwd():
         return "is the current directory, which a run cannot replace whole; give a subdirectory"
     return None  # run_scenario replaces it whole when the new run is complete
-
-
-def _name_problem(out: Path) -> str | None:
-    """Why a directory that does not exist yet could not be made at ``out`` for its name's length,
-    or None (checked before the run, which would fail only at its end)."""
-    name_max, path_max = 255, 4096  # Linux's NAME_MAX and PATH_MAX, where pathconf cannot say
-    with contextlib.suppress(OSError, ValueError):
-        name_max = os.pathconf("/", "PC_NAME_MAX")
-        path_max = os.pathconf("/", "PC_PATH_MAX")
-    longest = max((len(os.fsencode(p)) for p in out.parts), default=0)
-    if longest > name_max:
-        return f"a name in the path is {longest} bytes long (at most {name_max})"
-    total = len(os.fsencode(str(out.absolute())))
-    if total >= path_max:
-        return f"the path is {total} bytes long (less than {path_max})"
-    return None
 
 
 def _run_file(e: Path) -> bool:

@@ -83,7 +83,7 @@ class Actor(ABC):
         env = self.env
         now = self.now
         if not self.reference:
-            q = env._queue
+            q = env._queue  # is anything queued before (now, prio)?
             if not q or q[0][0] > now or (q[0][0] == now and q[0][1] > self.prio):
                 return None
         return At(env, now - env._now, self.prio)
@@ -91,7 +91,7 @@ class Actor(ABC):
 
 def events_scheduled(env: SimEnv) -> int:
     """How many events SimPy has scheduled so far (its insertion counter)."""
-    return int(repr(env._eid)[6:-1])
+    return int(repr(env._eid)[6:-1])  # itertools.count's repr is 'count(N)'
 
 
 class VmWideActor(Actor):

@@ -73,7 +73,7 @@ class Srcu:
 
     def _fire(self, ev: Event) -> None:
         t = self.last_end(ev._srcu_tokens)  # type: ignore[attr-defined]
-        ev._ok = True
+        ev._ok = True  # trigger at (t, GRANT_PRIO)
         ev._value = t
         self.env.schedule(ev, GRANT_PRIO, max(0, t - self.env.now))
         self._waits = [(w, e) for w, e in self._waits if e is not ev]

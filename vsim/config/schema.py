@@ -376,7 +376,7 @@ class ScenarioConfig(_Table):
         self._check_guest_memory()
 
     def _check_guest_memory(self) -> None:
-        from vsim.guest.kernel import frames_needed, process_pages, vcpu_share
+        from vsim.guest.kernel import frames_needed, process_pages, vcpu_share  # (config first)
         from vsim.guest.paging import REGISTERS, shadow_mmu_init_context
 
         g = self.guest

@@ -257,7 +257,7 @@ class MmuLock:
                 self.grantee.lock_granted(actor, t)
             else:
                 ev = self._events.pop(lock_id)
-                ev._ok = True
+                ev._ok = True  # trigger at (t, GRANT_PRIO) rather than (now, NORMAL)
                 ev._value = t
                 env.schedule(ev, GRANT_PRIO, t - env.now)
             if write:

@@ -70,7 +70,7 @@ def run_point(task: Task) -> Task:
         result.update(status="ok", error="", metrics={m: metric(res.stats, m) for m in task["metrics"]})
     except WallClockTimeout as e:
         result.update(status="timeout", error=str(e), metrics={})
-    except Exception as e:
+    except Exception as e:  # a failing point is recorded, never fatal to the sweep
         last = traceback.extract_tb(e.__traceback__)[-1]
         result.update(status="failed", error=f"{type(e).__name__}: {e} ({Path(last.filename).name}:{last.lineno})",
                       metrics={})  # fmt: skip

@@ -383,7 +383,7 @@ class VcpuGroup:
         self.members -= 1
         ev = self._resume[m]
         self._resume[m] = None
-        ev._ok = True  # type: ignore[union-attr]
+        ev._ok = True  # type: ignore[union-attr]  # fires at the member's own key
         chunk = (self._chunk_of[m], self._chunk_writes[m], bool(ms[k.M_PASS_END]))
         ev._value = (why, chunk, int(ms[k.M_I]), int(ms[k.M_SYNCED]), fault)  # type: ignore[union-attr]
         # At the member's key: a hand-over of mmu_lock resumes it at GRANT_PRIO, as in Python.
